@@ -1,0 +1,68 @@
+"""Landing assets: one per data topic, each a thin wrapper around :class:`churn_assets.landing.Lander`."""
+
+import dagster as dg
+
+from churn_assets.landing import Lander, LandingReport, publish_landing_read_models
+from churn_assets.resources import PlatformResource
+from churn_assets.schemas import DATA_TOPICS
+from churn_assets.warehouse import LANDING_TABLES
+
+__all__ = ["WAREHOUSE_POOL", "landing_assets", "landing_asset_key"]
+
+WAREHOUSE_POOL = "duckdb_warehouse"
+
+
+def landing_asset_key(topic: str) -> dg.AssetKey:
+    return dg.AssetKey(LANDING_TABLES[topic])
+
+
+def _metadata(report: LandingReport, counts: dict[str, int], table: str) -> dict[str, object]:
+    return {
+        "rows_landed": dg.MetadataValue.int(report.rows_landed),
+        "dead_lettered": dg.MetadataValue.int(report.dead_lettered),
+        "batches": dg.MetadataValue.int(report.batches),
+        "offset_ranges": dg.MetadataValue.text(report.describe_ranges()),
+        "reached_end_of_topic": dg.MetadataValue.bool(report.reached_eof),
+        "kafka_commit_failures": dg.MetadataValue.int(report.kafka_commit_failures),
+        "duration_s": dg.MetadataValue.float(round(report.duration_s, 3)),
+        "dagster/row_count": dg.MetadataValue.int(counts[table]),
+        "dead_letters_total": dg.MetadataValue.int(counts["dead_letters"]),
+    }
+
+
+def _build_landing_asset(topic: str) -> dg.AssetsDefinition:
+    table = LANDING_TABLES[topic]
+
+    @dg.asset(
+        name=table,
+        group_name="landing",
+        kinds={"kafka", "duckdb"},
+        pool=WAREHOUSE_POOL,
+        description=(
+            f"Messages of Kafka topic `{topic}`, validated against their schema and landed into "
+            f"DuckDB table `{table}` with an exactly-once effect (offsets stored in the same "
+            "transaction; invalid messages go to `dead_letters` with the reason)."
+        ),
+        metadata={"kafka_topic": topic, "table": table},
+    )
+    def _landing(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+        settings = platform.settings()
+
+        def progress(report: LandingReport) -> None:
+            context.log.info(
+                f"{topic}: batch {report.batches}: {report.rows_landed} rows landed, "
+                f"{report.dead_lettered} dead-lettered so far"
+            )
+
+        report = Lander(settings, topic, on_batch=progress).run()
+        counts = publish_landing_read_models(settings, topic)
+        context.log.info(
+            f"{topic}: landed {report.rows_landed} rows, {report.dead_lettered} dead letters, "
+            f"offsets {report.describe_ranges()}"
+        )
+        return dg.MaterializeResult(metadata=_metadata(report, counts, table))
+
+    return _landing
+
+
+landing_assets = [_build_landing_asset(topic) for topic in DATA_TOPICS]

@@ -1,0 +1,382 @@
+"""The ``churn`` command line: broker, topics, simulator, landing, status and the whole platform."""
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from churn_assets.config import REPO_ROOT, ConfigError, Settings, load_settings
+
+__all__ = ["main"]
+
+
+def _settings(ctx: click.Context) -> Settings:
+    settings = ctx.obj.get("settings")
+    if settings is None:
+        try:
+            settings = load_settings(ctx.obj["config_path"])
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+        ctx.obj["settings"] = settings
+    return settings
+
+
+def _fail(exc: Exception) -> click.ClickException:
+    return click.ClickException(str(exc))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Config file (default: $CHURN_CONFIG or config/config.yaml).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None, verbose: bool) -> None:
+    """churn-platform: a churn scoring platform on Kafka, DuckDB, Dagster and Seldon."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    ctx.ensure_object(dict)
+    ctx.obj["config_path"] = config_path
+
+
+# -- broker ----------------------------------------------------------------------------------------
+
+
+@main.group()
+def broker() -> None:
+    """Start, stop and inspect the embedded Kafka-compatible broker (Tansu)."""
+
+
+def _embedded(settings: Settings, port: int | None = None):
+    from churn_assets.broker import EmbeddedBroker
+
+    if not settings.kafka.uses_embedded_broker:
+        raise click.ClickException(
+            f"kafka.bootstrap_servers is set ({settings.kafka.bootstrap_servers}); the embedded "
+            "broker is only used when it is null"
+        )
+    embedded = settings.kafka.embedded
+    return EmbeddedBroker(
+        settings.run_dir,
+        port=embedded.port if port is None else port,
+        startup_timeout_s=embedded.startup_timeout_s,
+    )
+
+
+@broker.command("start")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="Port to listen on (default: kafka.embedded.port; 0 picks a free one).")
+@click.option("--foreground", is_flag=True,
+              help="Stay attached; Ctrl-C stops the broker.")
+@click.pass_context
+def broker_start(ctx: click.Context, port: int | None, foreground: bool) -> None:
+    """Start the embedded broker (idempotent) and wait until it answers."""
+    from churn_assets.broker import BrokerError
+
+    settings = _settings(ctx)
+    embedded = _embedded(settings, port)
+    try:
+        state = embedded.start(tie_to_parent=foreground)
+    except BrokerError as exc:
+        raise _fail(exc) from None
+    click.echo(f"broker ready on {state.bootstrap_servers} (pid {state.pid})")
+    if foreground:
+        _wait_for_interrupt()
+        embedded.stop()
+        click.echo("broker stopped")
+
+
+@broker.command("stop")
+@click.pass_context
+def broker_stop(ctx: click.Context) -> None:
+    """Stop the embedded broker. Its in-memory topics are lost; landed data is not."""
+    stopped = _embedded(_settings(ctx)).stop()
+    click.echo(f"broker (pid {stopped.pid}) stopped" if stopped else "no broker was running")
+
+
+def _wait_for_interrupt() -> None:
+    def _raise(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _raise)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+
+
+# -- topics ----------------------------------------------------------------------------------------
+
+
+@main.group()
+def topics() -> None:
+    """Create and list the platform's Kafka topics."""
+
+
+@topics.command("create")
+@click.pass_context
+def topics_create(ctx: click.Context) -> None:
+    """Create every platform topic that is missing, with kafka.partitions partitions."""
+    from churn_assets.kafka import ensure_topics
+
+    settings = _settings(ctx)
+    try:
+        result = ensure_topics(settings)
+    except Exception as exc:
+        raise _fail(exc) from None
+    for topic, outcome in result.items():
+        click.echo(f"{topic:22} {outcome}")
+
+
+# -- simulator -------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--customers", type=click.IntRange(1), default=None, help="Initial customer base.")
+@click.option("--days", type=click.IntRange(1), default=None, help="Simulated days.")
+@click.option("--seed", type=int, default=None, help="Random seed (same seed, same events).")
+@click.option("--scenario", type=click.Choice(
+    ["none", "covariate_drift", "concept_drift", "outlier_burst"]), default=None,
+    help="Drift or outlier scenario.")
+@click.option("--scenario-start-day", type=click.IntRange(0), default=None,
+              help="Simulated day the scenario switches on.")
+@click.option("--rate", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Cap on events per second (0 = as fast as the broker takes them).")
+@click.pass_context
+def simulate(ctx: click.Context, **options: Any) -> None:
+    """Produce a simulated customer base to churn.customers and outcomes to ml.feedback."""
+    from churn_assets.kafka import ensure_topics, make_producer
+    from churn_assets.simulator import SimulationConfig, Simulator, produce_simulation
+
+    settings = _settings(ctx)
+    defaults = settings.simulator
+    config = SimulationConfig(
+        seed=defaults.seed if options["seed"] is None else options["seed"],
+        customers=options["customers"] or defaults.customers,
+        days=options["days"] or defaults.days,
+        start_date=defaults.start_date,
+        scenario=options["scenario"] or defaults.scenario,
+        scenario_start_day=defaults.scenario_start_day
+        if options["scenario_start_day"] is None else options["scenario_start_day"],
+    )
+    try:
+        ensure_topics(settings)
+        producer = make_producer(settings)
+    except Exception as exc:
+        raise _fail(exc) from None
+    started = time.monotonic()
+    with click.progressbar(length=config.days, label="simulating days", file=sys.stderr) as bar:
+        summary = produce_simulation(
+            producer, Simulator(config), rate=options["rate"], on_day=lambda _d, _n: bar.update(1)
+        )
+    elapsed = time.monotonic() - started
+    total = summary.customer_events + summary.feedback_events
+    click.echo(
+        f"produced {summary.customer_events} customer events and {summary.feedback_events} "
+        f"outcomes ({summary.churned} churned) in {elapsed:.1f}s ({total / elapsed:,.0f} events/s); "
+        f"scenario={config.scenario}; best achievable 30-day AUC={summary.best_auc_30d:.3f}"
+    )
+
+
+# -- landing ---------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--topic", "topic_names", multiple=True,
+              type=click.Choice(["churn.customers", "ml.predictions", "ml.feedback"]),
+              help="Topic to land (repeatable; default: all data topics).")
+@click.option("--max-messages", type=click.IntRange(1), default=None,
+              help="Stop after this many messages (default: drain to the end).")
+@click.pass_context
+def land(ctx: click.Context, topic_names: tuple[str, ...], max_messages: int | None) -> None:
+    """Land data topics into the DuckDB warehouse (what the Dagster landing assets run).
+
+    Do not run this while Dagster landing runs are active: DuckDB allows one writer per file.
+    """
+    from churn_assets.landing import Lander, publish_landing_read_models
+    from churn_assets.schemas import DATA_TOPICS
+
+    settings = _settings(ctx)
+    for topic in topic_names or DATA_TOPICS:
+        def progress(report, topic=topic) -> None:
+            click.echo(
+                f"  {topic}: batch {report.batches}, {report.rows_landed} rows landed, "
+                f"{report.dead_lettered} dead-lettered", err=True,
+            )
+
+        try:
+            report = Lander(settings, topic, on_batch=progress, max_messages=max_messages).run()
+            counts = publish_landing_read_models(settings, topic)
+        except Exception as exc:
+            raise _fail(exc) from None
+        click.echo(
+            f"{topic}: landed {report.rows_landed}, dead-lettered {report.dead_lettered} in "
+            f"{report.batches} batches ({report.duration_s:.1f}s); offsets {report.describe_ranges()}; "
+            f"table now {counts[next(iter(counts))]} rows"
+        )
+
+
+# -- status ----------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.pass_context
+def status(ctx: click.Context) -> None:
+    """Broker, topics with message counts, landed row counts and stored offsets."""
+    import duckdb
+
+    from churn_assets.broker import read_state
+    from churn_assets.kafka import scan_topic
+    from churn_assets.schemas import ALL_TOPICS
+    from churn_assets.warehouse import LANDING_TABLES, read_model_path
+
+    settings = _settings(ctx)
+    if settings.kafka.uses_embedded_broker:
+        state = read_state(settings.run_dir)
+        broker_up = state is not None
+        click.echo(
+            f"broker: embedded, {'running on ' + state.bootstrap_servers if state else 'stopped'}"
+        )
+    else:
+        broker_up = True
+        click.echo(f"broker: external, {settings.kafka.bootstrap_servers}")
+    if broker_up:
+        click.echo("topics (messages per partition):")
+        for topic in ALL_TOPICS:
+            try:
+                extents = scan_topic(settings, topic)
+            except Exception as exc:
+                click.echo(f"  {topic:22} unavailable: {exc}")
+                continue
+            parts = " ".join(f"p{e.partition}={e.messages}" for e in extents)
+            click.echo(f"  {topic:22} {sum(e.messages for e in extents):>9}  {parts}")
+    read_models = settings.read_models_dir
+    click.echo(f"landed (published read models in {read_models}):")
+    con = duckdb.connect()
+    try:
+        for topic, table in LANDING_TABLES.items():
+            path = read_model_path(read_models, table)
+            if path.exists():
+                rows = con.execute("SELECT count(*) FROM read_parquet(?)", [str(path)]).fetchone()
+                click.echo(f"  {table:24} {rows[0] if rows else 0:>9} rows")
+            else:
+                click.echo(f"  {table:24} not landed yet")
+        dlq = read_model_path(read_models, "dead_letters")
+        if dlq.exists():
+            rows = con.execute("SELECT count(*) FROM read_parquet(?)", [str(dlq)]).fetchone()
+            click.echo(f"  {'dead_letters':24} {rows[0] if rows else 0:>9} rows")
+        offsets = read_model_path(read_models, "landing_offsets")
+        if offsets.exists():
+            click.echo("last landed offsets (next offset to read):")
+            for topic, partition, next_offset, updated in con.execute(
+                "SELECT topic, kafka_partition, next_offset, updated_at FROM read_parquet(?) "
+                "ORDER BY topic, kafka_partition", [str(offsets)]
+            ).fetchall():
+                click.echo(f"  {topic:22} p{partition}: {next_offset} (at {updated})")
+    finally:
+        con.close()
+
+
+# -- the whole platform ----------------------------------------------------------------------------
+
+
+def _dagster_home(settings: Settings) -> Path:
+    home = settings.data_dir / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(REPO_ROOT / "config" / "dagster.yaml", home / "dagster.yaml")
+    return home
+
+
+def _dagster_env(settings: Settings, config_path: Path | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["DAGSTER_HOME"] = str(_dagster_home(settings))
+    if config_path is not None:
+        env["CHURN_CONFIG"] = str(config_path.resolve())
+    return env
+
+
+@main.command()
+@click.option("--simulate/--no-simulate", default=True, show_default=True,
+              help="Produce the simulator's demo data first.")
+@click.option("--serve/--no-serve", default=True, show_default=True,
+              help="Keep the Dagster UI running until Ctrl-C (off: land and exit).")
+@click.pass_context
+def up(ctx: click.Context, simulate: bool, serve: bool) -> None:
+    """Run the platform on its embedded defaults: broker, topics, demo data, landing, Dagster UI.
+
+    Ctrl-C stops everything this command started, the broker included.
+    """
+    settings = _settings(ctx)
+    started_broker = False
+    if settings.kafka.uses_embedded_broker:
+        from churn_assets.broker import BrokerError, read_state
+
+        started_broker = read_state(settings.run_dir) is None
+        try:
+            state = _embedded(settings).start()
+        except BrokerError as exc:
+            raise _fail(exc) from None
+        click.echo(f"[1/4] broker ready on {state.bootstrap_servers}")
+    ctx.invoke(topics_create)
+    click.echo("[2/4] topics ready")
+    if simulate:
+        ctx.invoke(simulate_cmd)
+    click.echo("[3/4] landing the data topics through Dagster")
+    env = _dagster_env(settings, ctx.obj["config_path"])
+    dagster_bin = str(Path(sys.executable).with_name("dagster"))
+    subprocess.run(
+        [dagster_bin, "asset", "materialize", "-w", str(REPO_ROOT / "workspace.yaml"),
+         "--select", "group:landing"],
+        check=True, env=env, cwd=REPO_ROOT,
+    )
+    ctx.invoke(status)
+    if not serve:
+        return
+    port = settings.dagster.webserver_port
+    click.echo(f"[4/4] Dagster UI on http://127.0.0.1:{port} (Ctrl-C stops the platform)")
+    process = subprocess.Popen(
+        [dagster_bin, "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", "127.0.0.1",
+         "-p", str(port)],
+        env=env, cwd=REPO_ROOT, start_new_session=True,
+    )
+    try:
+        _wait_for_interrupt_or_exit(process)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        if started_broker:
+            _embedded(settings).stop()
+            click.echo("broker stopped")
+
+
+def _wait_for_interrupt_or_exit(process: subprocess.Popen[bytes]) -> None:
+    def _raise(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _raise)
+    try:
+        while process.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+
+
+simulate_cmd = simulate

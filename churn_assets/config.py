@@ -1,0 +1,291 @@
+"""Validated platform settings: ``config/config.yaml`` plus ``CHURN_*`` environment overrides.
+
+Settings are loaded once per process with :func:`load_settings`. Precedence, highest first:
+keyword overrides passed by code, environment variables (``CHURN_<SECTION>__<KEY>``), the YAML
+file. A missing file, malformed YAML, an unknown key or a bad value raises :class:`ConfigError`
+whose message names the key, the value and what is allowed.
+"""
+
+import os
+from datetime import date
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+__all__ = [
+    "ConfigError",
+    "Settings",
+    "load_settings",
+    "default_config_path",
+    "REPO_ROOT",
+]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENV_PREFIX = "CHURN_"
+ENV_DELIMITER = "__"
+CONFIG_ENV_VAR = "CHURN_CONFIG"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says which key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RouterSettings(_Section):
+    strategy: Literal["shadow", "canary", "blue_green"] = "shadow"
+    canary_weight: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class DriftDetectionSettings(_Section):
+    enabled: bool = True
+    threshold: float = Field(0.05, gt=0.0, lt=1.0)
+
+
+class OutlierDetectionSettings(_Section):
+    enabled: bool = True
+    contamination: float = Field(0.01, gt=0.0, lt=0.5)
+
+
+class MonitoringSettings(_Section):
+    drift_detection: DriftDetectionSettings = DriftDetectionSettings()
+    outlier_detection: OutlierDetectionSettings = OutlierDetectionSettings()
+
+
+class RetrainingSettings(_Section):
+    enabled: bool = True
+    schedule: str = "0 2 * * 0"
+    min_samples: int = Field(1000, ge=1)
+    performance_threshold: float = Field(0.75, gt=0.0, le=1.0)
+
+    @field_validator("schedule")
+    @classmethod
+    def _five_field_cron(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError("must be a five-field cron expression such as '0 2 * * 0'")
+        return value
+
+
+class EmbeddedBrokerSettings(_Section):
+    port: int = Field(0, ge=0, le=65535)
+    startup_timeout_s: float = Field(20.0, gt=0)
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: str | None = None
+    partitions: int = Field(3, ge=1, le=1024)
+    replication_factor: int = Field(1, ge=1, le=16)
+    consumer_group: str = Field("churn-landing", min_length=1)
+    embedded: EmbeddedBrokerSettings = EmbeddedBrokerSettings()
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        return not self.bootstrap_servers
+
+
+class StorageSettings(_Section):
+    data_dir: Path = Path("data")
+    warehouse_path: Path = Path("data/warehouse.duckdb")
+    read_models_dir: Path = Path("data/read_models")
+    registry_dir: Path = Path("data/models")
+
+
+class LandingSettings(_Section):
+    batch_max_messages: int = Field(5000, ge=1, le=1_000_000)
+    batch_max_seconds: float = Field(2.0, gt=0, le=600)
+    drain_max_seconds: float = Field(300.0, gt=0)
+
+
+class SimulatorSettings(_Section):
+    seed: int = 42
+    customers: int = Field(2000, ge=1, le=10_000_000)
+    days: int = Field(60, ge=1, le=3650)
+    start_date: date = date(2026, 1, 1)
+    scenario: Literal["none", "covariate_drift", "concept_drift", "outlier_burst"] = "none"
+    scenario_start_day: int = Field(30, ge=0)
+
+
+class ServingSettings(_Section):
+    host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=1, le=65535)
+    grpc_port: int = Field(8081, ge=1, le=65535)
+
+
+class RolloutSettings(_Section):
+    canary_steps: list[float] = [0.1, 0.25, 0.5, 0.75, 1.0]
+    min_shadow_requests: int = Field(500, ge=1)
+
+    @field_validator("canary_steps")
+    @classmethod
+    def _increasing_fractions(cls, steps: list[float]) -> list[float]:
+        if not steps:
+            raise ValueError("must list at least one canary step")
+        if any(not 0.0 < s <= 1.0 for s in steps):
+            raise ValueError("every step must be a traffic share in (0, 1]")
+        if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+            raise ValueError("steps must be strictly increasing")
+        return steps
+
+
+class DagsterSettings(_Section):
+    webserver_port: int = Field(3000, ge=1, le=65535)
+
+
+class DashboardSettings(_Section):
+    port: int = Field(5006, ge=1, le=65535)
+
+
+class Settings(BaseSettings):
+    """All platform settings. Construct with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        extra="forbid",
+        frozen=True,
+    )
+
+    router: RouterSettings = RouterSettings()
+    monitoring: MonitoringSettings = MonitoringSettings()
+    retraining: RetrainingSettings = RetrainingSettings()
+    kafka: KafkaSettings = KafkaSettings()
+    storage: StorageSettings = StorageSettings()
+    landing: LandingSettings = LandingSettings()
+    simulator: SimulatorSettings = SimulatorSettings()
+    serving: ServingSettings = ServingSettings()
+    rollout: RolloutSettings = RolloutSettings()
+    dagster: DagsterSettings = DagsterSettings()
+    dashboard: DashboardSettings = DashboardSettings()
+    # Directory that relative storage paths resolve against (the config file's project root).
+    base_dir: Path = REPO_ROOT
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init data; the environment must win over it.
+        return (env_settings, init_settings)
+
+    def resolve(self, path: Path) -> Path:
+        """An absolute path for a storage setting (relative ones hang off ``base_dir``)."""
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+    @property
+    def data_dir(self) -> Path:
+        return self.resolve(self.storage.data_dir)
+
+    @property
+    def warehouse_path(self) -> Path:
+        return self.resolve(self.storage.warehouse_path)
+
+    @property
+    def read_models_dir(self) -> Path:
+        return self.resolve(self.storage.read_models_dir)
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.resolve(self.storage.registry_dir)
+
+    @property
+    def run_dir(self) -> Path:
+        """Where process state (the embedded broker's pid and address) is kept."""
+        return self.data_dir / "run"
+
+
+def default_config_path() -> Path:
+    """``$CHURN_CONFIG`` if set, else ``config/config.yaml`` in the repository."""
+    configured = os.environ.get(CONFIG_ENV_VAR)
+    return Path(configured) if configured else REPO_ROOT / "config" / "config.yaml"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(
+            f"config file not found: {path} "
+            f"(create it from config/config.yaml or point {CONFIG_ENV_VAR} at one)"
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of sections at the top level, "
+            f"got {type(data).__name__}"
+        )
+    return data
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the section that ``loc`` (minus its last part) points into."""
+    current: Any = model
+    for part in loc[:-1]:
+        field = current.model_fields.get(part) if isinstance(part, str) else None
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        current = annotation
+    return sorted(name for name in current.model_fields if name != "base_dir")
+
+
+def _describe(exc: ValidationError, source: Path) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        key = ".".join(str(part) for part in loc)
+        env_name = ENV_PREFIX + ENV_DELIMITER.join(str(p).upper() for p in loc)
+        origin = f" (from environment variable {env_name})" if env_name in os.environ else ""
+        if error["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_keys(Settings, loc)) or "none"
+            lines.append(f"  - unknown key '{key}'{origin}; allowed keys here: {allowed}")
+            continue
+        value = error.get("input")
+        shown = "<missing>" if error["type"] == "missing" else repr(value)
+        lines.append(f"  - key '{key}' = {shown}{origin}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
+    """Load and validate settings from ``path`` (default: :func:`default_config_path`).
+
+    ``overrides`` are top-level sections (e.g. ``kafka={...}``) merged over the file, used by
+    tests and the CLI; the environment still wins over the file but not over ``overrides``.
+    """
+    source = Path(path) if path is not None else default_config_path()
+    data = _read_yaml(source)
+    if "base_dir" in data:
+        raise ConfigError(f"invalid configuration ({source}): 'base_dir' is not a config key")
+    data["base_dir"] = source.resolve().parent.parent
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+    if overrides:
+        merged = settings.model_dump()
+        for section, values in overrides.items():
+            if isinstance(values, dict) and isinstance(merged.get(section), dict):
+                merged[section] = {**merged[section], **values}
+            else:
+                merged[section] = values
+        try:
+            settings = Settings.model_validate(merged)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, source)) from None
+    return settings

@@ -1,0 +1,20 @@
+"""The Dagster code location: gathers assets, checks, jobs, resources and sensors."""
+
+import dagster as dg
+
+from churn_assets.assets.landing import landing_assets
+from churn_assets.resources import PlatformResource
+from sensors import all_sensors
+
+landing_job = dg.define_asset_job(
+    "landing_job",
+    selection=dg.AssetSelection.groups("landing"),
+    description="Land every data topic into the warehouse.",
+)
+
+defs = dg.Definitions(
+    assets=[*landing_assets],
+    jobs=[landing_job],
+    sensors=all_sensors,
+    resources={"platform": PlatformResource()},
+)

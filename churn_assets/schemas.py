@@ -1,0 +1,239 @@
+"""Versioned message schemas for every Kafka topic, validated when produced and when landed.
+
+Each message is a JSON object with ``schema_version``; :data:`TOPIC_SCHEMAS` maps a topic to the
+model that validates it. Models forbid unknown fields and reject NaN/inf, so a message that
+validates here can be trusted by every consumer.
+"""
+
+import math
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "CONTRACT_TYPES",
+    "PAYMENT_METHODS",
+    "INTERNET_SERVICES",
+    "FEATURE_NAMES",
+    "NUMERIC_FEATURES",
+    "CATEGORICAL_FEATURES",
+    "CustomerFeatures",
+    "CustomerEvent",
+    "PredictionEvent",
+    "FeedbackEvent",
+    "DriftAlert",
+    "OutlierEvent",
+    "DeadLetter",
+    "Topics",
+    "TOPIC_SCHEMAS",
+    "DATA_TOPICS",
+    "ALL_TOPICS",
+    "MessageError",
+    "decode_message",
+    "encode_message",
+]
+
+CONTRACT_TYPES = ("month-to-month", "one_year", "two_year")
+PAYMENT_METHODS = ("electronic_check", "mailed_check", "bank_transfer", "credit_card")
+INTERNET_SERVICES = ("dsl", "fiber_optic", "none")
+
+NUMERIC_FEATURES = (
+    "customer_tenure",
+    "monthly_charges",
+    "total_charges",
+    "support_tickets",
+    "login_frequency",
+)
+CATEGORICAL_FEATURES = ("contract_type", "payment_method", "internet_service")
+FEATURE_NAMES = (
+    "customer_tenure",
+    "monthly_charges",
+    "total_charges",
+    "contract_type",
+    "payment_method",
+    "internet_service",
+    "support_tickets",
+    "login_frequency",
+)
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number (NaN and infinity are rejected)")
+    return value
+
+
+Finite = Annotated[float, AfterValidator(_finite)]
+
+
+class Topics:
+    """Topic names. One home for them: producers, landing and monitoring import these."""
+
+    CUSTOMERS = "churn.customers"
+    PREDICTIONS = "ml.predictions"
+    FEEDBACK = "ml.feedback"
+    DRIFT_ALERTS = "ml.drift-alerts"
+    OUTLIERS = "ml.outliers"
+    DEAD_LETTER = "churn.dead-letter"
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class CustomerFeatures(_Message):
+    """The product's eight model features, with the ranges the platform accepts."""
+
+    customer_tenure: int = Field(ge=0, le=600, description="months since sign-up")
+    monthly_charges: Finite = Field(ge=0, le=10_000, description="current monthly bill")
+    total_charges: Finite = Field(ge=0, le=10_000_000, description="lifetime billed amount")
+    contract_type: Literal["month-to-month", "one_year", "two_year"]
+    payment_method: Literal["electronic_check", "mailed_check", "bank_transfer", "credit_card"]
+    internet_service: Literal["dsl", "fiber_optic", "none"]
+    support_tickets: int = Field(ge=0, le=1_000, description="tickets opened, last 30 days")
+    login_frequency: Finite = Field(ge=0, le=10_000, description="logins, last 30 days")
+
+
+class CustomerEvent(CustomerFeatures):
+    """``churn.customers`` v1: a customer's state as observed at ``event_time``."""
+
+    schema_version: Literal[1] = 1
+    event_id: str = Field(min_length=1, max_length=128)
+    customer_id: str = Field(min_length=1, max_length=128)
+    event_time: AwareDatetime
+
+
+class PredictionEvent(_Message):
+    """``ml.predictions`` v1: one scored request, mirrored by serving (primary and shadow)."""
+
+    schema_version: Literal[1] = 1
+    request_id: str = Field(min_length=1, max_length=128)
+    customer_id: str | None = Field(default=None, max_length=128)
+    model_name: str = Field(min_length=1, max_length=128)
+    model_version: str = Field(min_length=1, max_length=64)
+    arm: Literal["primary", "shadow", "canary"]
+    score: Finite | None = Field(default=None, ge=0, le=1)
+    latency_ms: Finite = Field(ge=0)
+    status: Literal["ok", "error"]
+    error: str | None = Field(default=None, max_length=2_000)
+    features: CustomerFeatures | None = None
+    predicted_at: AwareDatetime
+
+
+class FeedbackEvent(_Message):
+    """``ml.feedback`` v1: a ground-truth outcome for a customer (and optionally a request)."""
+
+    schema_version: Literal[1] = 1
+    event_id: str = Field(min_length=1, max_length=128)
+    customer_id: str = Field(min_length=1, max_length=128)
+    request_id: str | None = Field(default=None, max_length=128)
+    churned: bool
+    outcome_time: AwareDatetime = Field(description="when the outcome happened")
+    observed_at: AwareDatetime = Field(description="when the platform learned of it")
+
+
+class DriftAlert(_Message):
+    """``ml.drift-alerts`` v1."""
+
+    schema_version: Literal[1] = 1
+    alert_id: str = Field(min_length=1, max_length=128)
+    model_version: str
+    detector: str
+    features: list[str]
+    p_values: dict[str, Finite]
+    threshold: Finite
+    window_start: AwareDatetime
+    window_end: AwareDatetime
+    raised_at: AwareDatetime
+
+
+class OutlierEvent(_Message):
+    """``ml.outliers`` v1."""
+
+    schema_version: Literal[1] = 1
+    event_id: str = Field(min_length=1, max_length=128)
+    request_id: str | None = None
+    customer_id: str | None = None
+    detector: str
+    score: Finite
+    threshold: Finite
+    detected_at: AwareDatetime
+
+
+class DeadLetter(_Message):
+    """``churn.dead-letter`` v1: a message that landing refused, with the reason."""
+
+    schema_version: Literal[1] = 1
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    reason: str
+    raw_value: str | None
+    dead_lettered_at: AwareDatetime
+
+
+TOPIC_SCHEMAS: dict[str, type[_Message]] = {
+    Topics.CUSTOMERS: CustomerEvent,
+    Topics.PREDICTIONS: PredictionEvent,
+    Topics.FEEDBACK: FeedbackEvent,
+    Topics.DRIFT_ALERTS: DriftAlert,
+    Topics.OUTLIERS: OutlierEvent,
+    Topics.DEAD_LETTER: DeadLetter,
+}
+DATA_TOPICS = (Topics.CUSTOMERS, Topics.PREDICTIONS, Topics.FEEDBACK)
+ALL_TOPICS = tuple(TOPIC_SCHEMAS)
+
+
+class MessageError(ValueError):
+    """A message could not be decoded or does not match its topic's schema."""
+
+
+def _short_errors(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in error["loc"]) or "<message>"
+        parts.append(f"{loc}: {error['msg']}")
+    more = len(exc.errors()) - 5
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def decode_message(topic: str, value: bytes | None) -> _Message:
+    """Parse and validate a raw Kafka value for ``topic``; raises :class:`MessageError`."""
+    schema = TOPIC_SCHEMAS.get(topic)
+    if schema is None:
+        raise MessageError(f"no schema registered for topic {topic!r}")
+    if value is None:
+        raise MessageError("empty message (null value)")
+    try:
+        payload: Any = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise MessageError(f"not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise MessageError(f"expected a JSON object, got {type(payload).__name__}")
+    version = payload.get("schema_version")
+    if version != 1:
+        raise MessageError(f"unsupported schema_version {version!r} for {topic} (supported: 1)")
+    try:
+        return schema.model_validate(payload)
+    except ValidationError as exc:
+        raise MessageError(f"schema {schema.__name__} v1: {_short_errors(exc)}") from None
+
+
+def encode_message(topic: str, message: BaseModel | dict[str, Any]) -> bytes:
+    """Serialise ``message`` to JSON bytes and validate exactly those bytes against ``topic``."""
+    schema = TOPIC_SCHEMAS.get(topic)
+    if schema is None:
+        raise MessageError(f"no schema registered for topic {topic!r}")
+    if isinstance(message, BaseModel):
+        if not isinstance(message, schema):
+            raise MessageError(
+                f"{type(message).__name__} cannot be sent to {topic} (expects {schema.__name__})"
+            )
+        return message.model_dump_json().encode()
+    payload = orjson.dumps(message)
+    try:
+        schema.model_validate_json(payload)
+    except ValidationError as exc:
+        raise MessageError(f"schema {schema.__name__} v1: {_short_errors(exc)}") from None
+    return payload

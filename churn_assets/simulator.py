@@ -1,0 +1,383 @@
+"""A seeded customer-base simulator with a documented churn model (docs/simulator.md).
+
+Each simulated day some customers emit their current state on ``churn.customers``; churn happens
+with a daily hazard given by :func:`monthly_churn_logit`; the outcome reaches ``ml.feedback``
+after a reporting delay (churned) or at each monthly renewal (retained). Because the true churn
+probability of every customer is known, :func:`expected_best_auc` gives the best AUC any model can
+reach on the simulated data.
+
+Scenarios switch on at ``scenario_start_day``:
+
+* ``covariate_drift``: a 15 % price rise and a payment-mix shift towards electronic checks;
+  the churn model itself is unchanged.
+* ``concept_drift``: support tickets start to matter much more; features keep their distribution.
+* ``outlier_burst``: for three days, 5 % of events carry extreme (but valid) values.
+"""
+
+import heapq
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import numpy as np
+
+from churn_assets.schemas import CONTRACT_TYPES, INTERNET_SERVICES, PAYMENT_METHODS, Topics
+
+__all__ = [
+    "SCENARIOS",
+    "ChurnModel",
+    "SimulationConfig",
+    "SimulationSummary",
+    "Simulator",
+    "expected_best_auc",
+    "monthly_churn_logit",
+]
+
+log = logging.getLogger(__name__)
+
+SCENARIOS = ("none", "covariate_drift", "concept_drift", "outlier_burst")
+DAY_SECONDS = 86_400
+OUTLIER_BURST_DAYS = 3
+
+
+@dataclass(frozen=True)
+class ChurnModel:
+    """Coefficients of the monthly churn log-odds (see :func:`monthly_churn_logit`)."""
+
+    intercept: float = -2.6
+    month_to_month: float = 1.3
+    two_year: float = -1.0
+    tenure_per_month: float = -0.035
+    charges_per_dollar: float = 0.018
+    tickets: float = 0.35
+    logins: float = -0.045
+    electronic_check: float = 0.45
+    fiber_optic: float = 0.3
+
+
+BASE_MODEL = ChurnModel()
+CONCEPT_DRIFT_MODEL = ChurnModel(tickets=0.9)
+
+
+def monthly_churn_logit(features: dict[str, np.ndarray], model: ChurnModel = BASE_MODEL):
+    """Log-odds that a customer churns within the next 30 days, vectorised over customers."""
+    contract = features["contract_type"]
+    return (
+        model.intercept
+        + model.month_to_month * (contract == CONTRACT_TYPES.index("month-to-month"))
+        + model.two_year * (contract == CONTRACT_TYPES.index("two_year"))
+        + model.tenure_per_month * features["customer_tenure"]
+        + model.charges_per_dollar * (features["monthly_charges"] - 65.0)
+        + model.tickets * features["support_tickets"]
+        + model.logins * (features["login_frequency"] - 20.0)
+        + model.electronic_check
+        * (features["payment_method"] == PAYMENT_METHODS.index("electronic_check"))
+        + model.fiber_optic * (features["internet_service"] == INTERNET_SERVICES.index("fiber_optic"))
+    )
+
+
+def expected_best_auc(probabilities: np.ndarray) -> float:
+    """AUC of the true probabilities against outcomes drawn from them (the Bayes AUC).
+
+    Ratio of expected positive-over-negative pair orderings to expected pairs; exact in the limit
+    of many customers.
+    """
+    p = np.sort(np.asarray(probabilities, dtype=float))
+    q = 1.0 - p
+    # For each i (as the positive), mass of negatives with a strictly lower score, ties counted half.
+    cum_q = np.concatenate([[0.0], np.cumsum(q)])
+    unique, first, counts = np.unique(p, return_index=True, return_counts=True)
+    lower_q = np.repeat(cum_q[first], counts)
+    tie_q = np.repeat(cum_q[first + counts] - cum_q[first], counts)
+    ordered = np.sum(p * (lower_q + 0.5 * (tie_q - q)))
+    pairs = p.sum() * q.sum() - np.sum(p * q)
+    return float(ordered / pairs)
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    seed: int = 42
+    customers: int = 2000
+    days: int = 60
+    start_date: date = date(2026, 1, 1)
+    scenario: str = "none"
+    scenario_start_day: int = 30
+    activity_rate: float = 0.35
+    arrival_rate: float = 0.003
+    mean_report_delay_days: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.scenario not in SCENARIOS:
+            raise ValueError(f"scenario {self.scenario!r} is not one of {SCENARIOS}")
+        if self.customers < 1 or self.days < 1:
+            raise ValueError("customers and days must be at least 1")
+
+
+@dataclass
+class SimulationSummary:
+    customer_events: int = 0
+    feedback_events: int = 0
+    churned: int = 0
+    retained_labels: int = 0
+    customers_seen: int = 0
+    best_auc_30d: float = float("nan")
+    churn_rate_30d: float = float("nan")
+    per_day: list[int] = field(default_factory=list)
+
+
+class _Population:
+    """Column arrays for every customer who has joined so far."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.cols: dict[str, np.ndarray] = {
+            name: np.empty(0, dtype=dtype)
+            for name, dtype in (
+                ("number", np.int64),
+                ("tenure_days", np.float64),
+                ("monthly_charges", np.float64),
+                ("total_charges", np.float64),
+                ("contract_type", np.int8),
+                ("payment_method", np.int8),
+                ("internet_service", np.int8),
+                ("ticket_rate", np.float64),
+                ("engagement", np.float64),
+                ("active", np.bool_),
+                ("joined_day", np.int64),
+            )
+        }
+
+    def __len__(self) -> int:
+        return len(self.cols["number"])
+
+    def add(self, n: int, day: int, *, new_signups: bool) -> None:
+        rng = self.rng
+        start = len(self)
+        contract = rng.choice(3, size=n, p=[0.55, 0.25, 0.20]).astype(np.int8)
+        internet = rng.choice(3, size=n, p=[0.35, 0.45, 0.20]).astype(np.int8)
+        payment = rng.choice(4, size=n, p=[0.34, 0.20, 0.22, 0.24]).astype(np.int8)
+        if new_signups:
+            tenure_days = np.zeros(n)
+        else:
+            tenure_days = np.floor(np.minimum(rng.exponential(24 * 30, size=n), 72 * 30))
+        base = np.array([55.0, 90.0, 25.0])[internet] + rng.normal(0, 8, size=n)
+        monthly = np.clip(base + 5.0 * (contract == 0), 15.0, 150.0)
+        total = monthly * tenure_days / 30.0 * rng.uniform(0.92, 1.03, size=n)
+        new = {
+            "number": np.arange(start, start + n),
+            "tenure_days": tenure_days,
+            "monthly_charges": monthly,
+            "total_charges": total,
+            "contract_type": contract,
+            "payment_method": payment,
+            "internet_service": internet,
+            "ticket_rate": rng.gamma(1.2, 0.6, size=n),
+            "engagement": rng.normal(0, 1, size=n),
+            "active": np.ones(n, dtype=bool),
+            "joined_day": np.full(n, day),
+        }
+        for name, values in new.items():
+            self.cols[name] = np.concatenate([self.cols[name], values.astype(self.cols[name].dtype)])
+
+
+class Simulator:
+    """Generates the event stream day by day; deterministic for a seed."""
+
+    def __init__(self, config: SimulationConfig) -> None:
+        self.config = config
+        self.rng = np.random.default_rng(config.seed)
+        self.population = _Population(self.rng)
+        self.summary = SimulationSummary()
+        self._pending_feedback: list[tuple[float, int, dict[str, Any]]] = []
+        self._sequence = 0
+        self._start = datetime.combine(config.start_date, datetime.min.time(), tzinfo=UTC)
+
+    # -- scenario switches ---------------------------------------------------------------------
+    def _scenario_on(self, day: int) -> bool:
+        return self.config.scenario != "none" and day >= self.config.scenario_start_day
+
+    def _model(self, day: int) -> ChurnModel:
+        if self.config.scenario == "concept_drift" and self._scenario_on(day):
+            return CONCEPT_DRIFT_MODEL
+        return BASE_MODEL
+
+    def _apply_scenario_start(self, day: int) -> None:
+        if self.config.scenario == "covariate_drift" and day == self.config.scenario_start_day:
+            cols = self.population.cols
+            cols["monthly_charges"] = np.clip(cols["monthly_charges"] * 1.15, 0, 10_000)
+            switch = self.rng.random(len(self.population)) < 0.4
+            cols["payment_method"][switch] = PAYMENT_METHODS.index("electronic_check")
+
+    # -- observed features -----------------------------------------------------------------------
+    def _observe(self, idx: np.ndarray, day: int) -> dict[str, np.ndarray]:
+        cols = self.population.cols
+        rng = self.rng
+        logins = rng.gamma(4.0, 5.0 * np.exp(0.45 * cols["engagement"][idx]) / 1.0)
+        tickets = rng.poisson(cols["ticket_rate"][idx])
+        features = {
+            "customer_tenure": (cols["tenure_days"][idx] // 30).astype(np.int64),
+            "monthly_charges": np.round(cols["monthly_charges"][idx], 2),
+            "total_charges": np.round(cols["total_charges"][idx], 2),
+            "contract_type": cols["contract_type"][idx],
+            "payment_method": cols["payment_method"][idx],
+            "internet_service": cols["internet_service"][idx],
+            "support_tickets": tickets.astype(np.int64),
+            "login_frequency": np.round(logins, 1),
+        }
+        burst = self.config.scenario == "outlier_burst" and (
+            self.config.scenario_start_day <= day < self.config.scenario_start_day + OUTLIER_BURST_DAYS
+        )
+        if burst:
+            hit = rng.random(len(idx)) < 0.05
+            k = int(hit.sum())
+            features["monthly_charges"] = features["monthly_charges"].copy()
+            features["monthly_charges"][hit] = np.round(rng.uniform(400, 900, size=k), 2)
+            features["support_tickets"] = features["support_tickets"].copy()
+            features["support_tickets"][hit] = rng.integers(15, 40, size=k)
+            features["login_frequency"] = features["login_frequency"].copy()
+            features["login_frequency"][hit] = np.round(rng.uniform(300, 900, size=k), 1)
+        return features
+
+    # -- one day ---------------------------------------------------------------------------------
+    def step(self, day: int) -> list[tuple[str, str, dict[str, Any]]]:
+        """Advance one simulated day; returns (topic, key, payload) in event-time order."""
+        cfg, rng, pop = self.config, self.rng, self.population
+        if day == 0:
+            pop.add(cfg.customers, day, new_signups=False)
+        else:
+            arrivals = rng.poisson(cfg.customers * cfg.arrival_rate)
+            if arrivals:
+                pop.add(arrivals, day, new_signups=True)
+        self._apply_scenario_start(day)
+        cols = pop.cols
+        active = np.flatnonzero(cols["active"])
+        day_start = self._start + timedelta(days=day)
+        out: list[tuple[float, str, str, dict[str, Any]]] = []
+
+        # Daily evolution of the latent state.
+        cols["engagement"][active] += rng.normal(0, 0.05, size=len(active))
+        cols["tenure_days"][active] += 1
+        cols["total_charges"][active] += cols["monthly_charges"][active] / 30.0
+
+        emit = active[(rng.random(len(active)) < cfg.activity_rate) | (cols["joined_day"][active] == day)]
+        features = self._observe(emit, day)
+        seconds = np.sort(rng.uniform(0, DAY_SECONDS, size=len(emit)))
+        for i, number in enumerate(emit):
+            at = day_start + timedelta(seconds=float(seconds[i]))
+            payload = {
+                "schema_version": 1,
+                "event_id": f"ev-{cfg.seed}-{self._next_id()}",
+                "customer_id": f"C{int(number):07d}",
+                "event_time": at,
+                "customer_tenure": int(features["customer_tenure"][i]),
+                "monthly_charges": float(features["monthly_charges"][i]),
+                "total_charges": float(features["total_charges"][i]),
+                "contract_type": CONTRACT_TYPES[features["contract_type"][i]],
+                "payment_method": PAYMENT_METHODS[features["payment_method"][i]],
+                "internet_service": INTERNET_SERVICES[features["internet_service"][i]],
+                "support_tickets": int(features["support_tickets"][i]),
+                "login_frequency": float(features["login_frequency"][i]),
+            }
+            out.append((at.timestamp(), Topics.CUSTOMERS, payload["customer_id"], payload))
+
+        # Churn: daily hazard from the monthly probability of the customers' current state.
+        state = self._observe(active, day)
+        p30 = 1.0 / (1.0 + np.exp(-monthly_churn_logit(state, self._model(day))))
+        if day == 0:
+            self.summary.best_auc_30d = expected_best_auc(p30)
+            self.summary.churn_rate_30d = float(p30.mean())
+        daily = 1.0 - np.power(1.0 - p30, 1.0 / 30.0)
+        churned = active[rng.random(len(active)) < daily]
+        cols["active"][churned] = False
+        for number in churned:
+            outcome = day_start + timedelta(seconds=float(rng.uniform(0, DAY_SECONDS)))
+            delay = timedelta(days=1 + float(rng.exponential(cfg.mean_report_delay_days - 1)))
+            self._schedule_feedback(int(number), outcome, outcome + delay, churned=True)
+        renewing = active[
+            cols["active"][active] & (cols["tenure_days"][active] % 30 == 0)
+        ]
+        for number in renewing:
+            outcome = day_start + timedelta(seconds=float(rng.uniform(0, DAY_SECONDS)))
+            self._schedule_feedback(int(number), outcome, outcome + timedelta(days=1), churned=False)
+
+        day_end = (day_start + timedelta(days=1)).timestamp()
+        while self._pending_feedback and self._pending_feedback[0][0] < day_end:
+            observed_ts, _, payload = heapq.heappop(self._pending_feedback)
+            out.append((observed_ts, Topics.FEEDBACK, payload["customer_id"], payload))
+            self.summary.feedback_events += 1
+            if payload["churned"]:
+                self.summary.churned += 1
+            else:
+                self.summary.retained_labels += 1
+        self.summary.customer_events += len(emit)
+        self.summary.customers_seen = len(pop)
+        self.summary.per_day.append(len(out))
+        out.sort(key=lambda item: item[0])
+        return [(topic, key, payload) for _, topic, key, payload in out]
+
+    def _next_id(self) -> int:
+        self._sequence += 1
+        return self._sequence
+
+    def _schedule_feedback(self, number: int, outcome: datetime, observed: datetime, *, churned: bool):
+        payload = {
+            "schema_version": 1,
+            "event_id": f"fb-{self.config.seed}-{self._next_id()}",
+            "customer_id": f"C{number:07d}",
+            "request_id": None,
+            "churned": churned,
+            "outcome_time": outcome,
+            "observed_at": observed,
+        }
+        heapq.heappush(self._pending_feedback, (observed.timestamp(), self._sequence, payload))
+
+    def events(self) -> Iterator[tuple[int, list[tuple[str, str, dict[str, Any]]]]]:
+        """Yield (day, events) for every simulated day."""
+        for day in range(self.config.days):
+            yield day, self.step(day)
+
+
+def produce_simulation(
+    producer: Any,
+    simulator: Simulator,
+    *,
+    rate: float = 0.0,
+    on_day: Callable[[int, int], None] | None = None,
+) -> SimulationSummary:
+    """Validate and produce every simulated event; ``rate`` caps events/s (0 = no cap)."""
+    from churn_assets.schemas import encode_message
+
+    sent = 0
+    failures: list[str] = []
+
+    def delivered(error: Any, _message: Any) -> None:
+        if error is not None:
+            failures.append(str(error))
+
+    started = time.monotonic()
+    for day, events in simulator.events():
+        for topic, key, payload in events:
+            value = encode_message(topic, payload)
+            while True:
+                try:
+                    producer.produce(topic, key=key.encode(), value=value, on_delivery=delivered)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+            sent += 1
+            if rate > 0 and sent % 500 == 0:
+                ahead = sent / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+        producer.poll(0)
+        if on_day is not None:
+            on_day(day, len(events))
+    remaining = producer.flush(60)
+    if remaining:
+        raise RuntimeError(f"{remaining} simulated events were not delivered to Kafka within 60s")
+    if failures:
+        raise RuntimeError(f"{len(failures)} simulated events failed delivery; first: {failures[0]}")
+    return simulator.summary
