@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 STATE_FILE = "broker.json"
 LOG_FILE = "broker.log"
 _PR_SET_PDEATHSIG = 1
+# Brokers started by this process, kept so they are reaped (waited for) when stopped here.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
 class BrokerError(RuntimeError):
@@ -183,6 +185,7 @@ class EmbeddedBroker:
             self._kill_group(process.pid)
             process.wait(timeout=10)
             raise
+        _CHILDREN[process.pid] = process
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(state)))
         os.replace(tmp, self.state_path)
@@ -231,14 +234,16 @@ class EmbeddedBroker:
             return None
         self._kill_group(state.pid)
         deadline = time.monotonic() + timeout_s
+        child = _CHILDREN.get(state.pid)
         while _pid_alive(state.pid) and time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(state.pid, os.WNOHANG)
+            if child is not None:
+                child.poll()
             time.sleep(0.05)
         if _pid_alive(state.pid):
             self._kill_group(state.pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(state.pid, 0)
+        child = _CHILDREN.pop(state.pid, None)
+        if child is not None:
+            child.wait(timeout=timeout_s)
         self.state_path.unlink(missing_ok=True)
         log.info("embedded broker (pid %d) stopped", state.pid)
         return state

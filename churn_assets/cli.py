@@ -380,3 +380,7 @@ def _wait_for_interrupt_or_exit(process: subprocess.Popen[bytes]) -> None:
 
 
 simulate_cmd = simulate
+
+
+if __name__ == "__main__":
+    main()

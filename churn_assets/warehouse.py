@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
+import pandas as pd
 
 __all__ = [
     "LANDING_TABLES",
@@ -19,6 +20,8 @@ __all__ = [
     "ensure_schema",
     "publish_read_model",
     "read_model_path",
+    "load_read_model",
+    "ReadModelMissing",
 ]
 
 # topic -> landing table. Every landed row keeps its Kafka coordinates as the primary key, so a
@@ -123,6 +126,28 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
 
 def read_model_path(read_models_dir: Path, name: str) -> Path:
     return read_models_dir / f"{name}.parquet"
+
+
+class ReadModelMissing(FileNotFoundError):
+    """A read model has not been published yet."""
+
+
+def load_read_model(read_models_dir: Path, name: str) -> pd.DataFrame:
+    """A published read model as a DataFrame, for dashboards and notebooks.
+
+    Reads the Parquet file, never the live warehouse, so it works while Dagster runs write.
+    """
+    path = read_model_path(read_models_dir, name)
+    if not path.exists():
+        raise ReadModelMissing(
+            f"read model {name!r} has not been published yet ({path}); "
+            "materialise the asset that publishes it in Dagster"
+        )
+    con = duckdb.connect()
+    try:
+        return con.execute("SELECT * FROM read_parquet(?)", [str(path)]).df()
+    finally:
+        con.close()
 
 
 def publish_read_model(
