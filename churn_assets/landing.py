@@ -147,7 +147,7 @@ class Lander:
         with connect(self.settings.warehouse_path) as con:
             ensure_schema(con)
             positions = stored_offsets(con, self.topic)
-            consumer = make_consumer(self.settings)
+            consumer = make_consumer(self.settings, **{"fetch.wait.max.ms": 100})
             dlq_producer = None
             try:
                 consumer.assign(
@@ -179,7 +179,7 @@ class Lander:
                 and time.monotonic() - opened < limits.batch_max_seconds
                 and at_eof != partitions
             ):
-                for message in consumer.consume(min(budget - len(batch), 10_000), 0.2):
+                for message in consumer.consume(min(budget - len(batch), 10_000), 0.1):
                     error = message.error()
                     if error is None:
                         batch.append(message)
@@ -207,22 +207,25 @@ class Lander:
     def _land_batch(self, con, consumer, dlq_producer, batch: list[Message], report) -> None:
         now = datetime.now(UTC)
         rows: list[dict[str, Any]] = []
+        row_partitions: list[int] = []
+        row_offsets: list[int] = []
         dead: list[dict[str, Any]] = []
-        next_offsets: dict[int, int] = {}
+        first_offsets: dict[int, int] = {}
+        last_offsets: dict[int, int] = {}
         for message in batch:
             p, offset = message.partition(), message.offset()
-            next_offsets[p] = max(next_offsets.get(p, 0), offset + 1)
-            lo, hi = report.offset_ranges.get(p, (offset, offset))
-            report.offset_ranges[p] = (min(lo, offset), max(hi, offset))
-            coords = {"kafka_topic": self.topic, "kafka_partition": p, "kafka_offset": offset}
+            first_offsets.setdefault(p, offset)
+            last_offsets[p] = offset  # a partition's messages arrive in offset order
+            raw = message.value()
             try:
-                decoded = decode_message(self.topic, message.value())
+                decoded = decode_message(self.topic, raw)
             except MessageError as exc:
-                raw = message.value()
                 key = message.key()
                 dead.append(
                     {
-                        **coords,
+                        "kafka_topic": self.topic,
+                        "kafka_partition": p,
+                        "kafka_offset": offset,
                         "message_key": key.decode("utf-8", "replace") if key else None,
                         "raw_value": raw.decode("utf-8", "replace")[:RAW_VALUE_LIMIT]
                         if raw is not None else None,
@@ -231,13 +234,27 @@ class Lander:
                     }
                 )
                 continue
-            rows.append({**coords, **_row_of(self.topic, decoded), "landed_at": now})
+            rows.append(_row_of(self.topic, decoded))
+            row_partitions.append(p)
+            row_offsets.append(offset)
+        for p, first in first_offsets.items():
+            lo, hi = report.offset_ranges.get(p, (first, last_offsets[p]))
+            report.offset_ranges[p] = (min(lo, first), max(hi, last_offsets[p]))
+        next_offsets = {p: last + 1 for p, last in last_offsets.items()}
 
         batch_number = report.batches + 1
         con.begin()
         try:
             if rows:
-                landed = pa.Table.from_pylist(rows)  # noqa: F841 - read by DuckDB below
+                landed = pa.Table.from_pylist(rows)
+                landed = (
+                    landed.append_column("kafka_topic", pa.array([self.topic] * len(rows)))
+                    .append_column("kafka_partition", pa.array(row_partitions, pa.int32()))
+                    .append_column("kafka_offset", pa.array(row_offsets, pa.int64()))
+                    .append_column(
+                        "landed_at", pa.array([now] * len(rows), pa.timestamp("us", tz="UTC"))
+                    )
+                )
                 columns = ", ".join(landed.column_names)
                 con.execute(
                     f"INSERT INTO {self.table} ({columns}) SELECT {columns} FROM landed "

@@ -206,6 +206,11 @@ def decode_message(topic: str, value: bytes | None) -> _Message:
     if value is None:
         raise MessageError("empty message (null value)")
     try:
+        return schema.model_validate_json(value)
+    except ValidationError as exc:
+        fast_error = exc
+    # The message is bad: take the slower path that names the reason precisely.
+    try:
         payload: Any = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         raise MessageError(f"not valid JSON: {exc}") from None
@@ -215,9 +220,10 @@ def decode_message(topic: str, value: bytes | None) -> _Message:
     if version != 1:
         raise MessageError(f"unsupported schema_version {version!r} for {topic} (supported: 1)")
     try:
-        return schema.model_validate(payload)
+        schema.model_validate(payload)
     except ValidationError as exc:
         raise MessageError(f"schema {schema.__name__} v1: {_short_errors(exc)}") from None
+    raise MessageError(f"schema {schema.__name__} v1: {_short_errors(fast_error)}")
 
 
 def encode_message(topic: str, message: BaseModel | dict[str, Any]) -> bytes:
