@@ -318,7 +318,8 @@ def _dagster_env(settings: Settings, config_path: Path | None) -> dict[str, str]
 def up(ctx: click.Context, simulate: bool, serve: bool) -> None:
     """Run the platform on its embedded defaults: broker, topics, demo data, landing, Dagster UI.
 
-    Ctrl-C stops everything this command started, the broker included.
+    Ctrl-C stops everything this command started, the broker included. With --no-serve the
+    command lands the data and exits, leaving the broker running (`churn broker stop` ends it).
     """
     settings = _settings(ctx)
     started_broker = False
@@ -331,6 +332,17 @@ def up(ctx: click.Context, simulate: bool, serve: bool) -> None:
         except BrokerError as exc:
             raise _fail(exc) from None
         click.echo(f"[1/4] broker ready on {state.bootstrap_servers}")
+    keep_broker = False
+    try:
+        _run_platform(ctx, settings, simulate=simulate, serve=serve)
+        keep_broker = not serve
+    finally:
+        if started_broker and not keep_broker:
+            _embedded(settings).stop()
+            click.echo("broker stopped")
+
+
+def _run_platform(ctx: click.Context, settings: Settings, *, simulate: bool, serve: bool) -> None:
     ctx.invoke(topics_create)
     click.echo("[2/4] topics ready")
     if simulate:
@@ -338,11 +350,15 @@ def up(ctx: click.Context, simulate: bool, serve: bool) -> None:
     click.echo("[3/4] landing the data topics through Dagster")
     env = _dagster_env(settings, ctx.obj["config_path"])
     dagster_bin = str(Path(sys.executable).with_name("dagster"))
-    subprocess.run(
-        [dagster_bin, "asset", "materialize", "-w", str(REPO_ROOT / "workspace.yaml"),
+    landing = subprocess.run(
+        [dagster_bin, "asset", "materialize", "-m", "churn_assets.definitions",
          "--select", "group:landing"],
-        check=True, env=env, cwd=REPO_ROOT,
+        env=env, cwd=REPO_ROOT,
     )
+    if landing.returncode != 0:
+        raise click.ClickException(
+            f"the Dagster landing run failed (exit code {landing.returncode}); see its log above"
+        )
     ctx.invoke(status)
     if not serve:
         return
@@ -362,9 +378,7 @@ def up(ctx: click.Context, simulate: bool, serve: bool) -> None:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
-        if started_broker:
-            _embedded(settings).stop()
-            click.echo("broker stopped")
+                process.wait(timeout=10)
 
 
 def _wait_for_interrupt_or_exit(process: subprocess.Popen[bytes]) -> None:

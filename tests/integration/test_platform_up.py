@@ -1,0 +1,108 @@
+"""`churn up`, the README's run command: broker, demo data, landing through Dagster, Dagster UI."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from churn_assets.broker import read_state
+from churn_assets.config import load_settings
+from churn_assets.warehouse import load_read_model
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def processes_with_env(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            continue
+    return found
+
+
+def graphql(port: int, query: str) -> dict:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": query}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)["data"]
+
+
+def test_up_runs_the_platform_and_ctrl_c_stops_everything(churn_cli, settings_path, tmp_path):
+    port = free_port()
+    marker = f"CHURN_TEST_RUN={tmp_path}\0"
+    env = {
+        **os.environ,
+        "CHURN_DAGSTER__WEBSERVER_PORT": str(port),
+        "CHURN_SIMULATOR__CUSTOMERS": "300",
+        "CHURN_SIMULATOR__DAYS": "20",
+        "CHURN_TEST_RUN": str(tmp_path),
+    }
+    log_path = tmp_path / "up.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [*churn_cli, "up"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    settings = load_settings(settings_path)
+    try:
+        deadline = time.monotonic() + 240
+        ready = False
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2):
+                    ready = True
+                    break
+            except OSError:
+                time.sleep(1)
+        assert ready, log_path.read_text()[-4000:]
+
+        output = log_path.read_text()
+        assert "[1/4] broker ready" in output
+        assert "produced" in output and "customer events" in output
+        customers = load_read_model(settings.read_models_dir, "landed_customer_events")
+        feedback = load_read_model(settings.read_models_dir, "landed_feedback")
+        assert len(customers) > 1000 and len(feedback) > 0
+
+        nodes = graphql(port, "{ assetNodes { assetKey { path } } }")["assetNodes"]
+        assert ["landed_customer_events"] in [n["assetKey"]["path"] for n in nodes]
+        sensors = graphql(
+            port,
+            '{ sensorsOrError(repositorySelector: {repositoryName: "__repository__", '
+            'repositoryLocationName: "churn_platform"}) { ... on Sensors { results { name } } } }',
+        )["sensorsOrError"]["results"]
+        assert {"name": "kafka_landing_sensor"} in sensors
+        broker = read_state(settings.run_dir)
+        assert broker is not None
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=90)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert process.returncode == 0, log_path.read_text()[-4000:]
+    assert "broker stopped" in log_path.read_text()
+    deadline = time.monotonic() + 30
+    while processes_with_env(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert processes_with_env(marker) == [], "processes left behind after Ctrl-C"
+    assert read_state(settings.run_dir) is None
