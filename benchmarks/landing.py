@@ -69,7 +69,9 @@ def raw_consume(settings) -> tuple[int, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--batch", type=int, default=5_000, help="landing batch size")
     args = parser.parse_args()
@@ -94,15 +96,18 @@ def main() -> None:
         finally:
             broker.stop()
     if raw_count != args.messages or report.rows_landed != args.messages:
-        raise SystemExit(f"counts differ: produced {args.messages}, raw {raw_count}, "
-                         f"landed {report.rows_landed}")
+        raise SystemExit(
+            f"counts differ: produced {args.messages}, raw {raw_count}, landed {report.rows_landed}"
+        )
     raw_rate = raw_count / raw_s
     land_rate = report.rows_landed / report.duration_s
     print(f"messages            {args.messages}")
     print(f"produce (validated) {args.messages / produce_s:12,.0f} msg/s")
     print(f"raw consume         {raw_rate:12,.0f} msg/s  ({raw_s:.2f}s)")
-    print(f"landing             {land_rate:12,.0f} msg/s  ({report.duration_s:.2f}s, "
-          f"{report.batches} batches of <= {args.batch})")
+    print(
+        f"landing             {land_rate:12,.0f} msg/s  ({report.duration_s:.2f}s, "
+        f"{report.batches} batches of <= {args.batch})"
+    )
     print(f"landing / raw       {land_rate / raw_rate:12.3f}")
 
 

@@ -77,10 +77,13 @@ def _embedded(settings: Settings, port: int | None = None):
 
 
 @broker.command("start")
-@click.option("--port", type=click.IntRange(0, 65535), default=None,
-              help="Port to listen on (default: kafka.embedded.port; 0 picks a free one).")
-@click.option("--foreground", is_flag=True,
-              help="Stay attached; Ctrl-C stops the broker.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Port to listen on (default: kafka.embedded.port; 0 picks a free one).",
+)
+@click.option("--foreground", is_flag=True, help="Stay attached; Ctrl-C stops the broker.")
 @click.pass_context
 def broker_start(ctx: click.Context, port: int | None, foreground: bool) -> None:
     """Start the embedded broker (idempotent) and wait until it answers."""
@@ -149,13 +152,25 @@ def topics_create(ctx: click.Context) -> None:
 @click.option("--customers", type=click.IntRange(1), default=None, help="Initial customer base.")
 @click.option("--days", type=click.IntRange(1), default=None, help="Simulated days.")
 @click.option("--seed", type=int, default=None, help="Random seed (same seed, same events).")
-@click.option("--scenario", type=click.Choice(
-    ["none", "covariate_drift", "concept_drift", "outlier_burst"]), default=None,
-    help="Drift or outlier scenario.")
-@click.option("--scenario-start-day", type=click.IntRange(0), default=None,
-              help="Simulated day the scenario switches on.")
-@click.option("--rate", type=click.FloatRange(0), default=0.0, show_default=True,
-              help="Cap on events per second (0 = as fast as the broker takes them).")
+@click.option(
+    "--scenario",
+    type=click.Choice(["none", "covariate_drift", "concept_drift", "outlier_burst"]),
+    default=None,
+    help="Drift or outlier scenario.",
+)
+@click.option(
+    "--scenario-start-day",
+    type=click.IntRange(0),
+    default=None,
+    help="Simulated day the scenario switches on.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    help="Cap on events per second (0 = as fast as the broker takes them).",
+)
 @click.pass_context
 def simulate(ctx: click.Context, **options: Any) -> None:
     """Produce a simulated customer base to churn.customers and outcomes to ml.feedback."""
@@ -171,7 +186,8 @@ def simulate(ctx: click.Context, **options: Any) -> None:
         start_date=defaults.start_date,
         scenario=options["scenario"] or defaults.scenario,
         scenario_start_day=defaults.scenario_start_day
-        if options["scenario_start_day"] is None else options["scenario_start_day"],
+        if options["scenario_start_day"] is None
+        else options["scenario_start_day"],
     )
     try:
         ensure_topics(settings)
@@ -187,7 +203,8 @@ def simulate(ctx: click.Context, **options: Any) -> None:
     total = summary.customer_events + summary.feedback_events
     click.echo(
         f"produced {summary.customer_events} customer events and {summary.feedback_events} "
-        f"outcomes ({summary.churned} churned) in {elapsed:.1f}s ({total / elapsed:,.0f} events/s); "
+        f"outcomes ({summary.churned} churned) in {elapsed:.1f}s "
+        f"({total / elapsed:,.0f} events/s); "
         f"scenario={config.scenario}; best achievable 30-day AUC={summary.best_auc_30d:.3f}"
     )
 
@@ -196,11 +213,19 @@ def simulate(ctx: click.Context, **options: Any) -> None:
 
 
 @main.command()
-@click.option("--topic", "topic_names", multiple=True,
-              type=click.Choice(["churn.customers", "ml.predictions", "ml.feedback"]),
-              help="Topic to land (repeatable; default: all data topics).")
-@click.option("--max-messages", type=click.IntRange(1), default=None,
-              help="Stop after this many messages (default: drain to the end).")
+@click.option(
+    "--topic",
+    "topic_names",
+    multiple=True,
+    type=click.Choice(["churn.customers", "ml.predictions", "ml.feedback"]),
+    help="Topic to land (repeatable; default: all data topics).",
+)
+@click.option(
+    "--max-messages",
+    type=click.IntRange(1),
+    default=None,
+    help="Stop after this many messages (default: drain to the end).",
+)
 @click.pass_context
 def land(ctx: click.Context, topic_names: tuple[str, ...], max_messages: int | None) -> None:
     """Land data topics into the DuckDB warehouse (what the Dagster landing assets run).
@@ -212,10 +237,12 @@ def land(ctx: click.Context, topic_names: tuple[str, ...], max_messages: int | N
 
     settings = _settings(ctx)
     for topic in topic_names or DATA_TOPICS:
+
         def progress(report, topic=topic) -> None:
             click.echo(
                 f"  {topic}: batch {report.batches}, {report.rows_landed} rows landed, "
-                f"{report.dead_lettered} dead-lettered", err=True,
+                f"{report.dead_lettered} dead-lettered",
+                err=True,
             )
 
         try:
@@ -225,7 +252,8 @@ def land(ctx: click.Context, topic_names: tuple[str, ...], max_messages: int | N
             raise _fail(exc) from None
         click.echo(
             f"{topic}: landed {report.rows_landed}, dead-lettered {report.dead_lettered} in "
-            f"{report.batches} batches ({report.duration_s:.1f}s); offsets {report.describe_ranges()}; "
+            f"{report.batches} batches ({report.duration_s:.1f}s); "
+            f"offsets {report.describe_ranges()}; "
             f"table now {counts[next(iter(counts))]} rows"
         )
 
@@ -268,7 +296,7 @@ def status(ctx: click.Context) -> None:
     click.echo(f"landed (published read models in {read_models}):")
     con = duckdb.connect()
     try:
-        for topic, table in LANDING_TABLES.items():
+        for table in LANDING_TABLES.values():
             path = read_model_path(read_models, table)
             if path.exists():
                 rows = con.execute("SELECT count(*) FROM read_parquet(?)", [str(path)]).fetchone()
@@ -284,7 +312,8 @@ def status(ctx: click.Context) -> None:
             click.echo("last landed offsets (next offset to read):")
             for topic, partition, next_offset, updated in con.execute(
                 "SELECT topic, kafka_partition, next_offset, updated_at FROM read_parquet(?) "
-                "ORDER BY topic, kafka_partition", [str(offsets)]
+                "ORDER BY topic, kafka_partition",
+                [str(offsets)],
             ).fetchall():
                 click.echo(f"  {topic:22} p{partition}: {next_offset} (at {updated})")
     finally:
@@ -310,10 +339,18 @@ def _dagster_env(settings: Settings, config_path: Path | None) -> dict[str, str]
 
 
 @main.command()
-@click.option("--simulate/--no-simulate", default=True, show_default=True,
-              help="Produce the simulator's demo data first.")
-@click.option("--serve/--no-serve", default=True, show_default=True,
-              help="Keep the Dagster UI running until Ctrl-C (off: land and exit).")
+@click.option(
+    "--simulate/--no-simulate",
+    default=True,
+    show_default=True,
+    help="Produce the simulator's demo data first.",
+)
+@click.option(
+    "--serve/--no-serve",
+    default=True,
+    show_default=True,
+    help="Keep the Dagster UI running until Ctrl-C (off: land and exit).",
+)
 @click.pass_context
 def up(ctx: click.Context, simulate: bool, serve: bool) -> None:
     """Run the platform on its embedded defaults: broker, topics, demo data, landing, Dagster UI.
@@ -351,9 +388,17 @@ def _run_platform(ctx: click.Context, settings: Settings, *, simulate: bool, ser
     env = _dagster_env(settings, ctx.obj["config_path"])
     dagster_bin = str(Path(sys.executable).with_name("dagster"))
     landing = subprocess.run(
-        [dagster_bin, "asset", "materialize", "-m", "churn_assets.definitions",
-         "--select", "group:landing"],
-        env=env, cwd=REPO_ROOT,
+        [
+            dagster_bin,
+            "asset",
+            "materialize",
+            "-m",
+            "churn_assets.definitions",
+            "--select",
+            "group:landing",
+        ],
+        env=env,
+        cwd=REPO_ROOT,
     )
     if landing.returncode != 0:
         raise click.ClickException(
@@ -365,9 +410,19 @@ def _run_platform(ctx: click.Context, settings: Settings, *, simulate: bool, ser
     port = settings.dagster.webserver_port
     click.echo(f"[4/4] Dagster UI on http://127.0.0.1:{port} (Ctrl-C stops the platform)")
     process = subprocess.Popen(
-        [dagster_bin, "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", "127.0.0.1",
-         "-p", str(port)],
-        env=env, cwd=REPO_ROOT, start_new_session=True,
+        [
+            dagster_bin,
+            "dev",
+            "-w",
+            str(REPO_ROOT / "workspace.yaml"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=env,
+        cwd=REPO_ROOT,
+        start_new_session=True,
     )
     try:
         _wait_for_interrupt_or_exit(process)

@@ -102,7 +102,9 @@ def ensure_topics(
             if have != settings.kafka.partitions:
                 log.warning(
                     "topic %s has %d partitions, config asks for %d; leaving it as it is",
-                    topic, have, settings.kafka.partitions,
+                    topic,
+                    have,
+                    settings.kafka.partitions,
                 )
             result[topic] = "exists"
         else:
@@ -178,7 +180,9 @@ def scan_topic(settings: Settings, topic: str, timeout_s: float = 60.0) -> list[
     return [PartitionExtent(p, counts[p], first.get(p), last.get(p)) for p in partitions]
 
 
-def committed_offsets(settings: Settings, topic: str, group_id: str | None = None) -> dict[int, int]:
+def committed_offsets(
+    settings: Settings, topic: str, group_id: str | None = None
+) -> dict[int, int]:
     """The consumer group's committed next-offset per partition (-1 where none)."""
     partitions = topic_partitions(settings, topic)
     consumer = make_consumer(settings, group_id=group_id)

@@ -88,9 +88,10 @@ class LandingReport:
         return self.rows_landed + self.dead_lettered
 
     def describe_ranges(self) -> str:
-        return ", ".join(
-            f"p{p}: {lo}..{hi}" for p, (lo, hi) in sorted(self.offset_ranges.items())
-        ) or "none"
+        return (
+            ", ".join(f"p{p}: {lo}..{hi}" for p, (lo, hi) in sorted(self.offset_ranges.items()))
+            or "none"
+        )
 
 
 def stored_offsets(con: duckdb.DuckDBPyConnection, topic: str) -> dict[int, int]:
@@ -200,7 +201,9 @@ class Lander:
             if time.monotonic() - started > limits.drain_max_seconds:
                 log.warning(
                     "landing %s stopped after %.0fs with data still arriving; the next run "
-                    "continues from the stored offsets", self.topic, limits.drain_max_seconds,
+                    "continues from the stored offsets",
+                    self.topic,
+                    limits.drain_max_seconds,
                 )
                 return
 
@@ -228,7 +231,8 @@ class Lander:
                         "kafka_offset": offset,
                         "message_key": key.decode("utf-8", "replace") if key else None,
                         "raw_value": raw.decode("utf-8", "replace")[:RAW_VALUE_LIMIT]
-                        if raw is not None else None,
+                        if raw is not None
+                        else None,
                         "reason": str(exc),
                         "landed_at": now,
                     }
@@ -293,7 +297,9 @@ class Lander:
         except KafkaException as exc:
             # Offsets live in DuckDB; the group offset only feeds lag displays.
             report.kafka_commit_failures += 1
-            log.warning("committing %s offsets to Kafka failed (lag view only): %s", self.topic, exc)
+            log.warning(
+                "committing %s offsets to Kafka failed (lag view only): %s", self.topic, exc
+            )
 
     def _mirror_dead_letter(self, producer, row: dict[str, Any]) -> None:
         letter = DeadLetter(
@@ -305,7 +311,9 @@ class Lander:
             dead_lettered_at=row["landed_at"],
         )
         key = f"{row['kafka_topic']}/{row['kafka_partition']}/{row['kafka_offset']}".encode()
-        producer.produce(Topics.DEAD_LETTER, key=key, value=encode_message(Topics.DEAD_LETTER, letter))
+        producer.produce(
+            Topics.DEAD_LETTER, key=key, value=encode_message(Topics.DEAD_LETTER, letter)
+        )
         producer.poll(0)
 
     def _maybe_fault(self, point: str, batch_number: int) -> None:
@@ -316,7 +324,9 @@ class Lander:
 
 _READ_MODEL_QUERIES = {
     "landing_offsets": "SELECT * FROM landing_offsets ORDER BY topic, kafka_partition",
-    "dead_letters": "SELECT * FROM dead_letters ORDER BY kafka_topic, kafka_partition, kafka_offset",
+    "dead_letters": (
+        "SELECT * FROM dead_letters ORDER BY kafka_topic, kafka_partition, kafka_offset"
+    ),
 }
 
 

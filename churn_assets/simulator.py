@@ -75,7 +75,8 @@ def monthly_churn_logit(features: dict[str, np.ndarray], model: ChurnModel = BAS
         + model.logins * (features["login_frequency"] - 20.0)
         + model.electronic_check
         * (features["payment_method"] == PAYMENT_METHODS.index("electronic_check"))
-        + model.fiber_optic * (features["internet_service"] == INTERNET_SERVICES.index("fiber_optic"))
+        + model.fiber_optic
+        * (features["internet_service"] == INTERNET_SERVICES.index("fiber_optic"))
     )
 
 
@@ -87,7 +88,7 @@ def expected_best_auc(probabilities: np.ndarray) -> float:
     """
     p = np.sort(np.asarray(probabilities, dtype=float))
     q = 1.0 - p
-    # For each i (as the positive), mass of negatives with a strictly lower score, ties counted half.
+    # For each i as the positive: mass of negatives with a strictly lower score, ties counted half.
     cum_q = np.concatenate([[0.0], np.cumsum(q)])
     unique, first, counts = np.unique(p, return_index=True, return_counts=True)
     lower_q = np.repeat(cum_q[first], counts)
@@ -180,7 +181,9 @@ class _Population:
             "joined_day": np.full(n, day),
         }
         for name, values in new.items():
-            self.cols[name] = np.concatenate([self.cols[name], values.astype(self.cols[name].dtype)])
+            self.cols[name] = np.concatenate(
+                [self.cols[name], values.astype(self.cols[name].dtype)]
+            )
 
 
 class Simulator:
@@ -228,7 +231,9 @@ class Simulator:
             "login_frequency": np.round(logins, 1),
         }
         burst = self.config.scenario == "outlier_burst" and (
-            self.config.scenario_start_day <= day < self.config.scenario_start_day + OUTLIER_BURST_DAYS
+            self.config.scenario_start_day
+            <= day
+            < self.config.scenario_start_day + OUTLIER_BURST_DAYS
         )
         if burst:
             hit = rng.random(len(idx)) < 0.05
@@ -262,7 +267,9 @@ class Simulator:
         cols["tenure_days"][active] += 1
         cols["total_charges"][active] += cols["monthly_charges"][active] / 30.0
 
-        emit = active[(rng.random(len(active)) < cfg.activity_rate) | (cols["joined_day"][active] == day)]
+        emit = active[
+            (rng.random(len(active)) < cfg.activity_rate) | (cols["joined_day"][active] == day)
+        ]
         features = self._observe(emit, day)
         seconds = np.sort(rng.uniform(0, DAY_SECONDS, size=len(emit)))
         for i, number in enumerate(emit):
@@ -296,12 +303,12 @@ class Simulator:
             outcome = day_start + timedelta(seconds=float(rng.uniform(0, DAY_SECONDS)))
             delay = timedelta(days=1 + float(rng.exponential(cfg.mean_report_delay_days - 1)))
             self._schedule_feedback(int(number), outcome, outcome + delay, churned=True)
-        renewing = active[
-            cols["active"][active] & (cols["tenure_days"][active] % 30 == 0)
-        ]
+        renewing = active[cols["active"][active] & (cols["tenure_days"][active] % 30 == 0)]
         for number in renewing:
             outcome = day_start + timedelta(seconds=float(rng.uniform(0, DAY_SECONDS)))
-            self._schedule_feedback(int(number), outcome, outcome + timedelta(days=1), churned=False)
+            self._schedule_feedback(
+                int(number), outcome, outcome + timedelta(days=1), churned=False
+            )
 
         day_end = (day_start + timedelta(days=1)).timestamp()
         while self._pending_feedback and self._pending_feedback[0][0] < day_end:
@@ -322,7 +329,9 @@ class Simulator:
         self._sequence += 1
         return self._sequence
 
-    def _schedule_feedback(self, number: int, outcome: datetime, observed: datetime, *, churned: bool):
+    def _schedule_feedback(
+        self, number: int, outcome: datetime, observed: datetime, *, churned: bool
+    ):
         payload = {
             "schema_version": 1,
             "event_id": f"fb-{self.config.seed}-{self._next_id()}",
@@ -379,5 +388,7 @@ def produce_simulation(
     if remaining:
         raise RuntimeError(f"{remaining} simulated events were not delivered to Kafka within 60s")
     if failures:
-        raise RuntimeError(f"{len(failures)} simulated events failed delivery; first: {failures[0]}")
+        raise RuntimeError(
+            f"{len(failures)} simulated events failed delivery; first: {failures[0]}"
+        )
     return simulator.summary

@@ -1,4 +1,4 @@
-"""Landing assets: one per data topic, each a thin wrapper around :class:`churn_assets.landing.Lander`."""
+"""Landing assets: one per data topic, each a thin wrapper around the core ``Lander``."""
 
 import dagster as dg
 
@@ -45,7 +45,9 @@ def _build_landing_asset(topic: str) -> dg.AssetsDefinition:
         ),
         metadata={"kafka_topic": topic, "table": table},
     )
-    def _landing(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    def _landing(
+        context: dg.AssetExecutionContext, platform: PlatformResource
+    ) -> dg.MaterializeResult:
         settings = platform.settings()
 
         def progress(report: LandingReport) -> None:

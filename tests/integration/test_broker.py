@@ -90,7 +90,9 @@ def test_clients_get_a_clear_error_when_the_broker_is_down(settings_path, churn_
 def foreground_broker(churn_cli, settings_path):
     process = subprocess.Popen(
         [*churn_cli, "broker", "start", "--foreground"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     line = process.stdout.readline()
     assert "broker ready on" in line, line

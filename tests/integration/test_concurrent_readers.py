@@ -23,7 +23,9 @@ def test_reader_never_meets_the_writer_lock(broker_settings, churn_cli):
     # Small batches make the second drain take a while; it holds the DuckDB file throughout.
     lander = subprocess.Popen(
         [*churn_cli, "land", "--topic", Topics.CUSTOMERS],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
     )
     try:
         assert "batch 1" in lander.stderr.readline() + lander.stderr.readline()

@@ -67,7 +67,9 @@ def test_sensor_requests_runs_only_for_new_data_with_stable_run_keys(
 
     produce_customer_events(broker_settings, 800)
     first = tick()
-    assert [r.asset_selection for r in first.run_requests] == [[landing_asset_key(Topics.CUSTOMERS)]]
+    assert [r.asset_selection for r in first.run_requests] == [
+        [landing_asset_key(Topics.CUSTOMERS)]
+    ]
     again = tick(first.cursor)
     assert [r.run_key for r in again.run_requests] == [r.run_key for r in first.run_requests]
 

@@ -31,7 +31,12 @@ def corruptions(payload: dict) -> list[tuple[bytes | None, str]]:
         (changed(customer_tenure=-4), "customer_tenure"),
         (changed(contract_type="lifetime"), "contract_type"),
         (changed(event_time="2026-01-01 10:00"), "timezone"),
-        (encode_message(Topics.CUSTOMERS, payload).replace(b'"login_frequency":', b'"login_frequency":NaN,"x":'), "not valid JSON"),
+        (
+            encode_message(Topics.CUSTOMERS, payload).replace(
+                b'"login_frequency":', b'"login_frequency":NaN,"x":'
+            ),
+            "not valid JSON",
+        ),
     ]
 
 
@@ -46,7 +51,9 @@ def test_bad_records_go_to_the_dlq_without_blocking_the_partition(broker_setting
         producer.produce(Topics.CUSTOMERS, partition=0, key=b"bad", value=raw)
         expected_reasons.append(reason)
         producer.produce(
-            Topics.CUSTOMERS, partition=0, key=payload["customer_id"].encode(),
+            Topics.CUSTOMERS,
+            partition=0,
+            key=payload["customer_id"].encode(),
             value=encode_message(Topics.CUSTOMERS, payload),
         )
         good_ids.append(payload["event_id"])

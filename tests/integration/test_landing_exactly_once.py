@@ -64,9 +64,10 @@ def test_repeated_kills_including_external_sigkill(broker_settings, churn_cli):
         assert run_lander(churn_cli, fault).returncode == -signal.SIGKILL
 
     process = subprocess.Popen(
-        [*churn_cli, *LAND], stderr=subprocess.PIPE, text=True, env={
-            k: v for k, v in os.environ.items() if k != FAULT_ENV_VAR
-        },
+        [*churn_cli, *LAND],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != FAULT_ENV_VAR},
     )
     # Kill it once it reports its second landed batch of this run.
     seen = 0

@@ -65,8 +65,9 @@ def test_covariate_drift_raises_prices_and_electronic_checks_after_the_switch():
 
 def test_concept_drift_changes_churn_not_features():
     base_sim, base = run(seed=5, customers=3000, days=45)
-    drift_sim, drift = run(seed=5, customers=3000, days=45, scenario="concept_drift",
-                           scenario_start_day=0)
+    drift_sim, drift = run(
+        seed=5, customers=3000, days=45, scenario="concept_drift", scenario_start_day=0
+    )
     assert mean_charges(drift, 0, 1) == pytest.approx(mean_charges(base, 0, 1))
     assert drift_sim.summary.churned > 1.2 * base_sim.summary.churned
 
