@@ -451,5 +451,14 @@ def _wait_for_interrupt_or_exit(process: subprocess.Popen[bytes]) -> None:
 simulate_cmd = simulate
 
 
+def _register_subcommands() -> None:
+    from churn_assets.cli_models import models
+
+    main.add_command(models)
+
+
+_register_subcommands()
+
+
 if __name__ == "__main__":
     main()

@@ -108,11 +108,41 @@ class LandingSettings(_Section):
 
 class SimulatorSettings(_Section):
     seed: int = 42
-    customers: int = Field(2000, ge=1, le=10_000_000)
-    days: int = Field(60, ge=1, le=3650)
+    customers: int = Field(10_000, ge=1, le=10_000_000)
+    days: int = Field(90, ge=1, le=3650)
     start_date: date = date(2026, 1, 1)
     scenario: Literal["none", "covariate_drift", "concept_drift", "outlier_burst"] = "none"
     scenario_start_day: int = Field(30, ge=0)
+
+
+class XGBoostSettings(_Section):
+    max_depth: int = Field(3, ge=1, le=16)
+    learning_rate: float = Field(0.05, gt=0, le=1)
+    n_estimators: int = Field(600, ge=1, le=10_000)
+    min_child_weight: float = Field(5.0, ge=0)
+    subsample: float = Field(0.8, gt=0, le=1)
+    colsample_bytree: float = Field(0.8, gt=0, le=1)
+    reg_lambda: float = Field(1.0, ge=0)
+    early_stopping_rounds: int = Field(40, ge=1)
+
+
+class GateSettings(_Section):
+    max_auc_drop_vs_champion: float = Field(0.01, ge=0, le=1)
+    max_calibration_error: float = Field(0.05, gt=0, le=1)
+    min_training_rows: int = Field(2000, ge=1)
+
+
+class TrainingSettings(_Section):
+    horizon_days: int = Field(14, ge=1, le=365)
+    snapshot_step_days: int = Field(3, ge=1, le=90)
+    label_grace_days: int = Field(10, ge=0, le=90)
+    seed: int = 42
+    n_threads: int = Field(2, ge=1, le=256)
+    device: Literal["cpu", "cuda"] = "cpu"
+    balance_classes: bool = False
+    search_trials: int = Field(0, ge=0, le=200)
+    xgboost: XGBoostSettings = XGBoostSettings()
+    gates: GateSettings = GateSettings()
 
 
 class ServingSettings(_Section):
@@ -162,6 +192,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     landing: LandingSettings = LandingSettings()
     simulator: SimulatorSettings = SimulatorSettings()
+    training: TrainingSettings = TrainingSettings()
     serving: ServingSettings = ServingSettings()
     rollout: RolloutSettings = RolloutSettings()
     dagster: DagsterSettings = DagsterSettings()

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from churn_assets.assets.landing import landing_assets
+from churn_assets.assets.ml import ml_asset_checks, ml_assets
 from churn_assets.resources import PlatformResource
 from sensors import all_sensors
 
@@ -12,9 +13,16 @@ landing_job = dg.define_asset_job(
     description="Land every data topic into the warehouse.",
 )
 
+training_job = dg.define_asset_job(
+    "training_job",
+    selection=dg.AssetSelection.groups("ml", "analytics"),
+    description="Features, training set, candidate model, gates, registration, SHAP, segments.",
+)
+
 defs = dg.Definitions(
-    assets=[*landing_assets],
-    jobs=[landing_job],
+    assets=[*landing_assets, *ml_assets],
+    asset_checks=ml_asset_checks,
+    jobs=[landing_job, training_job],
     sensors=all_sensors,
     resources={"platform": PlatformResource()},
 )

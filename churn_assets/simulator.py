@@ -34,6 +34,9 @@ __all__ = [
     "Simulator",
     "expected_best_auc",
     "monthly_churn_logit",
+    "true_churn_probability",
+    "simulate_frames",
+    "produce_simulation",
 ]
 
 log = logging.getLogger(__name__)
@@ -45,39 +48,67 @@ OUTLIER_BURST_DAYS = 3
 
 @dataclass(frozen=True)
 class ChurnModel:
-    """Coefficients of the monthly churn log-odds (see :func:`monthly_churn_logit`)."""
+    """Coefficients of the 30-day churn log-odds (see :func:`monthly_churn_logit`).
 
-    intercept: float = -2.6
-    month_to_month: float = 1.3
+    Thresholds, a saturating ticket effect and an interaction make the true model non-linear, so
+    a tree model can beat a linear baseline.
+    """
+
+    intercept: float = -4.4
+    month_to_month: float = 1.2
     two_year: float = -1.0
-    tenure_per_month: float = -0.035
-    charges_per_dollar: float = 0.018
-    tickets: float = 0.35
-    logins: float = -0.045
+    new_customer: float = 1.5  # tenure under 6 months
+    tenure_per_month: float = -0.005
+    fiber_month_to_month: float = 1.6  # interaction
+    high_charges: float = 0.2  # monthly charges above 90
+    high_charges_month_to_month: float = 1.2  # interaction: no contract keeps them
+    tickets: float = 0.45  # per ticket, saturating at 5
+    low_logins: float = 1.0  # fewer than 8 logins in 30 days
     electronic_check: float = 0.45
-    fiber_optic: float = 0.3
 
 
 BASE_MODEL = ChurnModel()
-CONCEPT_DRIFT_MODEL = ChurnModel(tickets=0.9)
+CONCEPT_DRIFT_MODEL = ChurnModel(tickets=1.0)
 
 
 def monthly_churn_logit(features: dict[str, np.ndarray], model: ChurnModel = BASE_MODEL):
-    """Log-odds that a customer churns within the next 30 days, vectorised over customers."""
-    contract = features["contract_type"]
+    """Log-odds that a customer churns within the next 30 days, vectorised over customers.
+
+    ``features`` holds the eight features; categorical ones as their string values or as indices
+    into :data:`CONTRACT_TYPES`, :data:`PAYMENT_METHODS` and :data:`INTERNET_SERVICES`.
+    """
+
+    def code(name: str, values: tuple[str, ...]) -> np.ndarray:
+        column = np.asarray(features[name])
+        if column.dtype.kind in "OUS":
+            lookup = {v: i for i, v in enumerate(values)}
+            return np.array([lookup.get(v, -1) for v in column])
+        return column
+
+    contract = code("contract_type", CONTRACT_TYPES)
+    payment = code("payment_method", PAYMENT_METHODS)
+    internet = code("internet_service", INTERNET_SERVICES)
+    tenure = np.asarray(features["customer_tenure"], dtype=float)
+    m2m = contract == CONTRACT_TYPES.index("month-to-month")
     return (
         model.intercept
-        + model.month_to_month * (contract == CONTRACT_TYPES.index("month-to-month"))
+        + model.month_to_month * m2m
         + model.two_year * (contract == CONTRACT_TYPES.index("two_year"))
-        + model.tenure_per_month * features["customer_tenure"]
-        + model.charges_per_dollar * (features["monthly_charges"] - 65.0)
-        + model.tickets * features["support_tickets"]
-        + model.logins * (features["login_frequency"] - 20.0)
-        + model.electronic_check
-        * (features["payment_method"] == PAYMENT_METHODS.index("electronic_check"))
-        + model.fiber_optic
-        * (features["internet_service"] == INTERNET_SERVICES.index("fiber_optic"))
+        + model.new_customer * (tenure < 6)
+        + model.tenure_per_month * tenure
+        + model.fiber_month_to_month * (m2m & (internet == INTERNET_SERVICES.index("fiber_optic")))
+        + model.high_charges * (np.asarray(features["monthly_charges"], dtype=float) > 90)
+        + model.high_charges_month_to_month
+        * (m2m & (np.asarray(features["monthly_charges"], dtype=float) > 90))
+        + model.tickets * np.minimum(np.asarray(features["support_tickets"], dtype=float), 5)
+        + model.low_logins * (np.asarray(features["login_frequency"], dtype=float) < 8)
+        + model.electronic_check * (payment == PAYMENT_METHODS.index("electronic_check"))
     )
+
+
+def true_churn_probability(features: dict[str, np.ndarray], model: ChurnModel = BASE_MODEL):
+    """The simulator's true probability of churn within 30 days for the given features."""
+    return 1.0 / (1.0 + np.exp(-monthly_churn_logit(features, model)))
 
 
 def expected_best_auc(probabilities: np.ndarray) -> float:
@@ -144,8 +175,8 @@ class _Population:
                 ("contract_type", np.int8),
                 ("payment_method", np.int8),
                 ("internet_service", np.int8),
-                ("ticket_rate", np.float64),
-                ("engagement", np.float64),
+                ("support_tickets", np.int64),
+                ("login_frequency", np.float64),
                 ("active", np.bool_),
                 ("joined_day", np.int64),
             )
@@ -175,8 +206,8 @@ class _Population:
             "contract_type": contract,
             "payment_method": payment,
             "internet_service": internet,
-            "ticket_rate": rng.gamma(1.2, 0.6, size=n),
-            "engagement": rng.normal(0, 1, size=n),
+            "support_tickets": rng.poisson(rng.gamma(1.2, 0.6, size=n)),
+            "login_frequency": np.round(rng.gamma(3.0, 6.0, size=n), 1),
             "active": np.ones(n, dtype=bool),
             "joined_day": np.full(n, day),
         }
@@ -216,10 +247,9 @@ class Simulator:
 
     # -- observed features -----------------------------------------------------------------------
     def _observe(self, idx: np.ndarray, day: int) -> dict[str, np.ndarray]:
+        """The features of customers ``idx`` as emitted on ``day`` (their current state)."""
         cols = self.population.cols
         rng = self.rng
-        logins = rng.gamma(4.0, 5.0 * np.exp(0.45 * cols["engagement"][idx]) / 1.0)
-        tickets = rng.poisson(cols["ticket_rate"][idx])
         features = {
             "customer_tenure": (cols["tenure_days"][idx] // 30).astype(np.int64),
             "monthly_charges": np.round(cols["monthly_charges"][idx], 2),
@@ -227,8 +257,8 @@ class Simulator:
             "contract_type": cols["contract_type"][idx],
             "payment_method": cols["payment_method"][idx],
             "internet_service": cols["internet_service"][idx],
-            "support_tickets": tickets.astype(np.int64),
-            "login_frequency": np.round(logins, 1),
+            "support_tickets": cols["support_tickets"][idx],
+            "login_frequency": cols["login_frequency"][idx],
         }
         burst = self.config.scenario == "outlier_burst" and (
             self.config.scenario_start_day
@@ -246,6 +276,23 @@ class Simulator:
             features["login_frequency"][hit] = np.round(rng.uniform(300, 900, size=k), 1)
         return features
 
+    def _state(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        cols = self.population.cols
+        state = {
+            name: cols[name][idx]
+            for name in (
+                "monthly_charges",
+                "total_charges",
+                "contract_type",
+                "payment_method",
+                "internet_service",
+                "support_tickets",
+                "login_frequency",
+            )
+        }
+        state["customer_tenure"] = cols["tenure_days"][idx] // 30
+        return state
+
     # -- one day ---------------------------------------------------------------------------------
     def step(self, day: int) -> list[tuple[str, str, dict[str, Any]]]:
         """Advance one simulated day; returns (topic, key, payload) in event-time order."""
@@ -262,9 +309,17 @@ class Simulator:
         day_start = self._start + timedelta(days=day)
         out: list[tuple[float, str, str, dict[str, Any]]] = []
 
-        # Daily evolution of the latent state.
-        cols["engagement"][active] += rng.normal(0, 0.05, size=len(active))
+        # Daily evolution of the state. Usage drifts at each monthly renewal only, so a customer's
+        # features stay what drives its churn hazard for most of a 30-day horizon.
         cols["tenure_days"][active] += 1
+        renew = active[cols["tenure_days"][active] % 30 == 0]
+        drifting = renew[rng.random(len(renew)) < 0.2]
+        cols["login_frequency"][drifting] = np.round(
+            cols["login_frequency"][drifting] * rng.uniform(0.6, 1.1, size=len(drifting)), 1
+        )
+        cols["support_tickets"][drifting] = rng.poisson(
+            0.5 + 0.5 * cols["support_tickets"][drifting]
+        )
         cols["total_charges"][active] += cols["monthly_charges"][active] / 30.0
 
         emit = active[
@@ -290,9 +345,8 @@ class Simulator:
             }
             out.append((at.timestamp(), Topics.CUSTOMERS, payload["customer_id"], payload))
 
-        # Churn: daily hazard from the monthly probability of the customers' current state.
-        state = self._observe(active, day)
-        p30 = 1.0 / (1.0 + np.exp(-monthly_churn_logit(state, self._model(day))))
+        # Churn: daily hazard from the 30-day probability of the customers' current state.
+        p30 = true_churn_probability(self._state(active), self._model(day))
         if day == 0:
             self.summary.best_auc_30d = expected_best_auc(p30)
             self.summary.churn_rate_30d = float(p30.mean())
@@ -392,3 +446,26 @@ def produce_simulation(
             f"{len(failures)} simulated events failed delivery; first: {failures[0]}"
         )
     return simulator.summary
+
+
+def simulate_frames(config: SimulationConfig) -> tuple[Any, Any]:
+    """The whole simulation as (customer events, outcomes) DataFrames, without Kafka.
+
+    Columns match the landed tables' payload columns; used by benchmarks, notebooks and tests.
+    """
+    import pandas as pd
+
+    customers: list[dict[str, Any]] = []
+    outcomes: list[dict[str, Any]] = []
+    for _, events in Simulator(config).events():
+        for topic, _, payload in events:
+            (customers if topic == Topics.CUSTOMERS else outcomes).append(payload)
+    events_frame = pd.DataFrame(customers).drop(columns=["schema_version"])
+    feedback_frame = pd.DataFrame(outcomes).drop(columns=["schema_version"])
+    for frame, columns in (
+        (events_frame, ["event_time"]),
+        (feedback_frame, ["outcome_time", "observed_at"]),
+    ):
+        for column in columns:
+            frame[column] = pd.to_datetime(frame[column], utc=True)
+    return events_frame, feedback_frame

@@ -1,0 +1,430 @@
+"""ML assets: features, training set, candidate model, quality gates, registry, SHAP, segments.
+
+Thin wrappers around the Dagster-free core (features, training, candidate, registry, explain).
+Every asset that touches the warehouse runs in the ``duckdb_warehouse`` pool.
+"""
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from churn_assets.assets.landing import WAREHOUSE_POOL
+from churn_assets.candidate import (
+    current_champion,
+    evaluate_gates,
+    load_candidate,
+    parity_gate,
+    stage_candidate,
+    train_candidate,
+)
+from churn_assets.config import Settings
+from churn_assets.explain import ShapExplainer
+from churn_assets.features import customer_features_as_of
+from churn_assets.model import load_model
+from churn_assets.plots import bar_chart_markdown, calibration_markdown, markdown_table
+from churn_assets.registry import ModelRegistry
+from churn_assets.resources import PlatformResource
+from churn_assets.training import (
+    TrainingError,
+    TrainingSet,
+    assert_point_in_time,
+    build_training_set,
+)
+from churn_assets.warehouse import connect, ensure_schema, publish_read_model
+
+__all__ = [
+    "candidate_model",
+    "customer_features",
+    "customer_segments",
+    "feature_importance",
+    "ml_asset_checks",
+    "ml_assets",
+    "registered_model",
+    "training_set",
+]
+
+EVENTS_SQL = """
+SELECT customer_id, event_time, customer_tenure, monthly_charges, total_charges, contract_type,
+       payment_method, internet_service, support_tickets, login_frequency
+FROM landed_customer_events
+"""
+FEEDBACK_SQL = """
+SELECT customer_id, request_id, churned, outcome_time, observed_at FROM landed_feedback
+"""
+RISK_TIERS = ((0.0, 0.05, "low"), (0.05, 0.15, "medium"), (0.15, 1.01, "high"))
+
+
+def _load_landed(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
+    with connect(settings.warehouse_path) as con:
+        ensure_schema(con)
+        events = con.execute(EVENTS_SQL).df()
+        feedback = con.execute(FEEDBACK_SQL).df()
+    for frame, columns in ((events, ["event_time"]), (feedback, ["outcome_time", "observed_at"])):
+        for column in columns:
+            frame[column] = pd.to_datetime(frame[column], utc=True)
+    return events, feedback
+
+
+def _replace_table(settings: Settings, table: str, frame: pd.DataFrame) -> int:
+    """Replace a warehouse table with ``frame`` and publish it as a read model."""
+    arrow = pa.Table.from_pandas(frame, preserve_index=False)  # noqa: F841 - read by DuckDB
+    with connect(settings.warehouse_path) as con:
+        con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM arrow")
+        _, rows = publish_read_model(con, settings.read_models_dir, table, f"SELECT * FROM {table}")
+    return rows
+
+
+@dg.asset(
+    group_name="ml",
+    kinds={"duckdb", "pandas"},
+    pool=WAREHOUSE_POOL,
+    deps=["landed_customer_events"],
+)
+def customer_features(
+    context: dg.AssetExecutionContext, platform: PlatformResource
+) -> dg.MaterializeResult:
+    """Each customer's latest state as of the newest landed event, plus history features
+    (events in 30 days, login and ticket trends, days since the last event)."""
+    settings = platform.settings()
+    events, _ = _load_landed(settings)
+    if events.empty:
+        raise TrainingError("no landed customer events: run the landing assets first")
+    as_of = events["event_time"].max()
+    frame = customer_features_as_of(events, as_of.to_pydatetime()).assign(as_of=as_of)
+    rows = _replace_table(settings, "customer_features", frame)
+    context.log.info(f"features for {rows} customers as of {as_of}")
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": rows,
+            "as_of": str(as_of),
+            "preview": dg.MetadataValue.md(frame.head(10).to_markdown(index=False)),
+        }
+    )
+
+
+def _training_set(settings: Settings) -> TrainingSet:
+    events, feedback = _load_landed(settings)
+    cfg = settings.training
+    return build_training_set(
+        events,
+        feedback,
+        horizon_days=cfg.horizon_days,
+        step_days=cfg.snapshot_step_days,
+        label_grace_days=cfg.label_grace_days,
+    )
+
+
+@dg.asset(
+    group_name="ml",
+    kinds={"duckdb", "pandas"},
+    pool=WAREHOUSE_POOL,
+    deps=["landed_customer_events", "landed_feedback"],
+)
+def training_set(
+    context: dg.AssetExecutionContext, platform: PlatformResource
+) -> dg.MaterializeResult:
+    """Point-in-time training rows: features as of each snapshot, label = churn within the
+    horizon after it; time-based train/validation/test split with purging."""
+    settings = platform.settings()
+    built = _training_set(settings)
+    rows = _replace_table(settings, "training_set", built.frame)
+    by_split = built.frame.groupby("split")["label"].agg(["size", "mean"])
+    context.log.info(f"training set: {rows} rows, snapshots {len(built.plan.all)}")
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": rows,
+            "snapshots": len(built.plan.all),
+            "known_at": str(built.known_at),
+            "splits": dg.MetadataValue.md(
+                markdown_table(
+                    [
+                        {"split": s, "rows": int(r["size"]), "positive_rate": round(r["mean"], 4)}
+                        for s, r in by_split.iterrows()
+                    ]
+                )
+            ),
+        }
+    )
+
+
+@dg.asset_check(asset=training_set, blocking=True)
+def training_set_point_in_time(platform: PlatformResource) -> dg.AssetCheckResult:
+    """Features as of each test snapshot do not change when later events are deleted."""
+    settings = platform.settings()
+    events, _ = _load_landed(settings)
+    with connect(settings.warehouse_path) as con:
+        snapshots = [
+            row[0]
+            for row in con.execute(
+                "SELECT DISTINCT snapshot_time FROM training_set ORDER BY 1 DESC LIMIT 3"
+            ).fetchall()
+        ]
+    for snapshot in snapshots:
+        assert_point_in_time(events, pd.Timestamp(snapshot).to_pydatetime())
+    return dg.AssetCheckResult(passed=True, metadata={"snapshots_checked": len(snapshots)})
+
+
+class CandidateModelConfig(dg.Config):
+    shuffle_labels: bool = False
+    """Train on shuffled labels: a deliberately bad candidate, to see the gates stop it."""
+
+
+@dg.asset(
+    group_name="ml",
+    kinds={"xgboost", "scikit-learn"},
+    pool=WAREHOUSE_POOL,
+    deps=[training_set],
+)
+def candidate_model(
+    context: dg.AssetExecutionContext, config: CandidateModelConfig, platform: PlatformResource
+) -> dg.MaterializeResult:
+    """XGBoost candidate and logistic-regression baseline, evaluated on the time holdout;
+    staged for the quality gates."""
+    settings = platform.settings()
+    built = _training_set(settings)
+    registry = ModelRegistry(settings.registry_dir)
+    candidate = train_candidate(
+        built,
+        settings,
+        champion=current_champion(registry),
+        shuffle_labels=config.shuffle_labels,
+        on_progress=context.log.info,
+    )
+    stage_candidate(candidate, settings)
+    report = candidate.report
+    metrics = report["metrics"]
+    baseline = report["baseline"]
+    comparison = [
+        {
+            "metric": name,
+            "xgboost": round(metrics[f"test_{name}"], 4),
+            "baseline": round(baseline[name], 4),
+        }
+        for name in ("roc_auc", "pr_auc", "brier", "log_loss", "calibration_error")
+    ]
+    metadata: dict[str, object] = {
+        "test_roc_auc": metrics["test_roc_auc"],
+        "test_pr_auc": metrics["test_pr_auc"],
+        "test_brier": metrics["test_brier"],
+        "test_log_loss": metrics["test_log_loss"],
+        "test_calibration_error": metrics["test_calibration_error"],
+        "baseline_roc_auc": baseline["roc_auc"],
+        "simulator_best_auc": report["simulator_best_auc"],
+        "threshold": metrics["test_threshold"],
+        "best_iteration": report["best_iteration"],
+        "shuffled_labels": report["shuffled_labels"],
+        "model_vs_baseline": dg.MetadataValue.md(markdown_table(comparison)),
+        "lift_by_decile": dg.MetadataValue.md(markdown_table(report["deciles"])),
+        "confusion_matrix": dg.MetadataValue.json(report["confusion"]),
+        "calibration": dg.MetadataValue.md(
+            calibration_markdown(
+                {
+                    "xgboost": report["calibration_curve"],
+                    "baseline": report["baseline_calibration_curve"],
+                }
+            )
+        ),
+        "training_window": dg.MetadataValue.json(report["training_window"]),
+        "data_fingerprint": report["data_fingerprint"],
+    }
+    if report["champion"]:
+        metadata["champion_version"] = report["champion"]["version"]
+        metadata["champion_roc_auc"] = report["champion"]["roc_auc"]
+    return dg.MaterializeResult(metadata=metadata)
+
+
+def _gate_check(name: str, gate_key: str, description: str) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset=candidate_model, name=name, blocking=True, description=description)
+    def _check(platform: PlatformResource) -> dg.AssetCheckResult:
+        settings = platform.settings()
+        gate = evaluate_gates(load_candidate(settings), settings)[gate_key]
+        return dg.AssetCheckResult(
+            passed=gate.passed,
+            description=gate.description,
+            metadata={
+                "observed": gate.observed if gate.observed is not None else "n/a",
+                "threshold": gate.threshold if gate.threshold is not None else "n/a",
+            },
+        )
+
+    return _check
+
+
+@dg.asset_check(asset=candidate_model, blocking=True)
+def candidate_model_transformer_parity(platform: PlatformResource) -> dg.AssetCheckResult:
+    """Training-path and serving-path transforms (and a reloaded model) agree on test rows."""
+    settings = platform.settings()
+    built = _training_set(settings)
+    gate = parity_gate(load_candidate(settings), built.part("test").head(500))
+    return dg.AssetCheckResult(
+        passed=gate.passed,
+        description=gate.description,
+        metadata={"observed": gate.observed, "threshold": gate.threshold},
+    )
+
+
+gate_checks = [
+    _gate_check(
+        "candidate_model_auc_above_threshold",
+        "auc",
+        "Test ROC-AUC reaches retraining.performance_threshold.",
+    ),
+    _gate_check(
+        "candidate_model_not_worse_than_champion",
+        "vs_champion",
+        "AUC is within training.gates.max_auc_drop_vs_champion of the champion's.",
+    ),
+    _gate_check(
+        "candidate_model_calibration",
+        "calibration",
+        "Expected calibration error is at most training.gates.max_calibration_error.",
+    ),
+    _gate_check(
+        "candidate_model_min_training_rows",
+        "min_training_rows",
+        "At least training.gates.min_training_rows labelled training rows.",
+    ),
+    candidate_model_transformer_parity,
+]
+
+
+@dg.asset(group_name="ml", kinds={"xgboost"}, deps=[candidate_model])
+def registered_model(
+    context: dg.AssetExecutionContext, platform: PlatformResource
+) -> dg.MaterializeResult:
+    """The gated candidate registered as the next version: champion if there is none yet,
+    otherwise challenger."""
+    settings = platform.settings()
+    candidate = load_candidate(settings)
+    registry = ModelRegistry(settings.registry_dir)
+    report = candidate.report
+    version = registry.register(
+        candidate.model.to_files(),
+        {
+            "metrics": report["metrics"],
+            "baseline": report["baseline"],
+            "simulator_best_auc": report["simulator_best_auc"],
+            "training_window": report["training_window"],
+            "data_fingerprint": report["data_fingerprint"],
+            "params": report["params"],
+            "rows": report["rows"],
+            "horizon_days": report["horizon_days"],
+            "seed": report["seed"],
+        },
+    )
+    alias = "challenger" if "champion" in registry.aliases() else "champion"
+    registry.set_alias(alias, version.version)
+    context.log.info(f"registered {version.version} as {alias}")
+    return dg.MaterializeResult(
+        metadata={
+            "version": version.version,
+            "alias": alias,
+            "test_roc_auc": report["metrics"]["test_roc_auc"],
+            "parent_version": version.parent_version or "none",
+            "code_version": version.code_version,
+        }
+    )
+
+
+@dg.asset(group_name="ml", kinds={"shap"}, pool=WAREHOUSE_POOL, deps=[registered_model])
+def feature_importance(
+    context: dg.AssetExecutionContext, platform: PlatformResource
+) -> dg.MaterializeResult:
+    """Mean |SHAP| per model input for the newest registered version, on the test holdout."""
+    settings = platform.settings()
+    registry = ModelRegistry(settings.registry_dir)
+    newest = registry.versions()[-1].version
+    model = load_model(registry, newest)
+    with connect(settings.warehouse_path) as con:
+        test = con.execute(
+            "SELECT * FROM training_set WHERE split = 'test' USING SAMPLE 5000 ROWS (reservoir, 7)"
+        ).df()
+    importance = ShapExplainer(model).global_importance(model.transformer.transform(test))
+    importance["model_version"] = newest
+    _replace_table(settings, "feature_importance", importance)
+    return dg.MaterializeResult(
+        metadata={
+            "model_version": newest,
+            "rows_explained": len(test),
+            "importance": dg.MetadataValue.md(
+                markdown_table(importance.round(4).drop(columns="model_version").to_dict("records"))
+            ),
+            "plot": dg.MetadataValue.md(
+                bar_chart_markdown(
+                    importance["feature"], importance["mean_abs_shap"], "mean |SHAP| (log-odds)"
+                )
+            ),
+        }
+    )
+
+
+def _tier(probability: np.ndarray) -> np.ndarray:
+    tiers = np.empty(len(probability), dtype=object)
+    for low, high, name in RISK_TIERS:
+        tiers[(probability >= low) & (probability < high)] = name
+    return tiers
+
+
+@dg.asset(
+    group_name="analytics",
+    kinds={"duckdb", "parquet"},
+    pool=WAREHOUSE_POOL,
+    deps=[customer_features, registered_model],
+)
+def customer_segments(
+    context: dg.AssetExecutionContext, platform: PlatformResource
+) -> dg.MaterializeResult:
+    """Risk tiers from the champion's scores and observed churn by contract, tenure and payment
+    cohorts, published as a read model for the dashboard."""
+    settings = platform.settings()
+    model = load_model(ModelRegistry(settings.registry_dir), "champion")
+    _, feedback = _load_landed(settings)
+    with connect(settings.warehouse_path) as con:
+        customers = con.execute("SELECT * FROM customer_features").df()
+    customers["risk"] = model.predict_frame(customers)
+    customers["risk_tier"] = _tier(customers["risk"].to_numpy())
+    churned = set(feedback.loc[feedback["churned"], "customer_id"])
+    customers["churned"] = customers["customer_id"].isin(churned)
+    customers["tenure_band"] = pd.cut(
+        customers["customer_tenure"],
+        [-1, 5, 11, 23, 47, 10_000],
+        labels=["0-5", "6-11", "12-23", "24-47", "48+"],
+    ).astype(str)
+    parts = []
+    for cohort in ("risk_tier", "contract_type", "tenure_band", "payment_method"):
+        grouped = (
+            customers.groupby(cohort)
+            .agg(
+                customers=("customer_id", "size"),
+                observed_churn_rate=("churned", "mean"),
+                mean_predicted_risk=("risk", "mean"),
+            )
+            .reset_index()
+            .rename(columns={cohort: "cohort"})
+        )
+        parts.append(grouped.assign(cohort_type=cohort))
+    segments = pd.concat(parts, ignore_index=True)[
+        ["cohort_type", "cohort", "customers", "observed_churn_rate", "mean_predicted_risk"]
+    ].assign(model_version=model.version)
+    rows = _replace_table(settings, "customer_segments", segments)
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": rows,
+            "model_version": model.version or "",
+            "segments": dg.MetadataValue.md(
+                markdown_table(segments.round(4).drop(columns="model_version").to_dict("records"))
+            ),
+        }
+    )
+
+
+ml_assets = [
+    customer_features,
+    training_set,
+    candidate_model,
+    registered_model,
+    feature_importance,
+    customer_segments,
+]
+ml_asset_checks = [training_set_point_in_time, *gate_checks]

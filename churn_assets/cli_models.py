@@ -1,0 +1,127 @@
+"""``churn models``: list, inspect, promote and roll back versions in the model registry."""
+
+import json
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+from churn_assets.config import ConfigError, load_settings
+from churn_assets.registry import ModelRegistry, ModelVersion, RegistryError
+
+__all__ = ["models"]
+
+METRIC = "test_roc_auc"
+
+
+def _registry(ctx: click.Context) -> ModelRegistry:
+    obj = ctx.ensure_object(dict)
+    try:
+        settings = load_settings(obj.get("config_path"))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    return ModelRegistry(settings.registry_dir)
+
+
+def _registry_errors_as_click(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Report :class:`RegistryError` as a one-line CLI error (exit code 1) instead of a trace."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except RegistryError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def _metric(version: ModelVersion) -> str:
+    metrics = version.metadata.get("metrics")
+    value = metrics.get(METRIC) if isinstance(metrics, dict) else None
+    if isinstance(value, bool) or value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, int | float) else str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    head = "  ".join(cell.ljust(w) for cell, w in zip(header, widths, strict=True))
+    return "\n".join(line.rstrip() for line in [head, *lines])
+
+
+def _aliases_of(registry: ModelRegistry) -> dict[str, list[str]]:
+    by_version: dict[str, list[str]] = {}
+    for alias, version in sorted(registry.aliases().items()):
+        by_version.setdefault(version, []).append(alias)
+    return by_version
+
+
+@click.group()
+def models() -> None:
+    """List, inspect, promote and roll back registered model versions."""
+
+
+@models.command("list")
+@click.pass_context
+@_registry_errors_as_click
+def list_versions(ctx: click.Context) -> None:
+    """Show every version with its aliases, registration time, parent and test ROC AUC."""
+    registry = _registry(ctx)
+    versions = registry.versions()
+    if not versions:
+        click.echo(f"no model versions registered in {registry.root}")
+        return
+    aliases = _aliases_of(registry)
+    rows = [
+        [
+            v.version,
+            ",".join(aliases.get(v.version, [])) or "-",
+            v.registered_at,
+            v.parent_version or "-",
+            _metric(v),
+        ]
+        for v in versions
+    ]
+    click.echo(_table(["VERSION", "ALIASES", "REGISTERED_AT", "PARENT", METRIC.upper()], rows))
+
+
+@models.command("show")
+@click.argument("ref")
+@click.pass_context
+@_registry_errors_as_click
+def show(ctx: click.Context, ref: str) -> None:
+    """Print the manifest of REF (a version like v3, or champion/challenger) as JSON."""
+    registry = _registry(ctx)
+    version = registry.get(ref)
+    shown = {
+        **version.manifest(),
+        "path": str(version.path),
+        "aliases": _aliases_of(registry).get(version.version, []),
+    }
+    click.echo(json.dumps(shown, indent=2))
+
+
+@models.command("promote")
+@click.argument("ref", default="challenger")
+@click.pass_context
+@_registry_errors_as_click
+def promote(ctx: click.Context, ref: str) -> None:
+    """Make REF (default: the challenger) the champion; the old champion is kept for rollback."""
+    registry = _registry(ctx)
+    previous = registry.aliases().get("champion")
+    champion = registry.promote(ref)
+    click.echo(f"champion: {champion.version} (was {previous or 'none'})")
+
+
+@models.command("rollback")
+@click.pass_context
+@_registry_errors_as_click
+def rollback(ctx: click.Context) -> None:
+    """Make the previous champion the champion again."""
+    registry = _registry(ctx)
+    previous = registry.aliases().get("champion")
+    champion = registry.rollback()
+    click.echo(f"champion: {champion.version} (rolled back from {previous or 'none'})")

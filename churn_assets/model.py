@@ -1,0 +1,84 @@
+"""A scoring model as stored in the registry: XGBoost booster + feature transformer + baseline.
+
+Artefacts are safe formats only: the booster as XGBoost UBJSON, the transformer and the baseline
+as JSON. Loading goes through the registry, which verifies every file's SHA-256.
+"""
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xgboost as xgb
+
+from churn_assets.features import FeatureTransformer
+from churn_assets.registry import ModelRegistry
+from churn_assets.training import LogisticBaseline
+
+__all__ = [
+    "BASELINE_FILE",
+    "BOOSTER_FILE",
+    "TRANSFORMER_FILE",
+    "ScoringModel",
+    "load_model",
+]
+
+BOOSTER_FILE = "model.ubj"
+TRANSFORMER_FILE = "transformer.json"
+BASELINE_FILE = "baseline.json"
+
+
+@dataclass
+class ScoringModel:
+    booster: xgb.Booster
+    transformer: FeatureTransformer
+    baseline: LogisticBaseline | None = None
+    version: str | None = None
+
+    def predict_matrix(self, x: np.ndarray) -> np.ndarray:
+        """Churn probabilities for an already transformed matrix (no DMatrix built)."""
+        return np.asarray(self.booster.inplace_predict(x), dtype=float)
+
+    def margin_matrix(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.booster.inplace_predict(x, predict_type="margin"), dtype=float)
+
+    def predict_frame(self, frame: pd.DataFrame) -> np.ndarray:
+        return self.predict_matrix(self.transformer.transform(frame))
+
+    def predict_records(self, records: Iterable[Mapping[str, Any]]) -> np.ndarray:
+        return self.predict_matrix(self.transformer.transform_records(records))
+
+    def to_files(self) -> dict[str, bytes]:
+        files = {
+            BOOSTER_FILE: bytes(self.booster.save_raw(raw_format="ubj")),
+            TRANSFORMER_FILE: self.transformer.to_json().encode(),
+        }
+        if self.baseline is not None:
+            files[BASELINE_FILE] = json.dumps(self.baseline.to_dict(), allow_nan=False).encode()
+        return files
+
+    @classmethod
+    def from_files(cls, files: Mapping[str, bytes], version: str | None = None) -> "ScoringModel":
+        booster = xgb.Booster()
+        booster.load_model(bytearray(files[BOOSTER_FILE]))
+        baseline = (
+            LogisticBaseline.from_dict(json.loads(files[BASELINE_FILE]))
+            if BASELINE_FILE in files
+            else None
+        )
+        return cls(
+            booster=booster,
+            transformer=FeatureTransformer.from_json(files[TRANSFORMER_FILE]),
+            baseline=baseline,
+            version=version,
+        )
+
+
+def load_model(registry: ModelRegistry, ref: str) -> ScoringModel:
+    """Load a registered version (``v3``, ``champion``, ``challenger``), verifying its hashes."""
+    version = registry.get(ref)
+    names = [n for n in (BOOSTER_FILE, TRANSFORMER_FILE, BASELINE_FILE) if n in version.files]
+    files = {name: registry.read_file(version.version, name) for name in names}
+    return ScoringModel.from_files(files, version=version.version)

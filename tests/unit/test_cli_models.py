@@ -1,0 +1,143 @@
+import json
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from churn_assets.cli_models import models
+from churn_assets.registry import ModelRegistry
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def config_path(tmp_path: Path) -> Path:
+    path = tmp_path / "config" / "config.yaml"
+    path.parent.mkdir()
+    path.write_text(f"storage:\n  registry_dir: {tmp_path / 'models'}\n")
+    return path
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> ModelRegistry:
+    return ModelRegistry(tmp_path / "models")
+
+
+@pytest.fixture
+def two_versions(registry: ModelRegistry) -> ModelRegistry:
+    registry.register({"model.ubj": b"one"}, {"metrics": {"test_roc_auc": 0.81234}})
+    registry.set_alias("champion", "v1")
+    registry.register({"model.ubj": b"two"}, {"metrics": {"test_roc_auc": 0.9}})
+    registry.set_alias("challenger", "v2")
+    return registry
+
+
+def run(config_path: Path, *args: str):
+    return CliRunner().invoke(models, list(args), obj={"config_path": config_path})
+
+
+def test_list_shows_versions_aliases_parent_and_metric(config_path, two_versions):
+    result = run(config_path, "list")
+    assert result.exit_code == 0, result.output
+    header, first, second = result.output.splitlines()
+    assert header.split() == ["VERSION", "ALIASES", "REGISTERED_AT", "PARENT", "TEST_ROC_AUC"]
+    v1 = two_versions.get("v1")
+    assert first.split() == ["v1", "champion", v1.registered_at, "-", "0.8123"]
+    assert second.split()[:2] == ["v2", "challenger"]
+    assert second.split()[3:] == ["v1", "0.9000"]
+
+
+def test_list_without_metric_or_versions(config_path, registry):
+    result = run(config_path, "list")
+    assert result.exit_code == 0
+    assert "no model versions registered in" in result.output
+    registry.register({"model.ubj": b"x"}, {"notes": "no metrics yet"})
+    result = run(config_path, "list")
+    assert result.exit_code == 0
+    assert result.output.splitlines()[1].split()[-2:] == ["-", "-"]
+
+
+def test_show_prints_the_manifest_as_json(config_path, two_versions):
+    result = run(config_path, "show", "challenger")
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    v2 = two_versions.get("v2")
+    assert shown["version"] == "v2"
+    assert shown["files"] == v2.files
+    assert shown["metadata"] == {"metrics": {"test_roc_auc": 0.9}}
+    assert shown["code_version"] == v2.code_version
+    assert shown["parent_version"] == "v1"
+    assert shown["aliases"] == ["challenger"]
+
+
+def test_show_unknown_version_is_a_clear_error(config_path, two_versions):
+    result = run(config_path, "show", "v9")
+    assert result.exit_code == 1
+    assert "Error: no model version 'v9'; versions: v1, v2" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_promote_then_rollback(config_path, two_versions):
+    result = run(config_path, "promote")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "champion: v2 (was v1)"
+    assert two_versions.aliases() == {"champion": "v2"}
+
+    result = run(config_path, "rollback")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "champion: v1 (rolled back from v2)"
+
+    result = run(config_path, "rollback")
+    assert result.exit_code == 1
+    assert "Error: no previous champion to roll back to" in result.stderr
+
+
+def test_promote_an_explicit_version_and_errors(config_path, two_versions):
+    result = run(config_path, "promote", "v2")
+    assert result.exit_code == 0, result.output
+    assert "champion: v2" in result.stdout
+
+    result = run(config_path, "promote")
+    assert result.exit_code == 1
+    assert "alias 'challenger' is not set" in result.stderr
+
+    result = run(config_path, "promote", "v3")
+    assert result.exit_code == 1
+    assert "no model version 'v3'" in result.stderr
+
+
+def test_tampered_registry_is_reported_not_crashed(config_path, two_versions):
+    (two_versions.root / "v1" / "manifest.json").write_text("{oops")
+    result = run(config_path, "list")
+    assert result.exit_code == 1
+    assert "manifest.json of version v1 is corrupt" in result.stderr
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    result = run(tmp_path / "missing.yaml", "list")
+    assert result.exit_code == 1
+    assert "config file not found" in result.stderr
+
+
+def test_works_under_a_root_group_that_sets_the_config_path(config_path, two_versions):
+    @click.group()
+    @click.option("--config", "config_path", type=click.Path(path_type=Path))
+    @click.pass_context
+    def root(ctx: click.Context, config_path: Path) -> None:
+        ctx.ensure_object(dict)
+        ctx.obj["config_path"] = config_path
+
+    root.add_command(models)
+    result = CliRunner().invoke(root, ["--config", str(config_path), "models", "list"])
+    assert result.exit_code == 0, result.output
+    assert "v2" in result.output
+
+
+@pytest.mark.parametrize("path", [[], ["list"], ["show"], ["promote"], ["rollback"]])
+def test_every_command_has_help(path):
+    result = CliRunner().invoke(models, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    command = models.commands[path[0]] if path else models
+    assert command.help
+    assert " ".join(command.help.split()[:5]) in result.output
