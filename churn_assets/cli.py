@@ -299,13 +299,15 @@ def status(ctx: click.Context) -> None:
         for table in LANDING_TABLES.values():
             path = read_model_path(read_models, table)
             if path.exists():
-                rows = con.execute("SELECT count(*) FROM read_parquet(?)", [str(path)]).fetchone()
+                rows = con.execute("SELECT count(*) FROM read_parquet(?)", [str(path)]).fetchall()[
+                    0
+                ]
                 click.echo(f"  {table:24} {rows[0] if rows else 0:>9} rows")
             else:
                 click.echo(f"  {table:24} not landed yet")
         dlq = read_model_path(read_models, "dead_letters")
         if dlq.exists():
-            rows = con.execute("SELECT count(*) FROM read_parquet(?)", [str(dlq)]).fetchone()
+            rows = con.execute("SELECT count(*) FROM read_parquet(?)", [str(dlq)]).fetchall()[0]
             click.echo(f"  {'dead_letters':24} {rows[0] if rows else 0:>9} rows")
         offsets = read_model_path(read_models, "landing_offsets")
         if offsets.exists():

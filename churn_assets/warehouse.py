@@ -161,6 +161,6 @@ def publish_read_model(
     final = read_model_path(read_models_dir, name)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     con.execute(f"COPY ({query}) TO '{tmp.as_posix()}' (FORMAT parquet)")
-    rows = con.execute(f"SELECT count(*) FROM read_parquet('{tmp.as_posix()}')").fetchone()
+    rows = con.execute(f"SELECT count(*) FROM read_parquet('{tmp.as_posix()}')").fetchall()[0]
     os.replace(tmp, final)
     return final, int(rows[0]) if rows else 0

@@ -73,7 +73,7 @@ def test_bad_records_go_to_the_dlq_without_blocking_the_partition(broker_setting
         stored = con.execute(
             "SELECT next_offset FROM landing_offsets WHERE topic = ? AND kafka_partition = 0",
             [Topics.CUSTOMERS],
-        ).fetchone()
+        ).fetchall()[0]
 
     assert [event_id for event_id, _ in landed] == good_ids
     assert [offset for _, offset in landed] == list(range(1, 1000, 2))
