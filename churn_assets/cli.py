@@ -348,14 +348,21 @@ def _dagster_env(settings: Settings, config_path: Path | None) -> dict[str, str]
     help="Produce the simulator's demo data first.",
 )
 @click.option(
+    "--train/--no-train",
+    default=True,
+    show_default=True,
+    help="Train, gate and register a model after landing (Dagster training_job).",
+)
+@click.option(
     "--serve/--no-serve",
     default=True,
     show_default=True,
-    help="Keep the Dagster UI running until Ctrl-C (off: land and exit).",
+    help="Keep the Dagster UI running until Ctrl-C (off: land, train and exit).",
 )
 @click.pass_context
-def up(ctx: click.Context, simulate: bool, serve: bool) -> None:
-    """Run the platform on its embedded defaults: broker, topics, demo data, landing, Dagster UI.
+def up(ctx: click.Context, simulate: bool, train: bool, serve: bool) -> None:
+    """Run the platform on its embedded defaults: broker, topics, demo data, landing, a trained
+    and registered model, and the Dagster UI.
 
     Ctrl-C stops everything this command started, the broker included. With --no-serve the
     command lands the data and exits, leaving the broker running (`churn broker stop` ends it).
@@ -370,10 +377,10 @@ def up(ctx: click.Context, simulate: bool, serve: bool) -> None:
             state = _embedded(settings).start()
         except BrokerError as exc:
             raise _fail(exc) from None
-        click.echo(f"[1/4] broker ready on {state.bootstrap_servers}")
+        click.echo(f"[1/5] broker ready on {state.bootstrap_servers}")
     keep_broker = False
     try:
-        _run_platform(ctx, settings, simulate=simulate, serve=serve)
+        _run_platform(ctx, settings, simulate=simulate, train=train, serve=serve)
         keep_broker = not serve
     finally:
         if started_broker and not keep_broker:
@@ -381,12 +388,14 @@ def up(ctx: click.Context, simulate: bool, serve: bool) -> None:
             click.echo("broker stopped")
 
 
-def _run_platform(ctx: click.Context, settings: Settings, *, simulate: bool, serve: bool) -> None:
+def _run_platform(
+    ctx: click.Context, settings: Settings, *, simulate: bool, train: bool, serve: bool
+) -> None:
     ctx.invoke(topics_create)
-    click.echo("[2/4] topics ready")
+    click.echo("[2/5] topics ready")
     if simulate:
         ctx.invoke(simulate_cmd)
-    click.echo("[3/4] landing the data topics through Dagster")
+    click.echo("[3/5] landing the data topics through Dagster")
     env = _dagster_env(settings, ctx.obj["config_path"])
     dagster_bin = str(Path(sys.executable).with_name("dagster"))
     landing = subprocess.run(
@@ -407,10 +416,23 @@ def _run_platform(ctx: click.Context, settings: Settings, *, simulate: bool, ser
             f"the Dagster landing run failed (exit code {landing.returncode}); see its log above"
         )
     ctx.invoke(status)
+    if train:
+        click.echo("[4/5] training, gating and registering a model (Dagster training_job)")
+        training = subprocess.run(
+            [dagster_bin, "job", "execute", "-m", "churn_assets.definitions", "-j", "training_job"],
+            env=env,
+            cwd=REPO_ROOT,
+        )
+        if training.returncode != 0:
+            raise click.ClickException(
+                f"the Dagster training run failed (exit code {training.returncode}); a blocked "
+                "quality gate or too little data shows in its log above"
+            )
+        ctx.invoke(models_list)
     if not serve:
         return
     port = settings.dagster.webserver_port
-    click.echo(f"[4/4] Dagster UI on http://127.0.0.1:{port} (Ctrl-C stops the platform)")
+    click.echo(f"[5/5] Dagster UI on http://127.0.0.1:{port} (Ctrl-C stops the platform)")
     process = subprocess.Popen(
         [
             dagster_bin,
@@ -460,6 +482,7 @@ def _register_subcommands() -> None:
 
 
 _register_subcommands()
+models_list = main.commands["models"].commands["list"]
 
 
 if __name__ == "__main__":

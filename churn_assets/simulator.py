@@ -37,6 +37,7 @@ __all__ = [
     "true_churn_probability",
     "simulate_frames",
     "produce_simulation",
+    "sample_customers",
 ]
 
 log = logging.getLogger(__name__)
@@ -277,7 +278,10 @@ class Simulator:
         return features
 
     def _state(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        cols = self.population.cols
+        return self._state_of(self.population.cols, idx)
+
+    @staticmethod
+    def _state_of(cols: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
         state = {
             name: cols[name][idx]
             for name in (
@@ -469,3 +473,36 @@ def simulate_frames(config: SimulationConfig) -> tuple[Any, Any]:
         for column in columns:
             frame[column] = pd.to_datetime(frame[column], utc=True)
     return events_frame, feedback_frame
+
+
+def sample_customers(n: int, seed: int = 0, horizon_days: int = 14) -> Any:
+    """``n`` customers drawn like the simulator's base, with a label drawn from the true model.
+
+    A quick source of realistic feature rows at any size (benchmarks, notebooks); the label is
+    churn within ``horizon_days`` under :data:`BASE_MODEL`.
+    """
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    population = _Population(rng)
+    population.add(n, 0, new_signups=False)
+    cols = population.cols
+    state = Simulator._state_of(cols, np.arange(n))
+    p30 = true_churn_probability(state)
+    p = 1.0 - np.power(1.0 - p30, horizon_days / 30.0)
+    frame = pd.DataFrame(
+        {
+            "customer_id": [f"S{i:08d}" for i in range(n)],
+            "customer_tenure": state["customer_tenure"].astype(int),
+            "monthly_charges": np.round(state["monthly_charges"], 2),
+            "total_charges": np.round(state["total_charges"], 2),
+            "contract_type": np.array(CONTRACT_TYPES)[state["contract_type"]],
+            "payment_method": np.array(PAYMENT_METHODS)[state["payment_method"]],
+            "internet_service": np.array(INTERNET_SERVICES)[state["internet_service"]],
+            "support_tickets": state["support_tickets"].astype(int),
+            "login_frequency": state["login_frequency"],
+        }
+    )
+    frame["label"] = (rng.random(n) < p).astype(int)
+    frame["true_probability"] = p
+    return frame

@@ -1,4 +1,5 @@
-"""`churn up`, the README's run command: broker, demo data, landing through Dagster, Dagster UI."""
+"""`churn up`, the README's run command: broker, demo data, landing and training through Dagster,
+and the Dagster UI."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import pytest
 
 from churn_assets.broker import read_state
 from churn_assets.config import load_settings
+from churn_assets.registry import ModelRegistry
 from churn_assets.warehouse import load_read_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -53,8 +55,8 @@ def test_up_runs_the_platform_and_ctrl_c_stops_everything(churn_cli, settings_pa
     env = {
         **os.environ,
         "CHURN_DAGSTER__WEBSERVER_PORT": str(port),
-        "CHURN_SIMULATOR__CUSTOMERS": "300",
-        "CHURN_SIMULATOR__DAYS": "20",
+        "CHURN_SIMULATOR__CUSTOMERS": "2000",
+        "CHURN_SIMULATOR__DAYS": "90",
         "CHURN_TEST_RUN": str(tmp_path),
     }
     log_path = tmp_path / "up.log"
@@ -76,11 +78,13 @@ def test_up_runs_the_platform_and_ctrl_c_stops_everything(churn_cli, settings_pa
         assert ready, log_path.read_text()[-4000:]
 
         output = log_path.read_text()
-        assert "[1/4] broker ready" in output
+        assert "[1/5] broker ready" in output
         assert "produced" in output and "customer events" in output
         customers = load_read_model(settings.read_models_dir, "landed_customer_events")
         feedback = load_read_model(settings.read_models_dir, "landed_feedback")
         assert len(customers) > 1000 and len(feedback) > 0
+        assert ModelRegistry(settings.registry_dir).aliases() == {"champion": "v1"}
+        assert "v1" in output and "champion" in output  # `churn models list` after training
 
         nodes = graphql(port, "{ assetNodes { assetKey { path } } }")["assetNodes"]
         assert ["landed_customer_events"] in [n["assetKey"]["path"] for n in nodes]
