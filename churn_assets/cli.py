@@ -232,7 +232,7 @@ def land(ctx: click.Context, topic_names: tuple[str, ...], max_messages: int | N
 
     Do not run this while Dagster landing runs are active: DuckDB allows one writer per file.
     """
-    from churn_assets.landing import Lander, publish_landing_read_models
+    from churn_assets.landing import Lander
     from churn_assets.schemas import DATA_TOPICS
 
     settings = _settings(ctx)
@@ -247,7 +247,7 @@ def land(ctx: click.Context, topic_names: tuple[str, ...], max_messages: int | N
 
         try:
             report = Lander(settings, topic, on_batch=progress, max_messages=max_messages).run()
-            counts = publish_landing_read_models(settings, topic)
+            counts = report.published
         except Exception as exc:
             raise _fail(exc) from None
         click.echo(

@@ -82,6 +82,8 @@ class LandingReport:
     reached_eof: bool = False
     kafka_commit_failures: int = 0
     duration_s: float = 0.0
+    # Row counts of the read models published at the end of the drain (table name -> rows).
+    published: dict[str, int] = field(default_factory=dict)
 
     @property
     def messages(self) -> int:
@@ -141,7 +143,8 @@ class Lander:
         self._fault = _parse_fault(os.environ.get(FAULT_ENV_VAR))
 
     def run(self) -> LandingReport:
-        """Drain the topic to EOF (bounded by ``landing.drain_max_seconds``)."""
+        """Drain the topic to EOF (bounded by ``landing.drain_max_seconds``), then publish the
+        read models on the same connection, so no other process ever needs the live file."""
         started = time.monotonic()
         report = LandingReport(topic=self.topic)
         partitions = topic_partitions(self.settings, self.topic)
@@ -163,6 +166,7 @@ class Lander:
                 consumer.close()
                 if dlq_producer is not None:
                     dlq_producer.flush(10)
+            report.published = publish_landing_read_models(con, self.settings, self.topic)
         report.duration_s = time.monotonic() - started
         return report
 
@@ -330,14 +334,14 @@ _READ_MODEL_QUERIES = {
 }
 
 
-def publish_landing_read_models(settings: Settings, topic: str) -> dict[str, int]:
+def publish_landing_read_models(
+    con: duckdb.DuckDBPyConnection, settings: Settings, topic: str
+) -> dict[str, int]:
     """Publish the topic's landing table, the offsets and the DLQ as Parquet read models."""
     table = LANDING_TABLES[topic]
     queries = {table: f"SELECT * FROM {table} ORDER BY kafka_partition, kafka_offset"}
     queries.update(_READ_MODEL_QUERIES)
-    counts = {}
-    with connect(settings.warehouse_path) as con:
-        ensure_schema(con)
-        for name, query in queries.items():
-            _, counts[name] = publish_read_model(con, settings.read_models_dir, name, query)
-    return counts
+    return {
+        name: publish_read_model(con, settings.read_models_dir, name, query)[1]
+        for name, query in queries.items()
+    }

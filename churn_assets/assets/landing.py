@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from churn_assets.landing import Lander, LandingReport, publish_landing_read_models
+from churn_assets.landing import Lander, LandingReport
 from churn_assets.resources import PlatformResource
 from churn_assets.schemas import DATA_TOPICS
 from churn_assets.warehouse import LANDING_TABLES
@@ -57,7 +57,7 @@ def _build_landing_asset(topic: str) -> dg.AssetsDefinition:
             )
 
         report = Lander(settings, topic, on_batch=progress).run()
-        counts = publish_landing_read_models(settings, topic)
+        counts = report.published
         context.log.info(
             f"{topic}: landed {report.rows_landed} rows, {report.dead_lettered} dead letters, "
             f"offsets {report.describe_ranges()}"

@@ -6,7 +6,7 @@ import time
 import duckdb
 import pytest
 
-from churn_assets.landing import Lander, publish_landing_read_models
+from churn_assets.landing import Lander
 from churn_assets.schemas import Topics
 from churn_assets.warehouse import load_read_model
 from tests.integration.landing_helpers import produce_customer_events
@@ -16,8 +16,7 @@ pytestmark = pytest.mark.integration
 
 def test_reader_never_meets_the_writer_lock(broker_settings, churn_cli):
     first = produce_customer_events(broker_settings, 2_000, seed=3)
-    Lander(broker_settings, Topics.CUSTOMERS).run()
-    publish_landing_read_models(broker_settings, Topics.CUSTOMERS)
+    Lander(broker_settings, Topics.CUSTOMERS).run()  # publishes the read models it landed
     produce_customer_events(broker_settings, 20_000, seed=4)
 
     # Small batches make the second drain take a while; it holds the DuckDB file throughout.

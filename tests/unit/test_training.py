@@ -161,3 +161,22 @@ def test_scoring_model_files_are_safe_formats(candidate):
     assert files["transformer.json"].startswith(b"{")
     again = ScoringModel.from_files(files)
     assert again.transformer == candidate.model.transformer
+
+
+def test_bounded_search_is_seeded_and_returns_the_best_trial(training_set, settings):
+    from churn_assets.features import FeatureTransformer
+    from churn_assets.training import XGBoostParams, search_xgboost, split_xy
+
+    transformer = FeatureTransformer.fit(training_set.part("train"))
+    x_train, y_train = split_xy(training_set, transformer, "train")
+    x_val, y_val = split_xy(training_set, transformer, "validation")
+    base = XGBoostParams(n_estimators=60, early_stopping_rounds=10)
+    best, trials = search_xgboost(
+        x_train, y_train, x_val, y_val, base, trials=3, seed=5, n_threads=2
+    )
+    again, trials_again = search_xgboost(
+        x_train, y_train, x_val, y_val, base, trials=3, seed=5, n_threads=2
+    )
+    assert len(trials) == 3 and trials == trials_again and best == again
+    top = max(trials, key=lambda t: t["validation_roc_auc"])
+    assert best.max_depth == top["max_depth"] and best.learning_rate == top["learning_rate"]
