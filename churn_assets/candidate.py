@@ -19,6 +19,7 @@ import pandas as pd
 from churn_assets.config import Settings
 from churn_assets.features import FeatureTransformer
 from churn_assets.model import ScoringModel, load_model
+from churn_assets.outliers import reference_files
 from churn_assets.registry import ModelRegistry, VersionNotFound
 from churn_assets.schemas import FEATURE_NAMES
 from churn_assets.simulator import true_churn_probability
@@ -111,7 +112,13 @@ def train_candidate(
         feature_names=transformer.feature_names_out,
     )
     baseline = train_baseline(x_train, y_train, seed=cfg.seed)
-    model = ScoringModel(booster=booster, transformer=transformer, baseline=baseline)
+    # The outlier detectors' reference (and monitoring's drift reference) ships with the model.
+    outlier_files = reference_files(
+        transformer, train, settings.monitoring.outlier_detection.contamination, cfg.seed
+    )
+    model = ScoringModel(
+        booster=booster, transformer=transformer, baseline=baseline, extra_files=outlier_files
+    )
 
     threshold = best_f1_threshold(y_val, predict_booster(booster, x_val))
     p_test = predict_booster(booster, x_test)

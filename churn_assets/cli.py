@@ -322,6 +322,42 @@ def status(ctx: click.Context) -> None:
         con.close()
 
 
+# -- serving -----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--http-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="REST port (default: serving.http_port).",
+)
+@click.option(
+    "--grpc-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="gRPC port (default: serving.grpc_port).",
+)
+@click.pass_context
+def serve(ctx: click.Context, http_port: int | None, grpc_port: int | None) -> None:
+    """Serve the registered models: V2 REST + gRPC (MLServer), router, explanations, metrics.
+
+    Admin endpoints need CHURN_ADMIN_TOKEN in the environment. Ctrl-C stops the server.
+    """
+    from churn_assets.config import load_settings
+    from serving.errors import ServingError
+    from serving.server import run
+
+    settings = _settings(ctx)
+    overrides = {k: v for k, v in {"http_port": http_port, "grpc_port": grpc_port}.items() if v}
+    if overrides:
+        settings = load_settings(ctx.obj["config_path"], serving=overrides)
+    try:
+        run(settings)
+    except ServingError as exc:
+        raise _fail(exc) from None
+
+
 # -- the whole platform ----------------------------------------------------------------------------
 
 
@@ -431,45 +467,80 @@ def _run_platform(
         ctx.invoke(models_list)
     if not serve:
         return
-    port = settings.dagster.webserver_port
-    click.echo(f"[5/5] Dagster UI on http://127.0.0.1:{port} (Ctrl-C stops the platform)")
-    process = subprocess.Popen(
-        [
-            dagster_bin,
-            "dev",
-            "-w",
-            str(REPO_ROOT / "workspace.yaml"),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ],
-        env=env,
-        cwd=REPO_ROOT,
-        start_new_session=True,
-    )
+    children: list[subprocess.Popen[bytes]] = []
     try:
-        _wait_for_interrupt_or_exit(process)
+        if train:
+            serving = settings.serving
+            children.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "churn_assets.cli", *_config_args(ctx), "serve"],
+                    env=env,
+                    cwd=REPO_ROOT,
+                    start_new_session=True,
+                )
+            )
+            click.echo(
+                f"[5/5] serving: http://{serving.host}:{serving.http_port} (REST, /docs) and "
+                f"{serving.host}:{serving.grpc_port} (gRPC)"
+            )
+        port = settings.dagster.webserver_port
+        children.append(
+            subprocess.Popen(
+                [
+                    dagster_bin,
+                    "dev",
+                    "-w",
+                    str(REPO_ROOT / "workspace.yaml"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                ],
+                env=env,
+                cwd=REPO_ROOT,
+                start_new_session=True,
+            )
+        )
+        click.echo(f"[5/5] Dagster UI on http://127.0.0.1:{port} (Ctrl-C stops the platform)")
+        _wait_for_interrupt_or_exit(children)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+        for child in children:
+            _stop_group(child)
 
 
-def _wait_for_interrupt_or_exit(process: subprocess.Popen[bytes]) -> None:
+def _config_args(ctx: click.Context) -> list[str]:
+    path = ctx.obj["config_path"]
+    return ["--config", str(Path(path).resolve())] if path is not None else []
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def _wait_for_interrupt_or_exit(processes: list[subprocess.Popen[bytes]]) -> None:
+    """Block until Ctrl-C/SIGTERM, or until one of ``processes`` exits on its own."""
+
     def _raise(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _raise)
     try:
-        while process.poll() is None:
+        while all(p.poll() is None for p in processes):
             time.sleep(0.5)
     except KeyboardInterrupt:
-        pass
+        return
+    exited = next(p for p in processes if p.poll() is not None)
+    raise click.ClickException(
+        f"{' '.join(map(str, exited.args[:4]))} exited with code {exited.returncode}; "
+        "stopping the platform"
+    )
 
 
 simulate_cmd = simulate

@@ -1,12 +1,14 @@
 """A scoring model as stored in the registry: XGBoost booster + feature transformer + baseline.
 
 Artefacts are safe formats only: the booster as XGBoost UBJSON, the transformer and the baseline
-as JSON. Loading goes through the registry, which verifies every file's SHA-256.
+as JSON. Any further artefacts (e.g. the outlier reference, ``reference.parquet`` and
+``outliers.json``) travel unchanged as ``extra_files``. Loading goes through the registry, which
+verifies every file's SHA-256.
 """
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,7 @@ from churn_assets.training import LogisticBaseline
 __all__ = [
     "BASELINE_FILE",
     "BOOSTER_FILE",
+    "KNOWN_FILES",
     "TRANSFORMER_FILE",
     "ScoringModel",
     "load_model",
@@ -28,6 +31,7 @@ __all__ = [
 BOOSTER_FILE = "model.ubj"
 TRANSFORMER_FILE = "transformer.json"
 BASELINE_FILE = "baseline.json"
+KNOWN_FILES = (BOOSTER_FILE, TRANSFORMER_FILE, BASELINE_FILE)
 
 
 @dataclass
@@ -36,6 +40,7 @@ class ScoringModel:
     transformer: FeatureTransformer
     baseline: LogisticBaseline | None = None
     version: str | None = None
+    extra_files: dict[str, bytes] = field(default_factory=dict)  # other artefacts, as bytes
 
     def predict_matrix(self, x: np.ndarray) -> np.ndarray:
         """Churn probabilities for an already transformed matrix (no DMatrix built)."""
@@ -57,6 +62,10 @@ class ScoringModel:
         }
         if self.baseline is not None:
             files[BASELINE_FILE] = json.dumps(self.baseline.to_dict(), allow_nan=False).encode()
+        clashes = sorted(set(self.extra_files) & set(KNOWN_FILES))
+        if clashes:
+            raise ValueError(f"extra_files must not use the reserved artefact names {clashes}")
+        files.update({name: bytes(data) for name, data in self.extra_files.items()})
         return files
 
     @classmethod
@@ -73,12 +82,12 @@ class ScoringModel:
             transformer=FeatureTransformer.from_json(files[TRANSFORMER_FILE]),
             baseline=baseline,
             version=version,
+            extra_files={n: bytes(d) for n, d in files.items() if n not in KNOWN_FILES},
         )
 
 
 def load_model(registry: ModelRegistry, ref: str) -> ScoringModel:
     """Load a registered version (``v3``, ``champion``, ``challenger``), verifying its hashes."""
     version = registry.get(ref)
-    names = [n for n in (BOOSTER_FILE, TRANSFORMER_FILE, BASELINE_FILE) if n in version.files]
-    files = {name: registry.read_file(version.version, name) for name in names}
+    files = {name: registry.read_file(version.version, name) for name in sorted(version.files)}
     return ScoringModel.from_files(files, version=version.version)

@@ -15,6 +15,7 @@ import pytest
 from churn_assets.broker import read_state
 from churn_assets.config import load_settings
 from churn_assets.registry import ModelRegistry
+from churn_assets.schemas import FEATURE_NAMES
 from churn_assets.warehouse import load_read_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -50,11 +51,13 @@ def graphql(port: int, query: str) -> dict:
 
 
 def test_up_runs_the_platform_and_ctrl_c_stops_everything(churn_cli, settings_path, tmp_path):
-    port = free_port()
+    port, http_port, grpc_port = free_port(), free_port(), free_port()
     marker = f"CHURN_TEST_RUN={tmp_path}\0"
     env = {
         **os.environ,
         "CHURN_DAGSTER__WEBSERVER_PORT": str(port),
+        "CHURN_SERVING__HTTP_PORT": str(http_port),
+        "CHURN_SERVING__GRPC_PORT": str(grpc_port),
         "CHURN_SIMULATOR__CUSTOMERS": "2000",
         "CHURN_SIMULATOR__DAYS": "90",
         "CHURN_TEST_RUN": str(tmp_path),
@@ -96,6 +99,25 @@ def test_up_runs_the_platform_and_ctrl_c_stops_everything(churn_cli, settings_pa
         assert {"name": "kafka_landing_sensor"} in sensors
         broker = read_state(settings.run_dir)
         assert broker is not None
+
+        record = customers.iloc[0][list(FEATURE_NAMES)].to_dict()
+        record = {k: (v.item() if hasattr(v, "item") else v) for k, v in record.items()}
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{http_port}/predict",
+                    data=json.dumps(record).encode(),
+                    headers={"Content-Type": "application/json"},
+                    method="POST",
+                )
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    prediction = json.load(response)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, log_path.read_text()[-4000:]
+                time.sleep(1)
+        assert prediction["model_version"] == "v1" and 0 <= prediction["probability"] <= 1
     finally:
         process.send_signal(signal.SIGINT)
         try:

@@ -157,7 +157,13 @@ def test_snapshot_plan_needs_enough_days():
 
 def test_scoring_model_files_are_safe_formats(candidate):
     files = candidate.model.to_files()
-    assert set(files) == {"model.ubj", "transformer.json", "baseline.json"}
+    assert set(files) == {
+        "model.ubj",
+        "transformer.json",
+        "baseline.json",
+        "reference.parquet",
+        "outliers.json",
+    }
     assert files["transformer.json"].startswith(b"{")
     again = ScoringModel.from_files(files)
     assert again.transformer == candidate.model.transformer

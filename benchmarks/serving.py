@@ -1,0 +1,460 @@
+"""Serving overhead: plain MLServer XGBoost runtime vs our router path, over REST and gRPC.
+
+    .venv/bin/python benchmarks/serving.py [--concurrency 8] [--seconds 10] [--warmup 2]
+
+One run trains a small registry (v1 champion, v2 challenger) in a temp dir, starts an embedded
+Kafka broker, and serves the SAME v1 booster two ways on this machine:
+
+- plain: ``mlserver start`` with MLServer's own ``mlserver_xgboost.XGBoostModel`` loading
+  ``v1/model.ubj``. Its input is the already-transformed float32 row (one FP32 tensor of shape
+  [1, n_features], made by our ``FeatureTransformer`` before the run), so it measures the bare
+  model behind MLServer only.
+- ours: the real ``churn serve`` process, model ``churn-router`` with the default strategy
+  (shadow: v1 answers, v2 is scored off the request path). Its input is one named tensor per
+  raw feature (``content_type: pd``), so it measures validation + transform + routing + scoring
+  + shadow scoring + mirroring to Kafka.
+
+Four cases run one after another: plain REST, ours REST, plain gRPC, ours gRPC. Each uses
+``--concurrency`` client threads (one keep-alive ``requests.Session`` or one gRPC channel per
+thread) sending single-record requests in a closed loop for ``--warmup`` seconds (discarded) and
+then ``--seconds`` seconds (measured). It prints requests, errors (non-200 / RpcError), req/s,
+p50 and p99 latency per case, then the ours/plain ratios per transport. The client threads share
+the machine's cores with the servers, so compare ratios, not absolute numbers across machines.
+"""
+
+import argparse
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+import requests  # noqa: E402
+from mlserver.grpc import dataplane_pb2 as pb  # noqa: E402
+from mlserver.grpc import dataplane_pb2_grpc  # noqa: E402
+
+from churn_assets.broker import EmbeddedBroker  # noqa: E402
+from churn_assets.config import load_settings  # noqa: E402
+from churn_assets.kafka import ensure_topics  # noqa: E402
+from churn_assets.model import BOOSTER_FILE, load_model  # noqa: E402
+from churn_assets.registry import ModelRegistry  # noqa: E402
+from churn_assets.schemas import FEATURE_NAMES  # noqa: E402
+from churn_assets.simulator import sample_customers  # noqa: E402
+from tests.conftest import write_config  # noqa: E402
+from tests.serving_fixtures import build_registry, free_port, start_server  # noqa: E402
+
+PLAIN_MODEL = "xgb-plain"
+OURS_MODEL = "churn-router"
+REQUEST_TIMEOUT_S = 30.0
+
+
+# --- request payloads (built once, before any timing) -----------------------------------------
+
+
+def customer_rows(n: int, seed: int = 11) -> list[dict[str, Any]]:
+    frame = sample_customers(n, seed=seed)
+    rows = frame[["customer_id", *FEATURE_NAMES]].to_dict("records")
+    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()} for row in rows]
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, str):
+        return "BYTES"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return "INT64"
+    return "FP64"
+
+
+def ours_rest_body(row: dict[str, Any]) -> bytes:
+    inputs = []
+    for name in ("customer_id", *FEATURE_NAMES):
+        value = row[name]
+        tensor: dict[str, Any] = {"name": name, "shape": [1], "datatype": _kind(value)}
+        tensor["data"] = [value]
+        if tensor["datatype"] == "BYTES":
+            tensor["parameters"] = {"content_type": "str"}
+        inputs.append(tensor)
+    return json.dumps({"inputs": inputs, "parameters": {"content_type": "pd"}}).encode()
+
+
+def ours_grpc_request(row: dict[str, Any]) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=OURS_MODEL)
+    request.parameters["content_type"].string_param = "pd"
+    for name in ("customer_id", *FEATURE_NAMES):
+        value = row[name]
+        tensor = request.inputs.add(name=name, shape=[1], datatype=_kind(value))
+        if tensor.datatype == "BYTES":
+            tensor.parameters["content_type"].string_param = "str"
+            tensor.contents.bytes_contents.append(value.encode())
+        elif tensor.datatype == "INT64":
+            tensor.contents.int64_contents.append(value)
+        else:
+            tensor.contents.fp64_contents.append(value)
+    return request
+
+
+def plain_rest_body(vector: np.ndarray) -> bytes:
+    tensor = {
+        "name": "input-0",
+        "shape": [1, len(vector)],
+        "datatype": "FP32",
+        "data": [float(v) for v in vector],
+    }
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
+def plain_grpc_request(vector: np.ndarray) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=PLAIN_MODEL)
+    tensor = request.inputs.add(name="input-0", shape=[1, len(vector)], datatype="FP32")
+    tensor.contents.fp32_contents.extend(float(v) for v in vector)
+    return request
+
+
+# --- servers --------------------------------------------------------------------------------
+
+
+@dataclass
+class PlainServer:
+    process: subprocess.Popen
+    http: str
+    grpc: str
+    log: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+def start_plain(model_file: Path, root: Path, timeout_s: float = 90) -> PlainServer:
+    """``mlserver start`` on a model dir holding ``model_file`` and MLServer's XGBoost runtime."""
+    model_dir = root / PLAIN_MODEL
+    model_dir.mkdir(parents=True)
+    shutil.copyfile(model_file, model_dir / "model.ubj")  # a well-known name in mlserver-xgboost
+    (model_dir / "model-settings.json").write_text(
+        json.dumps(
+            {
+                "name": PLAIN_MODEL,
+                "implementation": "mlserver_xgboost.XGBoostModel",
+                "parameters": {"uri": "./model.ubj"},
+            }
+        )
+    )
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    (root / "settings.json").write_text(
+        json.dumps(
+            {
+                "host": "127.0.0.1",
+                "http_port": http_port,
+                "grpc_port": grpc_port,
+                "metrics_port": metrics_port,
+                "parallel_workers": 0,
+                # MLServer defaults to debug=True (an access-log line per request); our server
+                # runs with debug=False, so the baseline does too.
+                "debug": False,
+            }
+        )
+    )
+    log = root / "mlserver.log"
+    mlserver_bin = Path(sys.executable).parent / "mlserver"
+    with log.open("a") as handle:
+        process = subprocess.Popen(
+            [str(mlserver_bin), "start", str(root)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=root,
+        )
+    server = PlainServer(process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"mlserver exited early:\n{log.read_text()[-4000:]}")
+        try:
+            url = f"{server.http}/v2/models/{PLAIN_MODEL}/ready"
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.3)
+    server.stop()
+    raise RuntimeError(f"mlserver not ready in {timeout_s}s:\n{log.read_text()[-4000:]}")
+
+
+# --- load generator -------------------------------------------------------------------------
+
+
+@dataclass
+class CaseResult:
+    name: str
+    latencies_s: list[float] = field(default_factory=list)
+    errors: int = 0
+    first_error: str | None = None
+    elapsed_s: float = 0.0
+
+    @property
+    def requests(self) -> int:
+        return len(self.latencies_s) + self.errors
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies_s) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def percentile_ms(self, q: float) -> float:
+        if not self.latencies_s:
+            return float("nan")
+        return float(np.percentile(np.asarray(self.latencies_s), q)) * 1000
+
+
+# A worker's sender: called with a payload index, returns None on success or an error text.
+Sender = Callable[[int], str | None]
+
+
+def rest_sender(url: str, bodies: list[bytes]) -> Callable[[], tuple[Sender, Callable]]:
+    def make() -> tuple[Sender, Callable]:
+        session = requests.Session()
+        headers = {"Content-Type": "application/json"}
+
+        def send(i: int) -> str | None:
+            try:
+                response = session.post(
+                    url, data=bodies[i], headers=headers, timeout=REQUEST_TIMEOUT_S
+                )
+            except requests.RequestException as exc:
+                return f"{type(exc).__name__}: {exc}"
+            if response.status_code != 200:
+                return f"HTTP {response.status_code}: {response.text[:300]}"
+            return None
+
+        return send, session.close
+
+    return make
+
+
+def grpc_sender(
+    address: str, messages: list[pb.ModelInferRequest]
+) -> Callable[[], tuple[Sender, Callable]]:
+    def make() -> tuple[Sender, Callable]:
+        channel = grpc.insecure_channel(address)
+        stub = dataplane_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+        def send(i: int) -> str | None:
+            try:
+                stub.ModelInfer(messages[i], timeout=REQUEST_TIMEOUT_S)
+            except grpc.RpcError as exc:
+                return f"{exc.code()}: {exc.details()}"
+            return None
+
+        return send, channel.close
+
+    return make
+
+
+def run_case(
+    name: str,
+    make_sender: Callable[[], tuple[Sender, Callable]],
+    n_payloads: int,
+    concurrency: int,
+    warmup_s: float,
+    seconds: float,
+) -> CaseResult:
+    """Closed loop: each thread sends, waits for the answer, sends the next one."""
+    result = CaseResult(name)
+    lock = threading.Lock()
+    ready = threading.Barrier(concurrency + 1)
+    times: dict[str, float] = {}
+    last_finish = [0.0]
+
+    def worker(index: int) -> None:
+        try:
+            send, close = make_sender()
+        except Exception as exc:
+            with lock:
+                result.first_error = result.first_error or f"client setup: {exc!r}"
+            ready.abort()
+            return
+        latencies: list[float] = []
+        errors = 0
+        first_error: str | None = None
+        finish = 0.0
+        i = index * 7919  # each thread walks the payloads from a different place
+        try:
+            ready.wait()
+            measure_from, measure_to = times["measure_from"], times["measure_to"]
+            while True:
+                started = time.perf_counter()
+                if started >= measure_to:
+                    break
+                error = send(i % n_payloads)
+                ended = time.perf_counter()
+                i += 1
+                if started < measure_from:
+                    continue  # warm-up
+                finish = max(finish, ended)
+                if error is None:
+                    latencies.append(ended - started)
+                else:
+                    errors += 1
+                    first_error = first_error or error
+        finally:
+            close()
+            with lock:
+                result.latencies_s.extend(latencies)
+                result.errors += errors
+                result.first_error = result.first_error or first_error
+                last_finish[0] = max(last_finish[0], finish)
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    now = time.perf_counter()
+    times["measure_from"] = now + warmup_s
+    times["measure_to"] = now + warmup_s + seconds
+    try:
+        ready.wait()
+    except threading.BrokenBarrierError:
+        raise RuntimeError(f"{name}: a client could not start: {result.first_error}") from None
+    for thread in threads:
+        thread.join(timeout=warmup_s + seconds + REQUEST_TIMEOUT_S + 10)
+    result.elapsed_s = max(last_finish[0] - times["measure_from"], 0.0)
+    return result
+
+
+# --- sanity check and report ----------------------------------------------------------------
+
+
+def check_same_model(plain: PlainServer, ours: Any, vector: np.ndarray, row: dict) -> str:
+    """Both servers answer one row; the probabilities must agree (same booster)."""
+    plain_reply = requests.post(
+        f"{plain.http}/v2/models/{PLAIN_MODEL}/infer", data=plain_rest_body(vector), timeout=30
+    )
+    ours_reply = requests.post(
+        f"{ours.http}/v2/models/{OURS_MODEL}/infer", data=ours_rest_body(row), timeout=30
+    )
+    if plain_reply.status_code != 200 or ours_reply.status_code != 200:
+        raise RuntimeError(
+            f"sanity request failed: plain {plain_reply.status_code} {plain_reply.text[:300]} / "
+            f"ours {ours_reply.status_code} {ours_reply.text[:300]}"
+        )
+    plain_p = float(plain_reply.json()["outputs"][0]["data"][0])
+    outputs = {o["name"]: o["data"] for o in ours_reply.json()["outputs"]}
+    ours_p = float(outputs["probability"][0])
+    version = outputs.get("model_version", ["?"])[0]
+    agree = "agree" if abs(plain_p - ours_p) < 1e-5 else "DISAGREE"
+    return f"sanity: plain p={plain_p:.6f}, ours p={ours_p:.6f} (answered by {version}): {agree}"
+
+
+def print_report(results: dict[str, CaseResult]) -> None:
+    print(f"{'case':<12}{'requests':>10}{'errors':>8}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+    for result in results.values():
+        print(
+            f"{result.name:<12}{result.requests:>10}{result.errors:>8}"
+            f"{result.throughput:>10.1f}{result.percentile_ms(50):>10.2f}"
+            f"{result.percentile_ms(99):>10.2f}"
+        )
+    print()
+    print(f"{'ours/plain':<12}{'req/s':>10}{'p50':>10}{'p99':>10}")
+    for transport in ("REST", "gRPC"):
+        plain, ours = results[f"plain {transport}"], results[f"ours {transport}"]
+
+        def ratio(a: float, b: float) -> str:
+            return f"{a / b:>10.2f}" if b and np.isfinite(a) and np.isfinite(b) else f"{'n/a':>10}"
+
+        print(
+            f"{transport:<12}{ratio(ours.throughput, plain.throughput)}"
+            f"{ratio(ours.percentile_ms(50), plain.percentile_ms(50))}"
+            f"{ratio(ours.percentile_ms(99), plain.percentile_ms(99))}"
+        )
+    for result in results.values():
+        if result.errors:
+            print(f"ERRORS in {result.name}: {result.errors}, first: {result.first_error}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--concurrency", type=int, default=8, help="client threads (default 8)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured s per case")
+    parser.add_argument("--warmup", type=float, default=2.0, help="discarded s per case")
+    parser.add_argument("--rows", type=int, default=500, help="distinct customers to cycle")
+    args = parser.parse_args()
+    if args.concurrency < 1 or args.seconds <= 0 or args.warmup < 0 or args.rows < 1:
+        parser.error("--concurrency and --rows must be >= 1, --seconds > 0, --warmup >= 0")
+
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        root = Path(tmp)
+        config_path = write_config(root)
+        settings = load_settings(config_path)
+        print("training the registry (v1 champion, v2 challenger)...", flush=True)
+        build_registry(settings.registry_dir)
+        v1 = load_model(ModelRegistry(settings.registry_dir), "v1")
+        rows = customer_rows(args.rows)
+        matrix = v1.transformer.transform_records(rows)  # float32, one row per customer
+        plain_bodies = [plain_rest_body(v) for v in matrix]
+        plain_messages = [plain_grpc_request(v) for v in matrix]
+        ours_bodies = [ours_rest_body(r) for r in rows]
+        ours_messages = [ours_grpc_request(r) for r in rows]
+
+        broker = EmbeddedBroker(settings.run_dir)
+        ours = plain = None
+        try:
+            broker.start()
+            ensure_topics(settings)
+            ours = start_server(config_path, root / "serve.log")
+            plain = start_plain(
+                settings.registry_dir / "v1" / BOOSTER_FILE, root / "mlserver-plain"
+            )
+            print(
+                f"\nSame v1 booster ({matrix.shape[1]} model columns), single-record requests, "
+                f"{args.concurrency} threads, {args.warmup:g} s warm-up + {args.seconds:g} s "
+                "per case, client on the same machine.\n"
+                "  plain = MLServer XGBoostModel, input = pre-transformed FP32 row "
+                "(bare model only)\n"
+                "  ours  = churn-router, router strategy shadow: named raw features -> "
+                "validation + transform + route + v1 score + v2 shadow score + Kafka mirror"
+            )
+            print(check_same_model(plain, ours, matrix[0], rows[0]) + "\n", flush=True)
+
+            cases = {
+                "plain REST": rest_sender(
+                    f"{plain.http}/v2/models/{PLAIN_MODEL}/infer", plain_bodies
+                ),
+                "ours REST": rest_sender(f"{ours.http}/v2/models/{OURS_MODEL}/infer", ours_bodies),
+                "plain gRPC": grpc_sender(plain.grpc, plain_messages),
+                "ours gRPC": grpc_sender(ours.grpc, ours_messages),
+            }
+            results = {}
+            for name, make_sender in cases.items():
+                results[name] = run_case(
+                    name, make_sender, len(rows), args.concurrency, args.warmup, args.seconds
+                )
+            print_report(results)
+            for name, server in (("ours", ours), ("plain", plain)):
+                if server.process.poll() is not None:
+                    print(f"WARNING: {name} server exited during the run; log: {server.log}")
+        finally:
+            if plain is not None:
+                plain.stop()
+            if ours is not None:
+                ours.stop()
+            broker.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Router policy: pure strategies (request + policy -> primary target, shadow targets) and the
+persistent router state with its audit log.
+
+Strategies:
+
+* ``shadow``: the champion answers; the challenger is scored off the request path and never
+  touches the response.
+* ``canary``: a sticky share of customers (``canary_weight``) is answered by the challenger; the
+  split hashes ``customer_id`` with a fixed salt, so one customer always meets the same version.
+* ``blue_green``: all traffic goes to the champion ("blue"); switching promotes the challenger
+  ("green") instantly, and rollback switches back.
+"""
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "STRATEGIES",
+    "Route",
+    "RouterError",
+    "RouterState",
+    "RouterStore",
+    "route",
+    "bucket",
+]
+
+Strategy = Literal["shadow", "canary", "blue_green"]
+STRATEGIES: tuple[str, ...] = ("shadow", "canary", "blue_green")
+HASH_SALT = "churn-router-v1"
+
+
+class RouterError(ValueError):
+    """An impossible router change (unknown strategy, no challenger to promote, ...)."""
+
+
+@dataclass(frozen=True)
+class RouterState:
+    strategy: str
+    champion: str
+    challenger: str | None = None
+    canary_weight: float = 0.1
+    previous_champions: tuple[str, ...] = ()
+    updated_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    def validate(self) -> "RouterState":
+        if self.strategy not in STRATEGIES:
+            raise RouterError(f"strategy {self.strategy!r} is not one of {STRATEGIES}")
+        if not 0.0 <= self.canary_weight <= 1.0:
+            raise RouterError(f"canary_weight {self.canary_weight} is outside [0, 1]")
+        if self.challenger == self.champion:
+            raise RouterError(f"{self.champion} cannot be champion and challenger at once")
+        return self
+
+    def weights(self) -> dict[str, float]:
+        """Share of primary traffic per version."""
+        if self.strategy == "canary" and self.challenger:
+            return {self.champion: 1.0 - self.canary_weight, self.challenger: self.canary_weight}
+        return {self.champion: 1.0}
+
+
+@dataclass(frozen=True)
+class Route:
+    primary: str
+    arm: Literal["primary", "canary"]
+    shadows: tuple[str, ...] = ()
+
+
+def bucket(customer_id: str) -> float:
+    """A stable number in [0, 1) for a customer (salted SHA-256, not Python's hash())."""
+    digest = hashlib.sha256(f"{HASH_SALT}:{customer_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def route(state: RouterState, customer_id: str) -> Route:
+    """Where one request goes. Pure: the same state and customer give the same route."""
+    if state.strategy == "shadow" and state.challenger:
+        return Route(primary=state.champion, arm="primary", shadows=(state.challenger,))
+    if state.strategy == "canary" and state.challenger:
+        if bucket(customer_id) < state.canary_weight:
+            return Route(primary=state.challenger, arm="canary")
+        return Route(primary=state.champion, arm="primary")
+    return Route(primary=state.champion, arm="primary")
+
+
+class RouterStore:
+    """Router state persisted as JSON (atomic replace) plus an append-only audit log (JSONL)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.state_path = directory / "router_state.json"
+        self.audit_path = directory / "router_audit.jsonl"
+        self._lock = threading.Lock()
+
+    def load(self) -> RouterState | None:
+        if not self.state_path.is_file():
+            return None
+        try:
+            data = json.loads(self.state_path.read_text())
+            data["previous_champions"] = tuple(data.get("previous_champions", ()))
+            return RouterState(**data).validate()
+        except (ValueError, TypeError) as exc:
+            raise RouterError(f"router state {self.state_path} is corrupt: {exc}") from exc
+
+    def save(self, state: RouterState, *, action: str, actor: str, detail: dict[str, Any]):
+        state = replace(state, updated_at=datetime.now(UTC).isoformat()).validate()
+        with self._lock:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_path.with_suffix(f".{os.getpid()}.tmp")
+            payload = asdict(state)
+            payload["previous_champions"] = list(state.previous_champions)
+            tmp.write_text(json.dumps(payload, indent=1))
+            os.replace(tmp, self.state_path)
+            entry = {
+                "at": state.updated_at,
+                "action": action,
+                "actor": actor,
+                **detail,
+                "state": payload,
+            }
+            with self.audit_path.open("a") as audit:
+                audit.write(json.dumps(entry) + "\n")
+        return state
+
+    def audit(self) -> list[dict[str, Any]]:
+        if not self.audit_path.is_file():
+            return []
+        return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line]
+
+
+def promote(state: RouterState) -> RouterState:
+    """The challenger becomes champion (blue-green switch / end of a canary)."""
+    if not state.challenger:
+        raise RouterError("there is no challenger to promote")
+    return replace(
+        state,
+        champion=state.challenger,
+        challenger=None,
+        previous_champions=(*state.previous_champions, state.champion),
+    )
+
+
+def rollback(state: RouterState) -> RouterState:
+    """Undo the last promotion, or stop a running canary.
+
+    After a promotion: the previous champion answers again and the demoted version stays loaded
+    as the challenger. Traffic never goes to the demoted version: a canary becomes a shadow.
+    """
+    if state.previous_champions:
+        previous = state.previous_champions[-1]
+        return replace(
+            state,
+            champion=previous,
+            challenger=state.champion,
+            previous_champions=state.previous_champions[:-1],
+            strategy="shadow" if state.strategy == "canary" else state.strategy,
+        )
+    if state.strategy == "canary" and state.challenger:
+        return replace(state, strategy="shadow")
+    raise RouterError("there is no previous champion to roll back to and no canary to stop")
+
+
+__all__ += ["promote", "rollback"]

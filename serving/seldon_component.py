@@ -1,0 +1,78 @@
+"""The churn model as a Seldon Core v1 Python-wrapper component.
+
+    seldon-core-microservice serving.seldon_component.ChurnSeldonModel --service-type MODEL \
+        --parameters '[{"name": "version", "value": "champion", "type": "STRING"}]'
+
+Seldon passes ``--parameters`` as keyword arguments. Input: an ndarray (or a list of rows) with
+the eight features in ``features_names`` order (names required), validated like every other path.
+Output: the churn probability per row. The model is loaded from the registry with its hashes
+verified; nothing is unpickled.
+"""
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from churn_assets.config import load_settings
+from churn_assets.model import load_model
+from churn_assets.registry import ModelRegistry
+from churn_assets.schemas import FEATURE_NAMES
+from serving.errors import InvalidInput
+from serving.plane import validate_records
+
+__all__ = ["ChurnSeldonModel"]
+
+log = logging.getLogger(__name__)
+
+
+class ChurnSeldonModel:
+    """Seldon v1 ``MODEL`` component scoring with one registered version."""
+
+    def __init__(self, version: str = "champion", config_path: str = "") -> None:
+        self.version = version
+        self.config_path = config_path
+        self.model: Any = None
+
+    def load(self) -> None:
+        """Called by Seldon in each worker process after it forks: loading here keeps XGBoost's
+        thread pool out of the parent, where a fork would deadlock it."""
+        settings = load_settings(self.config_path or None)
+        self.model = load_model(ModelRegistry(settings.registry_dir), self.version)
+        log.info("Seldon component serving %s", self.model.version)
+
+    def predict(self, X: Any, features_names: list[str] | None = None, **_: Any) -> np.ndarray:  # noqa: N803 - Seldon's signature
+        if self.model is None:
+            self.load()
+        names = list(features_names or [])
+        rows = np.asarray(X, dtype=object)
+        if rows.ndim != 2:
+            raise InvalidInput([{"loc": ["data"], "msg": "expected a 2-D array of rows"}])
+        if sorted(names) != sorted(FEATURE_NAMES):
+            raise InvalidInput(
+                [{"loc": ["names"], "msg": f"names must be the eight features {FEATURE_NAMES}"}]
+            )
+        records = [
+            {
+                name: (value.item() if isinstance(value, np.generic) else value)
+                for name, value in zip(names, row, strict=True)
+            }
+            for row in rows
+        ]
+        try:
+            valid = validate_records(records)
+        except InvalidInput as exc:
+            # Inside seldon-core-microservice, this exception becomes an HTTP 400 reply.
+            from seldon_core.flask_utils import SeldonMicroserviceException
+
+            raise SeldonMicroserviceException(
+                str(exc), status_code=400, reason="BAD_INPUT"
+            ) from exc
+        features = [r.model_dump(include=set(FEATURE_NAMES)) for r in valid]
+        return self.model.predict_records(features).reshape(-1, 1)
+
+    def class_names(self) -> list[str]:
+        return ["churn_probability"]
+
+    def tags(self) -> dict[str, Any]:
+        return {"model_version": self.model.version if self.model is not None else None}
