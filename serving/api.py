@@ -83,13 +83,21 @@ def create_router(
         rows = [r.model_dump(exclude_none=True) for r in body.instances]
         return {"predictions": [p.as_dict() for p in plane.predict(rows)]}
 
-    @router.post("/explain", tags=["inference"], summary="Top SHAP contributions")
+    @router.post(
+        "/explain",
+        tags=["inference"],
+        summary="Top SHAP contributions, or an Alibi anchor rule with method=anchors",
+    )
     async def explain(
         body: PredictRequest,
+        method: Literal["shap", "anchors"] = "shap",
         top_k: Annotated[int, Query(ge=1, le=11)] = 5,
         version: Annotated[str | None, Query(pattern=r"^v[0-9]+$")] = None,
     ) -> dict[str, Any]:
-        return plane.explain(body.model_dump(exclude_none=True), version=version, top_k=top_k)
+        row = body.model_dump(exclude_none=True)
+        if method == "anchors":
+            return await plane.explain_anchors(row, version=version)
+        return plane.explain(row, version=version, top_k=top_k)
 
     @router.post("/feedback", tags=["inference"], summary="Report a ground-truth outcome")
     async def feedback(body: FeedbackRequest) -> dict[str, Any]:

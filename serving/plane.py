@@ -130,6 +130,7 @@ class ServingPlane:
         self._shadow_pairs: deque[dict[str, Any]] = deque(maxlen=20_000)
         self._latencies: dict[tuple[str, str], deque[float]] = {}
         self._counts: dict[tuple[str, str, str], int] = {}
+        self._anchors: Any | None = None
         self.state = self._initial_state()
         self._publish_weights()
 
@@ -355,6 +356,29 @@ class ServingPlane:
         )[0]
         return {**explanation.as_dict(top_k), "model_version": target, "method": "shap"}
 
+    async def explain_anchors(
+        self, row: Mapping[str, Any], *, version: str | None = None
+    ) -> dict[str, Any]:
+        """Alibi AnchorTabular rule for the record, computed in a separate process."""
+        from churn_assets.outliers import REFERENCE_FILE
+
+        request = validate_records([row])[0]
+        target = version or route(self.state, request.customer_id or uuid.uuid4().hex).primary
+        loaded = self._get(target)
+        files = loaded.model.to_files()
+        if REFERENCE_FILE not in files:
+            raise ServingError(f"{target} has no reference sample to fit anchors on", 409)
+        if self._anchors is None:
+            from serving.anchors import AnchorService
+
+            self._anchors = AnchorService(seed=self.settings.training.seed)
+        return await self._anchors.explain(
+            target,
+            files,
+            request.model_dump(include=set(FEATURE_NAMES)),
+            decision=loaded.threshold,
+        )
+
     # -- administration -------------------------------------------------------------------------
     def _change(self, new_state: RouterState, action: str, actor: str, **detail: Any):
         for version in (new_state.champion, new_state.challenger):
@@ -467,6 +491,8 @@ class ServingPlane:
 
     def close(self) -> None:
         self._shadow_pool.shutdown(wait=True)
+        if self._anchors is not None:
+            self._anchors.close()
         if self.mirror is not None:
             self.mirror.close()
 

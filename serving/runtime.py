@@ -126,7 +126,8 @@ class VersionRuntime(MLModel):
 
 
 class ExplainerRuntime(MLModel):
-    """SHAP explanation of one record per request, as a JSON string output."""
+    """SHAP (default) or, with request ``parameters.method = "anchors"``, Alibi anchor
+    explanations, one JSON string output per record."""
 
     async def load(self) -> bool:
         _plane()
@@ -134,8 +135,17 @@ class ExplainerRuntime(MLModel):
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         plane = _plane()
+        method = getattr(payload.parameters, "method", None) if payload.parameters else None
+        if method not in (None, "shap", "anchors"):
+            raise MLServerError(
+                f"parameters.method must be 'shap' or 'anchors', not {method!r}", 422
+            )
         try:
-            explanations = [plane.explain(row) for row in records_from_request(payload)]
+            rows = records_from_request(payload)
+            if method == "anchors":
+                explanations = [await plane.explain_anchors(row) for row in rows]
+            else:
+                explanations = [plane.explain(row) for row in rows]
         except ServingError as exc:
             raise _fail(exc) from None
         return InferenceResponse(

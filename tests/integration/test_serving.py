@@ -308,3 +308,32 @@ def test_predictions_succeed_with_the_broker_stopped_and_drops_are_counted(serve
             break
         time.sleep(1)
     assert dropped >= 40  # 20 primary + 20 shadow events could not be delivered
+
+
+def test_anchor_explanations_run_off_the_serving_process(server):
+    row = customers(1, seed=9)[0]
+    status, body = call("POST", f"{server.http}/explain?method=anchors", row)
+    assert status == 200, body
+    assert body["method"] == "anchors" and body["model_version"] == "v1"
+    assert body["anchor"] and all(isinstance(rule, str) for rule in body["anchor"])
+    assert 0 < body["coverage"] <= 1 and 0 < body["precision"] <= 1
+
+    request = {
+        "inputs": [
+            {
+                "name": "records",
+                "shape": [1],
+                "datatype": "BYTES",
+                "data": [json.dumps(row)],
+                "parameters": {"content_type": "str"},
+            }
+        ],
+        "parameters": {"method": "anchors"},
+    }
+    status, reply = call("POST", f"{server.http}/v2/models/churn-explainer/infer", request)
+    assert status == 200, reply
+    assert json.loads(output(reply, "explanation")[0])["anchor"] == body["anchor"]
+
+    # TensorFlow (imported by Alibi) stays in the worker process, never in the server.
+    with open(f"/proc/{server.process.pid}/maps") as maps:
+        assert "tensorflow" not in maps.read()

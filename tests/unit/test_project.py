@@ -62,3 +62,15 @@ def test_core_modules_do_not_import_dagster():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_serving_path_never_imports_tensorflow():
+    code = (
+        "import sys\n"
+        "import serving.server, serving.plane, serving.runtime, churn_assets.explain\n"
+        "bad = [m for m in ('tensorflow', 'alibi', 'alibi_detect', 'seldon_core', 'dagster')"
+        " if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
