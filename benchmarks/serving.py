@@ -416,9 +416,17 @@ def main() -> None:
         try:
             broker.start()
             ensure_topics(settings)
+            started = time.perf_counter()
             ours = start_server(config_path, root / "serve.log")
+            ours_cold_s = time.perf_counter() - started
+            started = time.perf_counter()
             plain = start_plain(
                 settings.registry_dir / "v1" / BOOSTER_FILE, root / "mlserver-plain"
+            )
+            plain_cold_s = time.perf_counter() - started
+            print(
+                f"cold start to ready: ours {ours_cold_s:.1f} s (all versions, router, "
+                f"explainer), plain {plain_cold_s:.1f} s"
             )
             print(
                 f"\nSame v1 booster ({matrix.shape[1]} model columns), single-record requests, "

@@ -97,6 +97,32 @@ class ServingMetrics:
             ["reason"],
             registry=self.registry,
         )
+        # Monitoring figures, set from the monitoring read models that Dagster publishes.
+        self.drift_p_value = Gauge(
+            "drift_p_value",
+            "Latest corrected drift p-value per feature (and 'prediction' for score drift).",
+            ["feature"],
+            registry=self.registry,
+        )
+        self.drift_flag = Gauge(
+            "drift_flag",
+            "1 when the latest drift report flags the feature, else 0.",
+            ["feature"],
+            registry=self.registry,
+        )
+        self.outlier_rate = Gauge(
+            "outlier_rate",
+            "Share of live rows flagged as outliers in the latest outlier report, by detector.",
+            ["detector"],
+            registry=self.registry,
+        )
+        self.model_roc_auc = Gauge(
+            "model_roc_auc",
+            "Live ROC-AUC per model version and arm; kind is 'realised' (labelled rows) or "
+            "'estimated' (label-free, from calibrated probabilities).",
+            ["version", "arm", "kind"],
+            registry=self.registry,
+        )
         # Known label values start at zero, so rate() and alerts see the series before a drop.
         for outcome in ("delivered", "dropped"):
             self.mirror_events_total.labels(outcome=outcome)
