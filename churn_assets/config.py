@@ -45,6 +45,8 @@ class RouterSettings(_Section):
 class DriftDetectionSettings(_Section):
     enabled: bool = True
     threshold: float = Field(0.05, gt=0.0, lt=1.0)
+    correction: Literal["fdr", "bonferroni"] = "fdr"
+    mmd_sample: int = Field(1000, ge=50, le=5000)
 
 
 class OutlierDetectionSettings(_Section):
@@ -55,6 +57,8 @@ class OutlierDetectionSettings(_Section):
 class MonitoringSettings(_Section):
     drift_detection: DriftDetectionSettings = DriftDetectionSettings()
     outlier_detection: OutlierDetectionSettings = OutlierDetectionSettings()
+    live_window_days: float = Field(1.0, gt=0, le=365)
+    min_labelled_rows: int = Field(200, ge=1)
 
 
 class RetrainingSettings(_Section):

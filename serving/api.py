@@ -167,6 +167,7 @@ def create_router(
 
     @router.get("/metrics", tags=["monitoring"], summary="Prometheus metrics")
     async def metrics() -> Response:
+        plane.monitoring.refresh()
         body, content_type = plane.metrics.render()
         return Response(content=body, media_type=content_type)
 

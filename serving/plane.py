@@ -131,6 +131,9 @@ class ServingPlane:
         self._latencies: dict[tuple[str, str], deque[float]] = {}
         self._counts: dict[tuple[str, str, str], int] = {}
         self._anchors: Any | None = None
+        from serving.monitoring import MonitoringFeed
+
+        self.monitoring = MonitoringFeed(settings.read_models_dir, self.metrics)
         self.state = self._initial_state()
         self._publish_weights()
 
