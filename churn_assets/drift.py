@@ -1,0 +1,493 @@
+"""Data and prediction drift between a reference window and a live window.
+
+:func:`drift_report` compares the eight model features of two windows with alibi-detect:
+
+* numeric features: a two-sample Kolmogorov-Smirnov test each (``KSDrift``);
+* categorical features: a chi-squared test of the category counts each (``ChiSquareDrift``), on
+  integer codes from a fixed mapping (the schema's values, plus one code for any unseen value);
+* model scores, when both windows' scores are given: a KS test (prediction drift);
+* the joint distribution: a maximum mean discrepancy permutation test (``MMDDrift``, TensorFlow
+  backend) on a bounded, seeded sample of each window, because MMD costs grow with the square
+  of the sample (1k vs 1k rows take about 2 s, 5k vs 5k about 70 s).
+
+The univariate p-values are corrected together (features and prediction) for multiple testing,
+Benjamini-Hochberg by default. A test is flagged only when its corrected p-value is below the
+threshold *and* its effect size reaches a floor (by default 0.1 for the KS statistic of numeric
+features and scores, and for the total variation distance of categorical features' shares), so
+that very large windows, where any trivial difference is significant, do not alarm on it.
+
+This module is Dagster-free and the only one besides tests and benchmarks that imports
+alibi-detect (and with it TensorFlow); it does so lazily, so importing it stays cheap.
+"""
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from churn_assets.schemas import (
+    CATEGORICAL_FEATURES,
+    CONTRACT_TYPES,
+    FEATURE_NAMES,
+    INTERNET_SERVICES,
+    NUMERIC_FEATURES,
+    PAYMENT_METHODS,
+)
+
+__all__ = [
+    "CATEGORY_VALUES",
+    "CORRECTIONS",
+    "DEFAULT_MIN_EFFECT",
+    "MMD_MIN_ROWS",
+    "MMD_PERMUTATIONS",
+    "PREDICTION",
+    "DriftReport",
+    "FeatureDrift",
+    "adjust_p_values",
+    "drift_report",
+]
+
+log = logging.getLogger(__name__)
+
+PREDICTION = "prediction"
+CORRECTIONS = ("fdr", "bonferroni")
+CATEGORY_VALUES: dict[str, tuple[str, ...]] = {
+    "contract_type": CONTRACT_TYPES,
+    "payment_method": PAYMENT_METHODS,
+    "internet_service": INTERNET_SERVICES,
+}
+# The KS statistic (largest CDF gap) and the total variation distance (largest gap in the share of
+# any set of categories) both measure the largest share of the population that moved, so one floor
+# fits both. 0.05 for categories is too low for a shrinking customer base: churn alone moves the
+# simulator's contract mix by 0.06-0.08 between a 30-day reference and a window a week later.
+DEFAULT_MIN_EFFECT = {"numeric": 0.1, "categorical": 0.1, "score": 0.1}
+MMD_PERMUTATIONS = 100
+# Below this many rows per window a permutation test has too little resolution to mean anything.
+MMD_MIN_ROWS = 30
+
+_EFFECT_METRICS = {
+    "numeric": "ks_statistic",
+    "categorical": "total_variation",
+    "score": "ks_statistic",
+}
+
+
+class _Transformer(Protocol):
+    def transform(self, frame: pd.DataFrame) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class FeatureDrift:
+    """One univariate drift test (a feature, or the model scores as ``prediction``).
+
+    ``kind`` is ``numeric`` or ``categorical`` for features and ``score`` for the prediction;
+    ``detector`` is ``ks`` or ``chi2``; ``statistic`` is the KS statistic or the chi-squared
+    statistic; ``effect_size`` is measured by ``effect_metric`` (``ks_statistic`` or
+    ``total_variation``); ``drift`` is true when the corrected p-value is below the report's
+    threshold and the effect size reaches ``min_effect``, the floor that applied.
+    """
+
+    feature: str
+    kind: str
+    detector: str
+    statistic: float
+    p_value: float
+    p_value_corrected: float
+    effect_size: float
+    effect_metric: str
+    drift: bool
+    min_effect: float
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    """The outcome of :func:`drift_report` for one reference window and one live window.
+
+    ``multivariate`` holds the MMD result (``detector``, ``p_value``, ``distance`` (MMD²),
+    ``distance_threshold``, ``sample_rows`` (rows drawn from each window), ``n_permutations``,
+    ``drift``) or ``{"skipped": reason}``. ``drift`` is true when any feature, the prediction or
+    the multivariate test is flagged; ``drifted_features`` lists the flagged features only.
+    """
+
+    reference_rows: int
+    live_rows: int
+    threshold: float
+    correction: str
+    features: list[FeatureDrift]
+    multivariate: dict[str, Any]
+    prediction: FeatureDrift | None
+    drifted_features: list[str]
+    drift: bool
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per feature, plus a ``prediction`` row when scores were compared."""
+        tests = [*self.features, *([self.prediction] if self.prediction is not None else [])]
+        return pd.DataFrame([asdict(test) for test in tests])
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the whole report (plain Python scalars, lists and dicts)."""
+        return asdict(self)
+
+
+def adjust_p_values(p_values: np.ndarray | list[float], correction: str) -> np.ndarray:
+    """Multiple-testing adjusted p-values: Benjamini-Hochberg (``fdr``) or ``bonferroni``.
+
+    Both are capped at 1; Bonferroni's are never below Benjamini-Hochberg's, which are never
+    below the raw ones.
+    """
+    p = np.asarray(p_values, dtype=float)
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction {correction!r} is not one of {CORRECTIONS}")
+    m = len(p)
+    if m == 0:
+        return p
+    if correction == "bonferroni":
+        return np.minimum(p * m, 1.0)
+    order = np.argsort(p)
+    scaled = p[order] * m / np.arange(1, m + 1)
+    # Step-up: each adjusted value is the smallest scaled value at its rank or above.
+    monotone = np.minimum.accumulate(scaled[::-1])[::-1]
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(monotone, 1.0)
+    return adjusted
+
+
+def drift_report(
+    reference: pd.DataFrame,
+    live: pd.DataFrame,
+    *,
+    threshold: float = 0.05,
+    correction: str = "fdr",
+    min_effect: Mapping[str, float] | None = None,
+    mmd_sample: int = 1000,
+    mmd: bool = True,
+    seed: int = 0,
+    reference_scores: np.ndarray | None = None,
+    live_scores: np.ndarray | None = None,
+    transformer: _Transformer | None = None,
+) -> DriftReport:
+    """Test whether ``live`` rows drift from ``reference`` rows (see the module docstring).
+
+    Both frames need the eight model features (other columns are ignored); numeric features must
+    be numeric and finite and no feature may be missing: bad rows raise :class:`ValueError`
+    rather than being dropped. ``threshold`` is the significance level for the corrected
+    univariate p-values and for the MMD p-value; ``correction`` is ``fdr`` (Benjamini-Hochberg)
+    or ``bonferroni`` across all features and the prediction together. ``min_effect`` overrides
+    the effect-size floor per feature name (or ``prediction``). MMD runs on ``mmd_sample`` rows
+    drawn from each window (fewer if a window is smaller), with numeric features standardised on
+    the reference and categories one-hot encoded, or through ``transformer.transform`` when a
+    model's feature transformer is given; ``mmd=False`` skips it (and the TensorFlow cost).
+    ``reference_scores`` and ``live_scores`` (model scores of the two windows) switch on
+    prediction drift. Everything random follows ``seed``.
+    """
+    _check_options(threshold, correction, mmd_sample)
+    floors = _effect_floors(min_effect)
+    _check_frame("reference", reference)
+    _check_frame("live", live)
+    scores = _check_scores(reference_scores, live_scores)
+    ks_drift, chi_square_drift, _ = _alibi_detectors()
+
+    with _third_party_warnings():
+        numeric = _numeric_tests(ks_drift, reference, live, threshold)
+        categorical = _categorical_tests(chi_square_drift, reference, live, threshold)
+        score_test = _score_test(ks_drift, *scores, threshold) if scores is not None else None
+
+    raw = {**numeric, **categorical}
+    order = list(FEATURE_NAMES)
+    tested = order + ([PREDICTION] if score_test is not None else [])
+    if score_test is not None:
+        raw[PREDICTION] = score_test
+    adjusted_values = adjust_p_values([raw[name][2] for name in tested], correction)
+    adjusted = dict(zip(tested, adjusted_values, strict=True))
+
+    def finish(name: str) -> FeatureDrift:
+        kind, statistic, p_value, effect = raw[name]
+        corrected = float(adjusted[name])
+        floor = floors.get(name, DEFAULT_MIN_EFFECT[kind])
+        return FeatureDrift(
+            feature=name,
+            kind=kind,
+            detector="chi2" if kind == "categorical" else "ks",
+            statistic=float(statistic),
+            p_value=float(p_value),
+            p_value_corrected=corrected,
+            effect_size=float(effect),
+            effect_metric=_EFFECT_METRICS[kind],
+            min_effect=float(floor),
+            drift=bool(corrected < threshold and effect >= floor),
+        )
+
+    features = [finish(name) for name in order]
+    prediction = finish(PREDICTION) if score_test is not None else None
+    if not mmd:
+        multivariate: dict[str, Any] = {"skipped": "disabled (mmd=False)"}
+    elif min(len(reference), len(live)) < MMD_MIN_ROWS:
+        multivariate = {
+            "skipped": f"MMD needs at least {MMD_MIN_ROWS} rows in each window; got "
+            f"{len(reference)} reference and {len(live)} live rows"
+        }
+    else:
+        multivariate = _mmd_test(reference, live, mmd_sample, threshold, seed, transformer)
+    drifted = [test.feature for test in features if test.drift]
+    drift = bool(
+        drifted or (prediction is not None and prediction.drift) or multivariate.get("drift", False)
+    )
+    report = DriftReport(
+        reference_rows=len(reference),
+        live_rows=len(live),
+        threshold=float(threshold),
+        correction=correction,
+        features=features,
+        multivariate=multivariate,
+        prediction=prediction,
+        drifted_features=drifted,
+        drift=drift,
+    )
+    log.info(
+        "drift report: %d reference vs %d live rows; drifted features %s; prediction %s; "
+        "multivariate %s",
+        report.reference_rows,
+        report.live_rows,
+        drifted or "none",
+        "not compared" if prediction is None else prediction.drift,
+        multivariate.get("drift", multivariate.get("skipped")),
+    )
+    return report
+
+
+# -- validation ------------------------------------------------------------------------------
+
+
+def _check_options(threshold: float, correction: str, mmd_sample: int) -> None:
+    if not (isinstance(threshold, int | float) and 0.0 < threshold < 1.0):
+        raise ValueError(
+            f"threshold must be a number between 0 and 1 (exclusive), got {threshold!r}"
+        )
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction {correction!r} is not one of {CORRECTIONS}")
+    if not isinstance(mmd_sample, int) or isinstance(mmd_sample, bool) or mmd_sample < 2:
+        raise ValueError(f"mmd_sample must be an integer of at least 2, got {mmd_sample!r}")
+
+
+def _effect_floors(min_effect: Mapping[str, float] | None) -> dict[str, float]:
+    floors = dict(min_effect or {})
+    unknown = sorted(set(floors) - {*FEATURE_NAMES, PREDICTION})
+    if unknown:
+        raise ValueError(
+            f"min_effect names unknown features {unknown}; known: {[*FEATURE_NAMES, PREDICTION]}"
+        )
+    for name, value in floors.items():
+        if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"min_effect[{name!r}] must be a finite number >= 0, got {value!r}")
+    return floors
+
+
+def _check_frame(side: str, frame: pd.DataFrame) -> None:
+    if not isinstance(frame, pd.DataFrame):
+        raise ValueError(f"{side} must be a pandas DataFrame, got {type(frame).__name__}")
+    missing = [name for name in FEATURE_NAMES if name not in frame.columns]
+    if missing:
+        raise ValueError(f"{side} window lacks feature columns {missing}")
+    if len(frame) == 0:
+        raise ValueError(f"{side} window is empty: drift needs at least one row on each side")
+    problems = []
+    for name in NUMERIC_FEATURES:
+        column = frame[name]
+        if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+            problems.append(f"{name} is not numeric (dtype {column.dtype})")
+            continue
+        values = column.to_numpy(dtype=float, na_value=np.nan)
+        missing_count = int(np.isnan(values).sum())
+        infinite_count = int(np.isinf(values).sum())
+        if missing_count:
+            problems.append(f"{name} has {missing_count} missing (NaN) values")
+        if infinite_count:
+            problems.append(f"{name} has {infinite_count} infinite values")
+    for name in CATEGORICAL_FEATURES:
+        missing_count = int(frame[name].isna().sum())
+        if missing_count:
+            problems.append(f"{name} has {missing_count} missing values")
+    if problems:
+        raise ValueError(f"{side} window has invalid feature values: " + "; ".join(problems))
+
+
+def _check_scores(
+    reference_scores: np.ndarray | None, live_scores: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    if reference_scores is None and live_scores is None:
+        return None
+    if reference_scores is None or live_scores is None:
+        raise ValueError("prediction drift needs both reference_scores and live_scores")
+    checked = []
+    for side, scores in (("reference_scores", reference_scores), ("live_scores", live_scores)):
+        values = np.asarray(scores, dtype=float)
+        if values.ndim != 1:
+            raise ValueError(f"{side} must be one-dimensional, got shape {values.shape}")
+        if len(values) == 0:
+            raise ValueError(f"{side} is empty")
+        bad = int((~np.isfinite(values)).sum())
+        if bad:
+            raise ValueError(f"{side} has {bad} NaN or infinite values")
+        checked.append(values)
+    return checked[0], checked[1]
+
+
+# -- the tests -------------------------------------------------------------------------------
+
+
+@contextmanager
+def _third_party_warnings() -> Iterator[None]:
+    """Silence the known, harmless warnings that TensorFlow's stack raises, and only those."""
+    with warnings.catch_warnings():
+        # tensorflow-probability checks the TensorFlow version with distutils' LooseVersion when
+        # it is imported (by alibi-detect); setuptools deprecates that class. Not ours to fix.
+        warnings.filterwarnings(
+            "ignore",
+            message="distutils Version classes are deprecated",
+            category=DeprecationWarning,
+        )
+        yield
+
+
+def _alibi_detectors() -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+    """alibi-detect's KSDrift, ChiSquareDrift and MMDDrift, imported on first use.
+
+    Importing alibi-detect imports TensorFlow (seconds, hundreds of MB), which nothing that merely
+    imports this module should pay.
+    """
+    with _third_party_warnings():
+        from alibi_detect.cd import ChiSquareDrift, KSDrift, MMDDrift
+    return KSDrift, ChiSquareDrift, MMDDrift
+
+
+def _numeric_tests(
+    ks_drift: Callable[..., Any], reference: pd.DataFrame, live: pd.DataFrame, threshold: float
+) -> dict[str, tuple[str, float, float, float]]:
+    x_ref = reference[list(NUMERIC_FEATURES)].to_numpy(dtype=np.float64)
+    x = live[list(NUMERIC_FEATURES)].to_numpy(dtype=np.float64)
+    statistics, p_values = _univariate(ks_drift(x_ref, p_val=threshold), x)
+    return {
+        name: ("numeric", statistics[i], p_values[i], statistics[i])
+        for i, name in enumerate(NUMERIC_FEATURES)
+    }
+
+
+def _score_test(
+    ks_drift: Callable[..., Any],
+    reference_scores: np.ndarray,
+    live_scores: np.ndarray,
+    threshold: float,
+) -> tuple[str, float, float, float]:
+    statistics, p_values = _univariate(
+        ks_drift(reference_scores.reshape(-1, 1), p_val=threshold), live_scores.reshape(-1, 1)
+    )
+    return ("score", statistics[0], p_values[0], statistics[0])
+
+
+def _categorical_tests(
+    chi_square_drift: Callable[..., Any],
+    reference: pd.DataFrame,
+    live: pd.DataFrame,
+    threshold: float,
+) -> dict[str, tuple[str, float, float, float]]:
+    codes_ref = _category_codes(reference)
+    codes = _category_codes(live)
+    # Categories are inferred from the reference; the detector adds any the live window brings.
+    # Declaring all of the mapping's codes instead would put empty columns into the contingency
+    # table, which scipy rejects.
+    statistics, p_values = _univariate(chi_square_drift(codes_ref, p_val=threshold), codes)
+    tests = {}
+    for i, name in enumerate(CATEGORICAL_FEATURES):
+        bins = len(CATEGORY_VALUES[name]) + 1
+        shares_ref = np.bincount(codes_ref[:, i], minlength=bins) / len(codes_ref)
+        shares = np.bincount(codes[:, i], minlength=bins) / len(codes)
+        total_variation = 0.5 * float(np.abs(shares_ref - shares).sum())
+        tests[name] = ("categorical", statistics[i], p_values[i], total_variation)
+    return tests
+
+
+def _category_codes(frame: pd.DataFrame) -> np.ndarray:
+    """Integer codes per categorical feature: the schema's value order, then one unseen code."""
+    columns = []
+    for name in CATEGORICAL_FEATURES:
+        values = CATEGORY_VALUES[name]
+        codes = pd.Categorical(frame[name].astype(object), categories=values).codes.astype(np.int64)
+        columns.append(np.where(codes < 0, len(values), codes))
+    return np.column_stack(columns)
+
+
+def _univariate(detector: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature statistics and uncorrected p-values (the correction is applied by us, once,
+    across every test of the report)."""
+    result = detector.predict(x, drift_type="feature", return_p_val=True, return_distance=True)
+    data = result["data"]
+    return np.asarray(data["distance"], dtype=float), np.asarray(data["p_val"], dtype=float)
+
+
+def _mmd_test(
+    reference: pd.DataFrame,
+    live: pd.DataFrame,
+    mmd_sample: int,
+    threshold: float,
+    seed: int,
+    transformer: _Transformer | None,
+) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    rows = min(mmd_sample, len(reference), len(live))
+    ref_sample = reference.iloc[np.sort(rng.choice(len(reference), size=rows, replace=False))]
+    live_sample = live.iloc[np.sort(rng.choice(len(live), size=rows, replace=False))]
+    if transformer is None:
+        x_ref, x = _standardised(reference, ref_sample), _standardised(reference, live_sample)
+    else:
+        x_ref = np.asarray(transformer.transform(ref_sample), dtype=np.float32)
+        x = np.asarray(transformer.transform(live_sample), dtype=np.float32)
+        if not (np.isfinite(x_ref).all() and np.isfinite(x).all()):
+            raise ValueError("transformer.transform produced NaN or infinite values")
+    permutation_seed = int(rng.integers(2**32 - 1))
+    _, _, mmd_drift = _alibi_detectors()
+    import tensorflow as tf
+
+    # alibi-detect draws its permutations from NumPy's global generator: seed it for this call
+    # and give the caller's global state back afterwards.
+    global_state = np.random.get_state()
+    try:
+        with _third_party_warnings():
+            tf.random.set_seed(seed)
+            np.random.seed(permutation_seed)
+            detector = mmd_drift(
+                x_ref, backend="tensorflow", p_val=threshold, n_permutations=MMD_PERMUTATIONS
+            )
+            data = detector.predict(x, return_p_val=True, return_distance=True)["data"]
+    finally:
+        np.random.set_state(global_state)
+    return {
+        "detector": "mmd",
+        "p_value": float(data["p_val"]),
+        "distance": float(data["distance"]),
+        "distance_threshold": float(data["distance_threshold"]),
+        "sample_rows": rows,
+        "n_permutations": MMD_PERMUTATIONS,
+        "drift": bool(data["is_drift"]),
+    }
+
+
+def _standardised(reference: pd.DataFrame, sample: pd.DataFrame) -> np.ndarray:
+    """Numeric features scaled by the whole reference's mean and spread, then one-hot categories
+    (one column per schema value and one for unseen values)."""
+    numeric_ref = reference[list(NUMERIC_FEATURES)].to_numpy(dtype=np.float64)
+    means = numeric_ref.mean(axis=0)
+    spreads = numeric_ref.std(axis=0)
+    spreads[spreads == 0] = 1.0
+    numeric = (sample[list(NUMERIC_FEATURES)].to_numpy(dtype=np.float64) - means) / spreads
+    codes = _category_codes(sample)
+    one_hot = [
+        (codes[:, i, None] == np.arange(len(CATEGORY_VALUES[name]) + 1)).astype(np.float64)
+        for i, name in enumerate(CATEGORICAL_FEATURES)
+    ]
+    return np.hstack([numeric, *one_hot]).astype(np.float32)

@@ -1,0 +1,281 @@
+"""Drift reports on simulated windows: detection, false alarms, delay, corrections, validation."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import false_discovery_control
+
+from churn_assets.drift import PREDICTION, DriftReport, adjust_p_values, drift_report
+from churn_assets.features import FeatureTransformer
+from churn_assets.schemas import CATEGORICAL_FEATURES, FEATURE_NAMES, NUMERIC_FEATURES
+from churn_assets.simulator import SimulationConfig, sample_customers, simulate_frames
+
+pytestmark = [pytest.mark.unit]
+
+CUSTOMERS = 3000
+START_DAY = 30
+SHIFTED = ("monthly_charges", "payment_method")
+UNTOUCHED = (
+    "customer_tenure",
+    "support_tickets",
+    "login_frequency",
+    "contract_type",
+    "internet_service",
+)
+FALSE_ALARM_SEEDS = (21, 22)
+FALSE_ALARM_DAYS = range(8, 40)  # live day d against the 7 days before it
+MAX_FALSE_ALARM_RATE = 0.05
+
+
+def simulate(scenario: str, days: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """Customer events of a simulation and the simulated day of each event."""
+    events, _ = simulate_frames(
+        SimulationConfig(
+            seed=seed,
+            customers=CUSTOMERS,
+            days=days,
+            scenario=scenario,
+            scenario_start_day=START_DAY,
+        )
+    )
+    day = (events["event_time"] - events["event_time"].min().normalize()).dt.days.to_numpy()
+    return events, day
+
+
+def window(frames: tuple[pd.DataFrame, np.ndarray], first: int, last: int) -> pd.DataFrame:
+    events, day = frames
+    return events[(day >= first) & (day <= last)]
+
+
+@pytest.fixture(scope="module")
+def covariate():
+    return simulate("covariate_drift", days=45, seed=11)
+
+
+@pytest.fixture(scope="module")
+def covariate_report(covariate) -> DriftReport:
+    return drift_report(window(covariate, 0, 29), window(covariate, 35, 44), mmd_sample=300)
+
+
+@pytest.fixture(scope="module")
+def customers() -> pd.DataFrame:
+    return sample_customers(2_000, seed=3)
+
+
+def test_covariate_drift_flags_the_shifted_features_and_not_the_untouched_ones(covariate_report):
+    report = covariate_report
+    flagged = set(report.drifted_features)
+    assert set(SHIFTED) <= flagged
+    assert not flagged & set(UNTOUCHED)
+    assert flagged <= {*SHIFTED, "total_charges"}  # accrues the higher charges
+    assert report.drift
+    assert report.multivariate["detector"] == "mmd"
+    assert report.multivariate["drift"] is True
+    assert report.multivariate["p_value"] < report.threshold
+    assert report.multivariate["sample_rows"] == 300
+    by_name = {test.feature: test for test in report.features}
+    assert [test.feature for test in report.features] == list(FEATURE_NAMES)
+    assert by_name["monthly_charges"].detector == "ks"
+    assert by_name["payment_method"].detector == "chi2"
+    assert by_name["payment_method"].effect_metric == "total_variation"
+    assert by_name["payment_method"].effect_size > 0.15  # 40 % of customers moved
+    assert report.prediction is None
+    frame = report.to_frame()
+    assert list(frame["feature"]) == list(FEATURE_NAMES)
+    assert frame.set_index("feature").loc["monthly_charges", "drift"]
+
+
+def test_false_alarm_rate_on_stable_days_is_at_most_five_percent():
+    windows = flagged = unfloored = 0
+    no_floor = {name: 0.0 for name in FEATURE_NAMES}
+    for seed in FALSE_ALARM_SEEDS:
+        frames = simulate("none", days=max(FALSE_ALARM_DAYS) + 1, seed=seed)
+        for day in FALSE_ALARM_DAYS:
+            reference, live = window(frames, day - 7, day - 1), window(frames, day, day)
+            windows += 1
+            flagged += bool(drift_report(reference, live, mmd=False).drifted_features)
+            report = drift_report(reference, live, mmd=False, min_effect=no_floor)
+            unfloored += bool(report.drifted_features)
+    rate = flagged / windows
+    print(
+        f"\nfalse alarms: {flagged}/{windows} daily windows flagged ({rate:.1%}); "
+        f"without effect floors {unfloored}/{windows} ({unfloored / windows:.1%})"
+    )
+    assert windows >= 20
+    assert rate <= MAX_FALSE_ALARM_RATE
+
+
+def test_concept_drift_flags_no_feature():
+    frames = simulate("concept_drift", days=45, seed=13)
+    report = drift_report(window(frames, 0, 29), window(frames, START_DAY, 44), mmd=False)
+    assert report.drifted_features == []
+    assert not report.drift
+    assert report.multivariate == {"skipped": "disabled (mmd=False)"}
+
+
+def test_covariate_drift_is_detected_on_its_start_day_or_the_next(covariate):
+    reference = window(covariate, 0, 24)
+    flagged_days = [
+        day
+        for day in range(25, 41)
+        if drift_report(reference, window(covariate, day, day), mmd=False).drift
+    ]
+    first = flagged_days[0] if flagged_days else None
+    delay = None if first is None else first - START_DAY
+    print(f"\ndetection delay: {delay} day(s); first flagged day {first}, flagged {flagged_days}")
+    assert first in (START_DAY, START_DAY + 1)
+    assert flagged_days == list(range(first, 41))
+
+
+def test_bonferroni_is_above_fdr_which_is_above_raw(covariate):
+    reference, live = window(covariate, 0, 29), window(covariate, 30, 31)
+    fdr = drift_report(reference, live, mmd=False).features
+    bonferroni = drift_report(reference, live, mmd=False, correction="bonferroni").features
+    for by_fdr, by_bonferroni in zip(fdr, bonferroni, strict=True):
+        assert by_fdr.p_value == by_bonferroni.p_value
+        assert by_bonferroni.p_value_corrected >= by_fdr.p_value_corrected >= by_fdr.p_value
+        assert by_bonferroni.p_value_corrected == pytest.approx(min(1.0, 8 * by_fdr.p_value))
+    raw = np.array([test.p_value for test in fdr])
+    np.testing.assert_allclose(
+        [test.p_value_corrected for test in fdr], false_discovery_control(raw)
+    )
+
+
+def test_adjusted_p_values_match_scipy_and_respect_the_ordering():
+    p = np.random.default_rng(5).uniform(0, 0.2, size=12)
+    fdr = adjust_p_values(p, "fdr")
+    bonferroni = adjust_p_values(p, "bonferroni")
+    np.testing.assert_allclose(fdr, false_discovery_control(p))
+    assert np.all(bonferroni >= fdr) and np.all(fdr >= p)
+    with pytest.raises(ValueError, match="holm"):
+        adjust_p_values(p, "holm")
+
+
+def test_effect_floor_keeps_a_tiny_shift_on_huge_windows_quiet():
+    reference = sample_customers(200_000, seed=1)
+    live = sample_customers(200_000, seed=2)
+    live["monthly_charges"] = live["monthly_charges"] + 0.5
+    report = drift_report(reference, live, mmd=False)
+    charges = {test.feature: test for test in report.features}["monthly_charges"]
+    assert charges.p_value < 1e-6
+    assert charges.p_value_corrected < report.threshold
+    assert charges.effect_size < charges.min_effect == 0.1
+    assert report.drifted_features == []
+    unfloored = drift_report(reference, live, mmd=False, min_effect={"monthly_charges": 0.0})
+    assert unfloored.drifted_features == ["monthly_charges"]
+
+
+def test_prediction_drift_uses_the_same_rules_and_joins_the_correction(customers):
+    rng = np.random.default_rng(0)
+    reference_scores = rng.beta(2, 8, size=2_000)
+    live_scores = rng.beta(4, 6, size=1_500)
+    report = drift_report(
+        customers,
+        sample_customers(1_500, seed=4),
+        mmd=False,
+        correction="bonferroni",
+        reference_scores=reference_scores,
+        live_scores=live_scores,
+    )
+    prediction = report.prediction
+    assert prediction is not None and prediction.feature == PREDICTION
+    assert prediction.detector == "ks" and prediction.kind == "score"
+    assert prediction.drift and report.drift and report.drifted_features == []
+    for test in [*report.features, prediction]:
+        assert test.p_value_corrected == pytest.approx(min(1.0, 9 * test.p_value))
+    frame = report.to_frame()
+    assert list(frame["feature"]) == [*FEATURE_NAMES, PREDICTION]
+    as_dict = json.loads(json.dumps(report.as_dict(), allow_nan=False))
+    assert as_dict["prediction"]["feature"] == PREDICTION
+    assert len(as_dict["features"]) == len(FEATURE_NAMES)
+
+    quiet = drift_report(
+        customers,
+        sample_customers(1_500, seed=4),
+        mmd=False,
+        reference_scores=reference_scores,
+        live_scores=rng.beta(2, 8, size=1_500),
+    )
+    assert quiet.prediction is not None and not quiet.prediction.drift
+
+
+def test_mmd_is_seeded_leaves_numpy_global_state_alone_and_accepts_a_transformer(customers):
+    live = sample_customers(1_000, seed=8)
+    np.random.seed(123)
+    expected_next = np.random.random()
+    np.random.seed(123)
+    first = drift_report(customers, live, mmd_sample=200, seed=5)
+    assert np.random.random() == expected_next
+    again = drift_report(customers, live, mmd_sample=200, seed=5)
+    assert first.as_dict() == again.as_dict()
+    assert first.multivariate["sample_rows"] == 200
+    assert first.multivariate["drift"] is False
+
+    shifted = live.assign(monthly_charges=live["monthly_charges"] * 1.3)
+    transformer = FeatureTransformer.fit(customers)
+    report = drift_report(customers, shifted, mmd_sample=200, transformer=transformer)
+    assert report.multivariate["drift"] is True
+
+
+def test_small_windows_skip_mmd_with_a_reason(customers):
+    report = drift_report(customers, customers.head(10))
+    assert "at least" in report.multivariate["skipped"]
+    assert not report.drift
+
+
+def test_unseen_categories_count_as_drift_rather_than_being_dropped(customers):
+    live = sample_customers(1_000, seed=9)
+    live.loc[live.index[:300], "payment_method"] = "crypto"
+    report = drift_report(customers, live, mmd=False)
+    assert report.drifted_features == ["payment_method"]
+    payment = {test.feature: test for test in report.features}["payment_method"]
+    assert payment.effect_size == pytest.approx(0.3, abs=0.03)
+
+
+def test_missing_columns_name_them(customers):
+    with pytest.raises(ValueError, match=r"live window lacks feature columns \['payment_method'"):
+        drift_report(customers, customers.drop(columns=["payment_method", "support_tickets"]))
+    with pytest.raises(ValueError, match=r"reference window lacks .*'monthly_charges'"):
+        drift_report(customers.drop(columns=["monthly_charges"]), customers)
+
+
+def test_empty_live_window_is_an_error(customers):
+    with pytest.raises(ValueError, match="live window is empty"):
+        drift_report(customers, customers.iloc[:0])
+
+
+@pytest.mark.parametrize("column", NUMERIC_FEATURES)
+def test_nan_in_a_numeric_feature_is_an_error_not_a_silent_drop(customers, column):
+    live = customers.astype({column: float})
+    live.loc[live.index[[3, 7]], column] = np.nan
+    with pytest.raises(ValueError, match=rf"live window .*{column} has 2 missing \(NaN\) values"):
+        drift_report(customers, live, mmd=False)
+
+
+def test_other_bad_inputs_are_errors(customers):
+    missing_category = customers.copy()
+    missing_category.loc[missing_category.index[0], CATEGORICAL_FEATURES[0]] = None
+    cases = [
+        ({"correction": "holm"}, "correction"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"min_effect": {"monthly_charge": 0.2}}, "unknown features"),
+        ({"reference_scores": np.zeros(5)}, "both reference_scores and live_scores"),
+        ({"reference_scores": np.zeros(5), "live_scores": np.array([np.nan])}, "live_scores"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ValueError, match=message):
+            drift_report(customers, customers, mmd=False, **options)
+    with pytest.raises(ValueError, match="contract_type has 1 missing values"):
+        drift_report(customers, missing_category, mmd=False)
+
+
+def test_importing_the_module_does_not_import_tensorflow():
+    code = (
+        "import sys, churn_assets.drift; "
+        "assert 'tensorflow' not in sys.modules and 'alibi_detect' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
