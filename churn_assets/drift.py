@@ -33,11 +33,9 @@ import pandas as pd
 
 from churn_assets.schemas import (
     CATEGORICAL_FEATURES,
-    CONTRACT_TYPES,
+    CATEGORY_VALUES,
     FEATURE_NAMES,
-    INTERNET_SERVICES,
     NUMERIC_FEATURES,
-    PAYMENT_METHODS,
 )
 
 __all__ = [
@@ -57,11 +55,6 @@ log = logging.getLogger(__name__)
 
 PREDICTION = "prediction"
 CORRECTIONS = ("fdr", "bonferroni")
-CATEGORY_VALUES: dict[str, tuple[str, ...]] = {
-    "contract_type": CONTRACT_TYPES,
-    "payment_method": PAYMENT_METHODS,
-    "internet_service": INTERNET_SERVICES,
-}
 # The KS statistic (largest CDF gap) and the total variation distance (largest gap in the share of
 # any set of categories) both measure the largest share of the population that moved, so one floor
 # fits both. 0.05 for categories is too low for a shrinking customer base: churn alone moves the

@@ -21,11 +21,9 @@ import pandas as pd
 
 from churn_assets.schemas import (
     CATEGORICAL_FEATURES,
-    CONTRACT_TYPES,
+    CATEGORY_VALUES,
     FEATURE_NAMES,
-    INTERNET_SERVICES,
     NUMERIC_FEATURES,
-    PAYMENT_METHODS,
 )
 
 __all__ = [
@@ -39,11 +37,6 @@ __all__ = [
 
 DERIVED_FEATURES = ("charges_per_tenure_month", "charge_ratio", "tickets_per_login")
 HISTORY_FEATURES = ("events_30d", "login_trend", "ticket_trend", "days_since_last_event")
-CATEGORY_VALUES: dict[str, tuple[str, ...]] = {
-    "contract_type": CONTRACT_TYPES,
-    "payment_method": PAYMENT_METHODS,
-    "internet_service": INTERNET_SERVICES,
-}
 TRANSFORMER_FORMAT = 1
 
 

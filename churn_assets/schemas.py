@@ -18,6 +18,7 @@ __all__ = [
     "FEATURE_NAMES",
     "NUMERIC_FEATURES",
     "CATEGORICAL_FEATURES",
+    "CATEGORY_VALUES",
     "CustomerFeatures",
     "CustomerEvent",
     "PredictionEvent",
@@ -37,6 +38,12 @@ __all__ = [
 CONTRACT_TYPES = ("month-to-month", "one_year", "two_year")
 PAYMENT_METHODS = ("electronic_check", "mailed_check", "bank_transfer", "credit_card")
 INTERNET_SERVICES = ("dsl", "fiber_optic", "none")
+
+CATEGORY_VALUES: dict[str, tuple[str, ...]] = {
+    "contract_type": CONTRACT_TYPES,
+    "payment_method": PAYMENT_METHODS,
+    "internet_service": INTERNET_SERVICES,
+}
 
 NUMERIC_FEATURES = (
     "customer_tenure",
