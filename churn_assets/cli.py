@@ -1,5 +1,6 @@
 """The ``churn`` command line: broker, topics, simulator, landing, status and the whole platform."""
 
+import contextlib
 import logging
 import os
 import shutil
@@ -514,14 +515,24 @@ def _config_args(ctx: click.Context) -> list[str]:
 
 
 def _stop_group(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
+    """SIGTERM the child's process group, wait, then SIGKILL whatever of the group is left
+    (a leader can exit while its own children are still shutting down)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+    process.wait(timeout=10)
 
 
 def _wait_for_interrupt_or_exit(processes: list[subprocess.Popen[bytes]]) -> None:
