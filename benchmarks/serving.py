@@ -25,7 +25,6 @@ the machine's cores with the servers, so compare ratios, not absolute numbers ac
 import argparse
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -53,7 +52,12 @@ from churn_assets.registry import ModelRegistry  # noqa: E402
 from churn_assets.schemas import FEATURE_NAMES  # noqa: E402
 from churn_assets.simulator import sample_customers  # noqa: E402
 from tests.conftest import write_config  # noqa: E402
-from tests.serving_fixtures import build_registry, free_port, start_server  # noqa: E402
+from tests.serving_fixtures import (  # noqa: E402
+    RunningServer,
+    build_registry,
+    free_port,
+    start_server,
+)
 
 PLAIN_MODEL = "xgb-plain"
 OURS_MODEL = "churn-router"
@@ -125,24 +129,7 @@ def plain_grpc_request(vector: np.ndarray) -> pb.ModelInferRequest:
 # --- servers --------------------------------------------------------------------------------
 
 
-@dataclass
-class PlainServer:
-    process: subprocess.Popen
-    http: str
-    grpc: str
-    log: Path
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-
-
-def start_plain(model_file: Path, root: Path, timeout_s: float = 90) -> PlainServer:
+def start_plain(model_file: Path, root: Path, timeout_s: float = 90) -> RunningServer:
     """``mlserver start`` on a model dir holding ``model_file`` and MLServer's XGBoost runtime."""
     model_dir = root / PLAIN_MODEL
     model_dir.mkdir(parents=True)
@@ -180,7 +167,7 @@ def start_plain(model_file: Path, root: Path, timeout_s: float = 90) -> PlainSer
             stderr=subprocess.STDOUT,
             cwd=root,
         )
-    server = PlainServer(process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log)
+    server = RunningServer(process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -338,7 +325,7 @@ def run_case(
 # --- sanity check and report ----------------------------------------------------------------
 
 
-def check_same_model(plain: PlainServer, ours: Any, vector: np.ndarray, row: dict) -> str:
+def check_same_model(plain: RunningServer, ours: Any, vector: np.ndarray, row: dict) -> str:
     """Both servers answer one row; the probabilities must agree (same booster)."""
     plain_reply = requests.post(
         f"{plain.http}/v2/models/{PLAIN_MODEL}/infer", data=plain_rest_body(vector), timeout=30
