@@ -154,11 +154,33 @@ def _labels_at(
 class TrainingSet:
     frame: pd.DataFrame  # customer_id, snapshot_time, split, label, the eight features
     plan: SnapshotPlan
-    known_at: pd.Timestamp
+    known_at: pd.Timestamp | None  # None when rebuilt from a stored frame
     horizon_days: int
 
     def part(self, split: str) -> pd.DataFrame:
         return self.frame.loc[self.frame["split"] == split]
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, horizon_days: int) -> "TrainingSet":
+        """A training set as stored by the ``training_set`` asset (its snapshot plan is read
+        back from the rows), so later steps use exactly the rows that were materialised."""
+        if frame.empty:
+            raise TrainingError("the stored training set is empty; materialise training_set")
+        times = {
+            split: sorted(
+                pd.Timestamp(t)
+                for t in frame.loc[frame["split"] == split, "snapshot_time"].unique()
+            )
+            for split in ("train", "validation", "test")
+        }
+        return cls(
+            frame=frame,
+            plan=SnapshotPlan(
+                train=times["train"], validation=times["validation"], test=times["test"]
+            ),
+            known_at=None,
+            horizon_days=horizon_days,
+        )
 
 
 def build_training_set(

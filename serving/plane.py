@@ -186,10 +186,9 @@ class ServingPlane:
 
     @staticmethod
     def _outlier_scorer(model: ScoringModel) -> Any | None:
-        try:
-            from churn_assets.outliers import load_outlier_scorer
-        except ImportError:
-            return None
+        """Versions registered with reference artefacts get request-path outlier scores."""
+        from churn_assets.outliers import load_outlier_scorer
+
         files = getattr(model, "extra_files", None) or {}
         if not files:
             return None

@@ -170,6 +170,14 @@ class CandidateModelConfig(dg.Config):
     """Train on shuffled labels: a deliberately bad candidate, to see the gates stop it."""
 
 
+def _stored_training_set(settings: Settings) -> TrainingSet:
+    """The rows the ``training_set`` asset materialised (not rebuilt from the landed tables)."""
+    with connect(settings.warehouse_path) as con:
+        frame = con.execute("SELECT * FROM training_set ORDER BY snapshot_time, customer_id").df()
+    frame["snapshot_time"] = pd.to_datetime(frame["snapshot_time"], utc=True)
+    return TrainingSet.from_frame(frame, settings.training.horizon_days)
+
+
 @dg.asset(
     group_name="ml",
     kinds={"xgboost", "scikit-learn"},
@@ -182,7 +190,7 @@ def candidate_model(
     """XGBoost candidate and logistic-regression baseline, evaluated on the time holdout;
     staged for the quality gates."""
     settings = platform.settings()
-    built = _training_set(settings)
+    built = _stored_training_set(settings)
     registry = ModelRegistry(settings.registry_dir)
     candidate = train_candidate(
         built,
@@ -255,7 +263,7 @@ def _gate_check(name: str, gate_key: str, description: str) -> dg.AssetChecksDef
 def candidate_model_transformer_parity(platform: PlatformResource) -> dg.AssetCheckResult:
     """Training-path and serving-path transforms (and a reloaded model) agree on test rows."""
     settings = platform.settings()
-    built = _training_set(settings)
+    built = _stored_training_set(settings)
     gate = parity_gate(load_candidate(settings), built.part("test").head(500))
     return dg.AssetCheckResult(
         passed=gate.passed,
