@@ -43,25 +43,28 @@ done
 log "syncing .venv with uv.lock (python: $PYTHON_ARG)"
 $UV sync --frozen --python "$PYTHON_ARG" --quiet
 # Prometheus's promtool and Alertmanager's amtool: tests/unit/test_monitoring_config.py runs them
-# on config/prometheus/ and config/alertmanager/. Debian packages, installed only when missing.
+# on config/prometheus/ and config/alertmanager/; Debian's Chromium runs the dashboard's browser
+# tests (Playwright drives it by executable path, nothing downloads a browser). Debian packages,
+# installed only when missing.
 # Their postinst scripts enable and start system services (Prometheus on :9090 with Debian's own
 # config, Alertmanager on :9093). Only the binaries are wanted here, and a stray system
 # Prometheus would take the port of the project's own, so service starts are refused during the
 # install (a temporary policy-rc.d, the Debian mechanism that invoke-rc.d and deb-systemd-invoke
 # honour; containers usually ship one already) and anything that still started is stopped and
 # disabled. Nothing else on the machine is touched.
-ensure_monitoring_tools() {
+ensure_debian_tools() {
   local missing=() pkg policy=/usr/sbin/policy-rc.d made_policy=0 rc=0
   command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
   command -v amtool >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   [ "${#missing[@]}" -eq 0 ] && return 0
   if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-    log "ERROR: promtool and amtool are needed for the tests (Debian packages: ${missing[*]})."
+    log "ERROR: promtool, amtool and chromium are needed for the tests (Debian packages: ${missing[*]})."
     log "       Install them, e.g. 'sudo apt-get install --no-install-recommends ${missing[*]}',"
-    log "       or put Prometheus's promtool and Alertmanager's amtool on PATH, then rerun."
+    log "       or put Prometheus's promtool, Alertmanager's amtool and chromium on PATH, then rerun."
     exit 1
   fi
-  log "installing ${missing[*]} (for promtool/amtool) with apt-get"
+  log "installing ${missing[*]} (for promtool/amtool/chromium) with apt-get"
   if [ ! -e "$policy" ]; then
     printf '#!/bin/sh\n# temporary, from churn-platform scripts/bootstrap.sh\nexit 101\n' >"$policy"
     chmod 755 "$policy"
@@ -72,10 +75,11 @@ ensure_monitoring_tools() {
       "${missing[@]}" >/dev/null; } || rc=$?
   [ "$made_policy" -eq 1 ] && rm -f "$policy"
   if [ "$rc" -ne 0 ]; then
-    log "ERROR: apt-get install ${missing[*]} failed (exit $rc); promtool and amtool are needed"
+    log "ERROR: apt-get install ${missing[*]} failed (exit $rc); promtool, amtool and chromium are needed"
     exit 1
   fi
   for pkg in "${missing[@]}"; do
+    [ "$pkg" = chromium ] && continue
     if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
       systemctl disable --now "$pkg" >/dev/null 2>&1 || true
     elif [ -x "/etc/init.d/$pkg" ] && "/etc/init.d/$pkg" status >/dev/null 2>&1; then
@@ -83,11 +87,12 @@ ensure_monitoring_tools() {
       "/etc/init.d/$pkg" stop >/dev/null 2>&1 || true
     fi
   done
-  command -v promtool >/dev/null 2>&1 && command -v amtool >/dev/null 2>&1 || {
-    log "ERROR: promtool/amtool still missing after installing ${missing[*]}"
+  command -v promtool >/dev/null 2>&1 && command -v amtool >/dev/null 2>&1 &&
+    command -v chromium >/dev/null 2>&1 || {
+    log "ERROR: promtool/amtool/chromium still missing after installing ${missing[*]}"
     exit 1
   }
 }
-ensure_monitoring_tools
+ensure_debian_tools
 
 log "environment ready: $(.venv/bin/python --version)"
