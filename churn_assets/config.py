@@ -66,6 +66,8 @@ class RetrainingSettings(_Section):
     schedule: str = "0 2 * * 0"
     min_samples: int = Field(1000, ge=1)
     performance_threshold: float = Field(0.75, gt=0.0, le=1.0)
+    hold_minutes: float = Field(30.0, ge=0, le=7 * 24 * 60)
+    cooldown_minutes: float = Field(360.0, ge=0, le=30 * 24 * 60)
 
     @field_validator("schedule")
     @classmethod
@@ -156,8 +158,21 @@ class ServingSettings(_Section):
 
 
 class RolloutSettings(_Section):
+    strategy: Literal["canary", "blue_green"] = "canary"
     canary_steps: list[float] = [0.1, 0.25, 0.5, 0.75, 1.0]
     min_shadow_requests: int = Field(500, ge=1)
+    min_agreement: float = Field(0.9, ge=0, le=1)
+    max_score_ks: float = Field(0.2, ge=0, le=1)
+    max_latency_overhead_ms: float = Field(50.0, ge=0)
+    max_error_rate: float = Field(0.01, gt=0, lt=1)
+    max_p99_latency_ms: float = Field(250.0, gt=0)
+    min_canary_requests: int = Field(200, ge=1)
+    min_step_minutes: float = Field(30.0, ge=0)
+    max_auc_drop: float = Field(0.02, ge=0, le=1)
+    alpha: float = Field(0.05, gt=0, lt=1)
+    target: Literal["local", "seldon_v1", "seldon_v2"] = "local"
+    kubernetes_namespace: str = Field("churn", min_length=1)
+    seldon_name: str = Field("churn", min_length=1)
 
     @field_validator("canary_steps")
     @classmethod

@@ -23,10 +23,14 @@ Design choices worth knowing:
   a little above the maximum that noise explains passes. The significance test alone may roll
   back *before* the step has its minimum sample (failing fast on a clearly broken challenger);
   nothing else is judged on a short sample.
-* **AUC.** The challenger rolls back when its AUC is more than ``max_auc_drop`` below the
-  champion's, or below ``min_auc`` (``retraining.performance_threshold``); while either AUC is
-  still unknown the step waits. ``auc_kind`` (realised from labels, or estimated) is reported in
-  the reasons.
+* **AUC.** The challenger rolls back when its AUC is below ``min_auc``
+  (``retraining.performance_threshold``), or when it is more than ``max_auc_drop`` below the
+  champion's. When the evidence carries the positives behind each AUC, the second rule is a
+  one-sided z-test (Hanley-McNeil standard errors, the two arms being different customers):
+  roll back only when the challenger is *significantly* (``p < alpha``) below
+  ``champion - max_auc_drop``, so a small canary's noise does not sink a good model. Without
+  positives the point estimates are compared. While either AUC is still unknown the step waits.
+  ``auc_kind`` (realised from labels, or estimated) is reported in the reasons.
 * **Elapsed time** of a canary step is the smaller of the evidence's ``elapsed_s`` and
   ``now - step_started_at``, so evidence gathered partly before the step cannot shorten it.
 * ``wait`` and ``hold`` leave the state unchanged; every other action appends one history entry
@@ -45,7 +49,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal, get_args
 
-from scipy.stats import binomtest
+from scipy.stats import binomtest, norm
 
 __all__ = [
     "Action",
@@ -57,6 +61,7 @@ __all__ = [
     "RolloutState",
     "ShadowEvidence",
     "TERMINAL_PHASES",
+    "auc_standard_error",
     "decide",
     "start",
     "traffic_share",
@@ -150,11 +155,27 @@ class RolloutPolicy:
     def from_settings(cls, settings: Any, **overrides: Any) -> "RolloutPolicy":
         """The policy from validated platform settings (``rollout.*`` and the retraining AUC
         threshold); ``overrides`` replace individual thresholds."""
+        rollout = settings.rollout
         values: dict[str, Any] = {
-            "canary_steps": tuple(settings.rollout.canary_steps),
-            "min_shadow_requests": settings.rollout.min_shadow_requests,
+            "canary_steps": tuple(rollout.canary_steps),
+            "min_shadow_requests": rollout.min_shadow_requests,
             "min_auc": settings.retraining.performance_threshold,
         }
+        for name in (
+            "strategy",
+            "min_agreement",
+            "max_score_ks",
+            "max_latency_overhead_ms",
+            "max_error_rate",
+            "max_p99_latency_ms",
+            "min_canary_requests",
+            "max_auc_drop",
+            "alpha",
+        ):
+            if hasattr(rollout, name):
+                values[name] = getattr(rollout, name)
+        if hasattr(rollout, "min_step_minutes"):
+            values["min_step_seconds"] = float(rollout.min_step_minutes) * 60.0
         values.update(overrides)
         return cls(**values)
 
@@ -252,6 +273,8 @@ class CanaryEvidence:
     challenger_labelled: int
     auc_kind: AucKind
     elapsed_s: float
+    champion_positives: float | None = None
+    challenger_positives: float | None = None
 
     def __post_init__(self) -> None:
         _count("canary requests", self.requests)
@@ -268,6 +291,13 @@ class CanaryEvidence:
         if self.auc_kind not in get_args(AucKind):
             raise RolloutError(f"auc_kind {self.auc_kind!r} is not one of {get_args(AucKind)}")
         _finite("canary elapsed_s", self.elapsed_s, 0.0)
+        for name, rows in (
+            ("champion_positives", self.champion_labelled),
+            ("challenger_positives", self.challenger_labelled),
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                _finite(f"canary {name}", value, 0.0, float(rows))
 
 
 @dataclass(frozen=True)
@@ -408,6 +438,44 @@ def start(state: RolloutState, challenger: str, *, now: float | None = None) -> 
         challenger=challenger,
         traffic=0.0,
     )
+
+
+def auc_standard_error(auc: float, positives: float, rows: float) -> float | None:
+    """Hanley-McNeil (1982) standard error of a ROC-AUC from ``positives`` of ``rows``; None when
+    either class is empty."""
+    negatives = rows - positives
+    if positives <= 0 or negatives <= 0:
+        return None
+    q1 = auc / (2.0 - auc)
+    q2 = 2.0 * auc * auc / (1.0 + auc)
+    variance = (
+        auc * (1.0 - auc)
+        + (positives - 1.0) * (q1 - auc * auc)
+        + (negatives - 1.0) * (q2 - auc * auc)
+    ) / (positives * negatives)
+    return math.sqrt(max(variance, 0.0))
+
+
+def _auc_drop_p_value(canary: CanaryEvidence, max_drop: float) -> float | None:
+    """One-sided p-value of "challenger AUC >= champion AUC - max_drop"; None without positives."""
+    assert canary.champion_auc is not None and canary.challenger_auc is not None
+    if canary.champion_positives is None or canary.challenger_positives is None:
+        return None
+    errors = [
+        auc_standard_error(
+            canary.champion_auc, canary.champion_positives, canary.champion_labelled
+        ),
+        auc_standard_error(
+            canary.challenger_auc, canary.challenger_positives, canary.challenger_labelled
+        ),
+    ]
+    if None in errors:
+        return None
+    se = math.sqrt(sum(e * e for e in errors))  # type: ignore[operator]
+    margin = canary.challenger_auc - (canary.champion_auc - max_drop)
+    if se == 0.0:
+        return 0.0 if margin < 0 else 1.0
+    return float(norm.cdf(margin / se))
 
 
 def _judge_shadow(
@@ -590,10 +658,19 @@ def _decide_canary(
             f"(n={canary.challenger_labelled}) vs champion {canary.champion_auc:.4f} "
             f"(n={canary.champion_labelled}) - max drop {policy.max_auc_drop:.4f} = {floor:.4f}"
         )
-        if canary.challenger_auc < floor:
-            failures.append(f"{auc_text}: too low")
+        p_drop = _auc_drop_p_value(canary, policy.max_auc_drop)
+        if p_drop is None:
+            if canary.challenger_auc < floor:
+                failures.append(f"{auc_text}: too low")
+            else:
+                passes.append(f"{auc_text}: within")
         else:
-            passes.append(f"{auc_text}: within")
+            figures["auc_drop_p_value"] = p_drop
+            auc_text += f", one-sided z-test p={p_drop:.4g} vs alpha {policy.alpha}"
+            if p_drop < policy.alpha:
+                failures.append(f"{auc_text}: significantly too low")
+            else:
+                passes.append(f"{auc_text}: not significantly below")
 
     if failures:
         return _rollback(state, now, [f"{label}: {f}" for f in failures], figures)

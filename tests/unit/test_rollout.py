@@ -6,6 +6,7 @@ import math
 from dataclasses import replace
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from churn_assets.config import load_settings
@@ -18,6 +19,7 @@ from churn_assets.rollout import (
     RolloutPolicy,
     RolloutState,
     ShadowEvidence,
+    auc_standard_error,
     decide,
     start,
     traffic_share,
@@ -69,8 +71,21 @@ CANARIES: dict[str, CanaryEvidence | None] = {
     "slow_p99": replace(GOOD_CANARY, p99_latency_ms=900.0),
     "auc_drop": replace(GOOD_CANARY, challenger_auc=0.80),
     "below_threshold": replace(GOOD_CANARY, champion_auc=0.70, challenger_auc=0.71),
+    # The same 0.04 drop on 300/400 labelled rows is within the noise of a small canary...
+    "auc_drop_noisy": replace(
+        GOOD_CANARY, challenger_auc=0.80, champion_positives=40.0, challenger_positives=30.0
+    ),
+    # ...and on 20,000 rows per arm it is significant.
+    "auc_drop_significant": replace(
+        GOOD_CANARY,
+        challenger_auc=0.80,
+        champion_labelled=20_000,
+        challenger_labelled=20_000,
+        champion_positives=2_000.0,
+        challenger_positives=2_000.0,
+    ),
 }
-PASSING = {"pass", "estimated_pass", "noisy_errors"}
+PASSING = {"pass", "estimated_pass", "noisy_errors", "auc_drop_noisy"}
 NOW = 10_000.0
 STARTED = 1_000.0
 
@@ -313,3 +328,35 @@ def test_invalid_decide_calls_raise():
     early = replace(state, step_index=0)
     with pytest.raises(RolloutError, match="precedes"):
         decide(early, CANARY_POLICY, canary=GOOD_CANARY, now=STARTED - 1)
+
+
+def test_auc_standard_error_matches_the_spread_of_sampled_aucs():
+    """Hanley-McNeil's standard error against the empirical spread of AUCs over seeded samples
+    drawn from the same two score distributions."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(7)
+    positives, negatives = 60, 540
+    aucs = []
+    for _ in range(400):
+        scores = np.concatenate([rng.normal(1.2, 1, positives), rng.normal(0, 1, negatives)])
+        labels = np.r_[np.ones(positives), np.zeros(negatives)]
+        aucs.append(roc_auc_score(labels, scores))
+    empirical = float(np.std(aucs))
+    predicted = auc_standard_error(float(np.mean(aucs)), positives, positives + negatives)
+    assert predicted is not None
+    assert 0.75 * empirical < predicted < 1.35 * empirical, (predicted, empirical)
+    assert auc_standard_error(0.8, 0, 100) is None and auc_standard_error(0.8, 100, 100) is None
+
+
+def test_a_significant_auc_drop_names_the_test_in_the_reason():
+    state = RolloutState(Phase.CANARY, "v1", "v2", step_index=1, step_started_at=STARTED)
+    rolled = decide(state, CANARY_POLICY, canary=CANARIES["auc_drop_significant"], now=NOW)
+    assert rolled.action == "rollback"
+    assert any("z-test" in r and "significantly too low" in r for r in rolled.reasons)
+    assert rolled.figures["auc_drop_p_value"] < CANARY_POLICY.alpha
+    noisy = decide(state, CANARY_POLICY, canary=CANARIES["auc_drop_noisy"], now=NOW)
+    assert noisy.action == "advance"
+    assert noisy.figures["auc_drop_p_value"] >= CANARY_POLICY.alpha
+    with pytest.raises(RolloutError, match="challenger_positives"):
+        replace(GOOD_CANARY, challenger_positives=301.0)
