@@ -191,8 +191,8 @@ class LocalServingTarget:
 
     ``apply`` reads the router state, then promotes (the deployment's champion is the served
     challenger), rolls back (it is the previous champion) and sets the policy (strategy, challenger,
-    canary weight). A canary that ends in a rollback without a promotion becomes a shadow with
-    weight 0, as the router's own rollback does.
+    canary weight). A deployment of a single version removes any challenger the router still
+    serves or shadows (``remove_challenger``), so a rolled-back version gets no more traffic.
     """
 
     def __init__(
@@ -280,10 +280,17 @@ class LocalServingTarget:
             }
             self._call("PUT", "/router/policy", policy)
             calls.append("policy")
-        elif not calls and state.get("strategy") == "canary" and state.get("challenger"):
-            # Stopping a canary without a promotion: no traffic to the challenger.
-            self._call("PUT", "/router/policy", {"strategy": "shadow", "canary_weight": 0.0})
-            calls.append("policy")
+        elif "promote" not in calls:
+            # A single version: whatever challenger the router still serves or shadows (a
+            # rolled-back canary or shadow, or the version a rollback demoted) is dropped.
+            current = self.router_state() if calls else state
+            if current.get("challenger"):
+                self._call(
+                    "PUT",
+                    "/router/policy",
+                    {"strategy": "shadow", "canary_weight": 0.0, "remove_challenger": True},
+                )
+                calls.append("policy")
         return {"target": "local-serving", "calls": calls, "state": self.router_state()}
 
 

@@ -3,6 +3,7 @@
 Phases and transitions (``decide`` unless noted)::
 
     IDLE / PROMOTED / ROLLED_BACK --start()--> SHADOW
+    any phase --adopt()--> IDLE          (someone made another version champion by hand)
     SHADOW --evidence passes, strategy canary--> CANARY step 0
     SHADOW --evidence passes, strategy blue_green--> BLUE_GREEN_READY
     BLUE_GREEN_READY --shadow evidence still passes--> PROMOTED            ("switch")
@@ -61,13 +62,16 @@ __all__ = [
     "RolloutState",
     "ShadowEvidence",
     "TERMINAL_PHASES",
+    "adopt",
     "auc_standard_error",
     "decide",
     "start",
     "traffic_share",
 ]
 
-Action = Literal["wait", "start_shadow", "advance", "promote", "rollback", "switch", "hold"]
+Action = Literal[
+    "wait", "start_shadow", "advance", "promote", "rollback", "switch", "hold", "adopt"
+]
 AucKind = Literal["realised", "estimated"]
 
 
@@ -476,6 +480,28 @@ def _auc_drop_p_value(canary: CanaryEvidence, max_drop: float) -> float | None:
     if se == 0.0:
         return 0.0 if margin < 0 else 1.0
     return float(norm.cdf(margin / se))
+
+
+def adopt(state: RolloutState, champion: str, *, now: float, reason: str) -> Decision:
+    """Record that ``champion`` serves all traffic because of a change made outside the rollout
+    (an operator's promote or rollback); any rollout in progress ends. The deployment already
+    is what the decision describes, so a target has nothing to apply."""
+    _finite("now", now)
+    if not isinstance(champion, str) or not champion:
+        raise RolloutError(f"champion must be a non-empty version name, got {champion!r}")
+    if champion == state.champion and state.phase in TERMINAL_PHASES:
+        raise RolloutError(f"{champion} already is the champion in phase {state.phase}")
+    return _transition(
+        state,
+        "adopt",
+        now=now,
+        reasons=[reason],
+        figures={"traffic": 0.0},
+        phase=Phase.IDLE,
+        champion=champion,
+        challenger=None,
+        traffic=0.0,
+    )
 
 
 def _judge_shadow(

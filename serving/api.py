@@ -27,6 +27,10 @@ class PolicyChange(BaseModel):
     strategy: Literal["shadow", "canary", "blue_green"] | None = None
     canary_weight: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
     challenger: str | None = Field(default=None, pattern=r"^v[0-9]+$")
+    remove_challenger: bool = Field(
+        default=False,
+        description="Stop serving and shadowing the challenger (the champion answers alone).",
+    )
 
 
 class FeedbackRequest(BaseModel):
@@ -132,8 +136,13 @@ def create_router(
         return plane.router_metrics()
 
     @router.get("/router/shadow-analysis", tags=["router"], summary="Primary vs shadow scores")
-    async def shadow_analysis() -> dict[str, Any]:
-        return plane.shadow_analysis()
+    async def shadow_analysis(
+        version: Annotated[
+            str | None,
+            Query(pattern=r"^v[0-9]+$", description="Only pairs where this version shadowed"),
+        ] = None,
+    ) -> dict[str, Any]:
+        return plane.shadow_analysis(version)
 
     @router.post("/router/promote-v2", tags=["admin"], summary="Promote the challenger")
     async def promote(authorization: AuthHeader = None) -> dict[str, Any]:
@@ -156,6 +165,7 @@ def create_router(
             strategy=body.strategy,
             canary_weight=body.canary_weight,
             challenger=body.challenger,
+            remove_challenger=body.remove_challenger,
             actor=actor,
         )
         return plane.router_metrics()["state"] | {"strategy": state.strategy}

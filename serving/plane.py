@@ -412,13 +412,23 @@ class ServingPlane:
         canary_weight: float | None,
         challenger: str | None,
         actor: str,
+        remove_challenger: bool = False,
     ) -> RouterState:
+        if remove_challenger and challenger:
+            raise InvalidInput(
+                [
+                    {
+                        "loc": ["body"],
+                        "msg": "give either a challenger or remove_challenger, not both",
+                    }
+                ]
+            )
         try:
             new_state = replace(
                 self.state,
                 strategy=strategy or self.state.strategy,
                 canary_weight=self.state.canary_weight if canary_weight is None else canary_weight,
-                challenger=challenger or self.state.challenger,
+                challenger=None if remove_challenger else challenger or self.state.challenger,
             ).validate()
         except RouterError as exc:
             raise InvalidInput([{"loc": ["body"], "msg": str(exc)}]) from exc
@@ -428,6 +438,7 @@ class ServingPlane:
             actor,
             strategy=new_state.strategy,
             canary_weight=new_state.canary_weight,
+            challenger=new_state.challenger,
         )
 
     def promote(self, actor: str) -> RouterState:
@@ -464,13 +475,17 @@ class ServingPlane:
             },
         }
 
-    def shadow_analysis(self) -> dict[str, Any]:
+    def shadow_analysis(self, version: str | None = None) -> dict[str, Any]:
+        """Primary-vs-shadow comparison over the recent pairs (all, or where ``version``
+        shadowed)."""
         pairs = list(self._shadow_pairs)
+        if version is not None:
+            pairs = [p for p in pairs if p["shadow_version"] == version]
         if not pairs:
             return {
                 "pairs": 0,
                 "message": "no shadow traffic yet (strategy must be 'shadow' "
-                "with a challenger loaded)",
+                "with a challenger loaded)" + (f" for {version}" if version is not None else ""),
             }
         primary = np.array([p["primary"] for p in pairs])
         shadow = np.array([p["shadow"] for p in pairs])
@@ -482,6 +497,9 @@ class ServingPlane:
             "primary_version": pairs[-1]["primary_version"],
             "shadow_version": pairs[-1]["shadow_version"],
             "agreement_rate": float(np.mean([p["agree"] for p in pairs])),
+            "latency_overhead_ms": float(
+                np.mean([p["shadow_latency_ms"] - p["primary_latency_ms"] for p in pairs])
+            ),
             "mean_abs_score_difference": float(np.mean(np.abs(primary - shadow))),
             "mean_primary_score": float(primary.mean()),
             "mean_shadow_score": float(shadow.mean()),

@@ -136,6 +136,7 @@ def drift_report(
             "report_id": report_id,
             "computed_at": computed_at.isoformat(),
             "model_version": model.version,
+            "drift": bool(report.drift),
             "features": features,
             "multivariate": report.multivariate,
         },
@@ -356,7 +357,9 @@ def live_performance(
                     "arm": r["arm"],
                     "kind": r["kind"],
                     "roc_auc": None if pd.isna(r["roc_auc"]) else float(r["roc_auc"]),
-                    "labelled": int(r.get("labelled_rows", 0) or 0),
+                    "labelled": int(r.get("labelled", 0) or 0),
+                    "rows": int(r.get("rows", 0) or 0),
+                    "positives": None if pd.isna(r.get("positives")) else float(r["positives"]),
                 }
                 for r in overall.to_dict("records")
             ],

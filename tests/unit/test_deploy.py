@@ -302,7 +302,11 @@ def test_local_target_stops_a_failed_canary(admin_api: ThreadingHTTPServer) -> N
     admin_api.router_state |= {"strategy": "canary", "canary_weight": 0.25}  # type: ignore[attr-defined]
     _target(admin_api).apply(DEPLOYMENTS["rolled_back"])
     assert [c[1:] for c in admin_api.calls if c[0] != "GET"] == [  # type: ignore[attr-defined]
-        ("/router/policy", "Bearer s3cret", {"strategy": "shadow", "canary_weight": 0.0})
+        (
+            "/router/policy",
+            "Bearer s3cret",
+            {"strategy": "shadow", "canary_weight": 0.0, "remove_challenger": True},
+        )
     ]
 
 

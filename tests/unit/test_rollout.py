@@ -19,6 +19,7 @@ from churn_assets.rollout import (
     RolloutPolicy,
     RolloutState,
     ShadowEvidence,
+    adopt,
     auc_standard_error,
     decide,
     start,
@@ -360,3 +361,17 @@ def test_a_significant_auc_drop_names_the_test_in_the_reason():
     assert noisy.figures["auc_drop_p_value"] >= CANARY_POLICY.alpha
     with pytest.raises(RolloutError, match="challenger_positives"):
         replace(GOOD_CANARY, challenger_positives=301.0)
+
+
+def test_adopt_ends_any_rollout_with_the_operator_s_champion():
+    for state in states(CANARY_POLICY):
+        new_champion = state.challenger or "v9"
+        decision = adopt(state, new_champion, now=NOW, reason="promoted by an operator")
+        assert decision.action == "adopt" and decision.traffic == 0.0
+        nxt = decision.next_state
+        assert nxt.phase is Phase.IDLE and nxt.champion == new_champion
+        assert nxt.challenger is None and nxt.history[-1]["action"] == "adopt"
+        assert nxt.history[-1]["reasons"] == ["promoted by an operator"]
+    idle = RolloutState(Phase.IDLE, "v1", None)
+    with pytest.raises(RolloutError, match="already is the champion"):
+        adopt(idle, "v1", now=NOW, reason="nothing changed")
