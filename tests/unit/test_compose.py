@@ -93,7 +93,8 @@ def test_images_are_pinned_and_secrets_come_from_the_environment(compose):
 
 def test_dagster_services_get_every_variable_the_instance_reads(compose):
     instance = yaml.safe_load((REPO_ROOT / "config/dagster-postgres.yaml").read_text())
-    wanted = {node["env"] for node in instance["storage"]["postgres"]["postgres_db"].values()}
+    postgres_db = instance["storage"]["postgres"]["postgres_db"]
+    wanted = {node["env"] for node in postgres_db.values() if isinstance(node, dict)}
     assert wanted == {f"DAGSTER_PG_{k}" for k in ("HOST", "PORT", "DB", "USERNAME", "PASSWORD")}
     postgres = compose["services"]["postgres"]["environment"]
     for name in ("dagster-code", "dagster-webserver", "dagster-daemon"):

@@ -507,6 +507,9 @@ def test_helm_values_code_location_postgres_and_secrets(dagster_values):
     assert values["postgresql"]["enabled"] is False
     assert values["generatePostgresqlPasswordSecret"] is False
     assert values["global"]["postgresqlSecretName"]
+    instance = yaml.safe_load((REPO_ROOT / "config/dagster-postgres.yaml").read_text())
+    scheme = instance["storage"]["postgres"]["postgres_db"]["scheme"]
+    assert values["postgresql"]["postgresqlScheme"] == scheme == "postgresql+psycopg2"
     _assert_secrets_by_reference(values)
     [location] = values["dagster-user-deployments"]["deployments"]
     args = location["codeServerArgs"]
