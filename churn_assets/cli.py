@@ -3,6 +3,7 @@
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -359,6 +360,29 @@ def serve(ctx: click.Context, http_port: int | None, grpc_port: int | None) -> N
         raise _fail(exc) from None
 
 
+@main.command()
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=None, help="Port (default: dashboard.port)."
+)
+@click.option("--address", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.pass_context
+def dashboard(ctx: click.Context, port: int | None, address: str) -> None:
+    """Serve the Panel dashboard (`panel serve dashboards/app.py`); Ctrl-C stops it.
+
+    Its admin buttons use CHURN_ADMIN_TOKEN from the environment (the serving process's token).
+    """
+    from dashboards.serve import panel_command
+
+    settings = _settings(ctx)
+    command = panel_command(port or settings.dashboard.port, address)
+    env = dict(os.environ)
+    if ctx.obj["config_path"] is not None:
+        env["CHURN_CONFIG"] = str(Path(ctx.obj["config_path"]).resolve())
+    click.echo(f"dashboard on http://{address}:{port or settings.dashboard.port}/app")
+    sys.stdout.flush()
+    os.execve(command[0], command, env)
+
+
 # -- the whole platform ----------------------------------------------------------------------------
 
 
@@ -434,6 +458,14 @@ def _run_platform(
         ctx.invoke(simulate_cmd)
     click.echo("[3/5] landing the data topics through Dagster")
     env = _dagster_env(settings, ctx.obj["config_path"])
+    if not env.get("CHURN_ADMIN_TOKEN"):
+        # The closed loop (rollout_decision -> serving admin API) needs a shared admin token;
+        # without one from the environment, the children share a random one for this session.
+        env["CHURN_ADMIN_TOKEN"] = secrets.token_urlsafe(32)
+        click.echo(
+            "CHURN_ADMIN_TOKEN is not set: serving, Dagster and the dashboard share a random "
+            "admin token for this session (set it yourself to call the admin API directly)"
+        )
     dagster_bin = str(Path(sys.executable).with_name("dagster"))
     landing = subprocess.run(
         [
@@ -484,6 +516,15 @@ def _run_platform(
                 f"[5/5] serving: http://{serving.host}:{serving.http_port} (REST, /docs) and "
                 f"{serving.host}:{serving.grpc_port} (gRPC)"
             )
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "churn_assets.cli", *_config_args(ctx), "dashboard"],
+                env=env,
+                cwd=REPO_ROOT,
+                start_new_session=True,
+            )
+        )
+        click.echo(f"[5/5] dashboard: http://127.0.0.1:{settings.dashboard.port}/app")
         port = settings.dagster.webserver_port
         children.append(
             subprocess.Popen(
@@ -559,8 +600,11 @@ simulate_cmd = simulate
 
 def _register_subcommands() -> None:
     from churn_assets.cli_models import models
+    from churn_assets.cli_rollout import retrain, rollout
 
     main.add_command(models)
+    main.add_command(retrain)
+    main.add_command(rollout)
 
 
 _register_subcommands()

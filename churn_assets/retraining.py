@@ -88,6 +88,8 @@ def _track_drift(snapshot: TriggerSnapshot, episode: dict[str, Any] | None):
         f"drift in {', '.join(flagged) or 'the prediction score'} since report {episode['id']}, "
         f"held {lasted.total_seconds() / 60:.0f} of {snapshot.hold.total_seconds() / 60:.0f} min"
     )
+    if episode["fired"]:
+        text += " (this episode already retrained)"
     confirmed = lasted >= snapshot.hold and not episode["fired"]
     return episode, confirmed, text
 
@@ -111,6 +113,8 @@ def _track_performance(snapshot: TriggerSnapshot, episode: dict[str, Any] | None
         f"{snapshot.champion} {kind} AUC {auc:.3f} < {snapshot.performance_threshold} for "
         f"{lasted.total_seconds() / 60:.0f} of {snapshot.hold.total_seconds() / 60:.0f} min"
     )
+    if episode["fired"]:
+        text += " (this episode already retrained)"
     return episode, lasted >= snapshot.hold and not episode["fired"], text
 
 

@@ -62,9 +62,14 @@ class RunningServer:
 
 
 def start_server(
-    config_path: Path, log_path: Path, token: str | None = ADMIN_TOKEN, timeout_s: float = 90
+    config_path: Path,
+    log_path: Path,
+    token: str | None = ADMIN_TOKEN,
+    timeout_s: float = 90,
+    ports: tuple[int, int] | None = None,
 ) -> RunningServer:
-    http_port, grpc_port = free_port(), free_port()
+    """``churn serve`` on ``ports`` (HTTP, gRPC; default: two free ones), ready to answer."""
+    http_port, grpc_port = ports or (free_port(), free_port())
     env = {k: v for k, v in os.environ.items() if k != "CHURN_ADMIN_TOKEN"}
     if token:
         env["CHURN_ADMIN_TOKEN"] = token

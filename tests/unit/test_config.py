@@ -1,6 +1,6 @@
 import pytest
 
-from churn_assets.config import ConfigError, load_settings
+from churn_assets.config import REPO_ROOT, ConfigError, Settings, load_settings
 
 pytestmark = pytest.mark.unit
 
@@ -111,3 +111,20 @@ def test_secret_is_not_in_the_file_or_repr(monkeypatch, config_factory):
     settings = load_settings(config_factory())
     assert settings.kafka.sasl_password.get_secret_value() == "hunter2"
     assert "hunter2" not in repr(settings)
+
+
+def test_the_model_defaults_are_config_yaml_so_partial_profiles_inherit_it():
+    shipped = load_settings(REPO_ROOT / "config" / "config.yaml")
+    defaults = Settings(base_dir=shipped.base_dir)
+    assert shipped.model_dump() == defaults.model_dump()
+
+
+def test_the_time_compressed_profile_loads_and_compresses():
+    compressed = load_settings(REPO_ROOT / "config" / "compressed.yaml")
+    shipped = load_settings(REPO_ROOT / "config" / "config.yaml")
+    assert compressed.rollout.min_step_minutes < shipped.rollout.min_step_minutes
+    assert compressed.rollout.min_shadow_requests < shipped.rollout.min_shadow_requests
+    assert compressed.retraining.hold_minutes == 0
+    assert compressed.retraining.cooldown_minutes < shipped.retraining.cooldown_minutes
+    assert compressed.simulator.scenario == "covariate_drift"
+    assert compressed.storage == shipped.storage and compressed.data_dir == shipped.data_dir
