@@ -323,6 +323,14 @@ def _probe(path: str) -> dict[str, Any]:
     }
 
 
+# Per serving container: a request is ~1 ms of CPU, the process ~400 MB (MLServer + XGBoost).
+RESOURCES: dict[str, dict[str, str]] = {
+    "requests": {"cpu": "250m", "memory": "512Mi"},
+    "limits": {"cpu": "1", "memory": "1Gi"},
+}
+MIN_REPLICAS, MAX_REPLICAS, TARGET_CPU_PERCENT = 1, 4, 70
+
+
 def _predictor(
     deployment: Deployment,
     version: str,
@@ -333,12 +341,13 @@ def _predictor(
     traffic: int | None,
     shadow: bool = False,
 ) -> dict[str, Any]:
-    """One predictor per version, named by it, with an image-based MODEL graph node."""
+    """One predictor per version, named by it, with an image-based MODEL graph node, probes on
+    the V2 health endpoints, resources and a CPU autoscaler (``hpaSpec``)."""
     container = f"{name}-{version}"
     predictor: dict[str, Any] = {
         "name": version,
         "labels": {"churn.io/version": version, "churn.io/role": _role(deployment, version)},
-        "replicas": 1,
+        "replicas": MIN_REPLICAS,
         "componentSpecs": [
             {
                 "spec": {
@@ -347,11 +356,25 @@ def _predictor(
                             "name": container,
                             "image": image,
                             "env": [{"name": "CHURN_MODEL_VERSION", "value": version}],
+                            "resources": RESOURCES,
                             "readinessProbe": _probe("/v2/health/ready"),
                             "livenessProbe": _probe("/v2/health/live"),
                         }
                     ]
-                }
+                },
+                "hpaSpec": {
+                    "minReplicas": MIN_REPLICAS,
+                    "maxReplicas": MAX_REPLICAS,
+                    "metrics": [
+                        {
+                            "type": "Resource",
+                            "resource": {
+                                "name": "cpu",
+                                "targetAverageUtilization": TARGET_CPU_PERCENT,
+                            },
+                        }
+                    ],
+                },
             }
         ],
         "graph": {
@@ -433,7 +456,9 @@ def render_seldon_v2(
             "spec": {
                 "storageUri": f"{model_uri_prefix.rstrip('/')}/{version}",
                 "requirements": list(requirements),
-                "replicas": 1,
+                "replicas": MIN_REPLICAS,
+                "minReplicas": MIN_REPLICAS,
+                "maxReplicas": MAX_REPLICAS,
             },
         }
         for version in deployment.live_versions

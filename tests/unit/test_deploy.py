@@ -140,6 +140,10 @@ def test_seldon_deployment_matches_the_crd(key: str) -> None:
         assert predictor["graph"]["type"] == "MODEL"
         assert predictor["graph"]["name"] == container["name"]
         assert predictor["graph"]["modelUri"] == f"s3://churn-models/{version}"
+        assert container["resources"]["requests"] and container["resources"]["limits"]
+        hpa = predictor["componentSpecs"][0]["hpaSpec"]
+        assert 1 <= hpa["minReplicas"] < hpa["maxReplicas"]
+        assert hpa["metrics"][0]["resource"]["name"] == "cpu"
     if deployment.strategy == "shadow":
         assert predictors["v2"]["shadow"] is True and "traffic" not in predictors["v2"]
         assert predictors["v1"]["traffic"] == 100
@@ -163,6 +167,7 @@ def test_seldon_v2_models_and_experiment_match_the_crds(key: str) -> None:
     assert [m["spec"]["storageUri"] for m in models] == [
         f"s3://churn-models/{v}" for v in deployment.live_versions
     ]
+    assert all(1 <= m["spec"]["minReplicas"] < m["spec"]["maxReplicas"] for m in models)
     spec = experiment["spec"]
     assert experiment["kind"] == "Experiment"
     assert spec["default"] == f"churn-{deployment.champion}"
