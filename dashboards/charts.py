@@ -1,0 +1,191 @@
+"""Bokeh figures for the dashboard pages, built from plain frames (no Panel, no I/O).
+
+Every figure stretches to its container's width so the pages work from phone to desktop widths.
+"""
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from bokeh.models import ColumnDataSource, HoverTool, Legend, Range1d, Span
+from bokeh.palettes import Category10_10
+from bokeh.plotting import figure
+
+__all__ = [
+    "bar_chart",
+    "contributions_chart",
+    "distribution_chart",
+    "grouped_bars",
+    "p_value_chart",
+    "rate_chart",
+]
+
+HEIGHT = 280
+COLOURS = Category10_10
+REFERENCE_COLOUR, LIVE_COLOUR = "#4c72b0", "#dd8452"
+
+
+def _figure(**kwargs) -> figure:
+    fig = figure(
+        height=kwargs.pop("height", HEIGHT),
+        sizing_mode="stretch_width",
+        toolbar_location=None,
+        **kwargs,
+    )
+    fig.outline_line_color = None
+    fig.grid.grid_line_alpha = 0.4
+    return fig
+
+
+def p_value_chart(history: pd.DataFrame, threshold: float) -> figure:
+    """Corrected p-value per feature over time (log scale) against the drift threshold."""
+    fig = _figure(
+        x_axis_type="datetime", y_axis_type="log", y_axis_label="corrected p-value", height=320
+    )
+    fig.add_layout(Legend(click_policy="hide", label_text_font_size="8pt"), "below")
+    floor = 1e-12
+    for index, (feature, rows) in enumerate(history.groupby("feature", sort=True)):
+        rows = rows.sort_values("computed_at")
+        source = ColumnDataSource(
+            {
+                "t": rows["computed_at"].dt.tz_localize(None),
+                "p": np.clip(rows["p_value_corrected"].astype(float), floor, 1.0),
+                "feature": [feature] * len(rows),
+                "drift": rows["drift"].map({True: "yes", False: "no"}),
+            }
+        )
+        colour = COLOURS[index % len(COLOURS)]
+        fig.line("t", "p", source=source, color=colour, line_width=2, legend_label=feature)
+        fig.scatter("t", "p", source=source, color=colour, size=6, legend_label=feature)
+    fig.add_layout(
+        Span(location=threshold, dimension="width", line_color="red", line_dash="dashed")
+    )
+    fig.add_tools(
+        HoverTool(tooltips=[("feature", "@feature"), ("p", "@p{0.0000}"), ("drift", "@drift")])
+    )
+    fig.legend.orientation = "horizontal"
+    return fig
+
+
+def distribution_chart(
+    reference: pd.Series, live: pd.Series, feature: str, categorical: bool
+) -> figure:
+    """Reference vs live distribution of one feature: shares per category, or density
+    histograms on shared bins."""
+    if categorical:
+        categories = sorted(set(reference.dropna()) | set(live.dropna()))
+        ref_share = reference.value_counts(normalize=True).reindex(categories, fill_value=0)
+        live_share = live.value_counts(normalize=True).reindex(categories, fill_value=0)
+        return grouped_bars(
+            categories,
+            {"reference": ref_share.to_numpy(), "live": live_share.to_numpy()},
+            y_label=f"share of rows ({feature})",
+            colours=(REFERENCE_COLOUR, LIVE_COLOUR),
+        )
+    values = np.concatenate([reference.to_numpy(float), live.to_numpy(float)])
+    edges = np.histogram_bin_edges(values[np.isfinite(values)], bins=30)
+    fig = _figure(x_axis_label=feature, y_axis_label="density")
+    for series, colour, label in (
+        (reference, REFERENCE_COLOUR, "reference"),
+        (live, LIVE_COLOUR, "live"),
+    ):
+        density, _ = np.histogram(series.to_numpy(float), bins=edges, density=True)
+        fig.quad(
+            top=density,
+            bottom=0,
+            left=edges[:-1],
+            right=edges[1:],
+            fill_color=colour,
+            fill_alpha=0.45,
+            line_color=colour,
+            legend_label=f"{label} ({len(series):,} rows)",
+        )
+    fig.legend.location = "top_right"
+    fig.legend.label_text_font_size = "8pt"
+    return fig
+
+
+def grouped_bars(
+    categories: Sequence[str],
+    series: dict[str, np.ndarray],
+    *,
+    y_label: str,
+    colours: Sequence[str] | None = None,
+    percent: bool = True,
+) -> figure:
+    """Side-by-side vertical bars: one group per category, one bar per series."""
+    from bokeh.transform import dodge
+
+    categories = [str(c) for c in categories]
+    names = list(series)
+    data = {"category": categories, **{name: list(values) for name, values in series.items()}}
+    fig = _figure(x_range=categories, y_axis_label=y_label)
+    width = 0.8 / max(len(names), 1)
+    colours = colours or COLOURS
+    for index, name in enumerate(names):
+        offset = (index - (len(names) - 1) / 2) * width
+        fig.vbar(
+            x=dodge("category", offset, range=fig.x_range),
+            top=name,
+            width=width * 0.95,
+            source=ColumnDataSource(data),
+            color=colours[index % len(colours)],
+            legend_label=name,
+        )
+    fig.y_range.start = 0
+    fig.xaxis.major_label_orientation = math.pi / 6 if len(categories) > 4 else 0
+    fig.legend.location = "top_left"
+    fig.legend.label_text_font_size = "8pt"
+    fig.add_tools(
+        HoverTool(
+            tooltips=[("", "@category")]
+            + [(n, f"@{{{n}}}{{{'0.0%' if percent else '0.000'}}}") for n in names]
+        )
+    )
+    return fig
+
+
+def bar_chart(labels: Sequence[str], values: Sequence[float], x_label: str) -> figure:
+    """Horizontal bars, largest at the top."""
+    order = list(np.argsort(values))
+    labels = [str(labels[i]) for i in order]
+    values = [float(values[i]) for i in order]
+    fig = _figure(y_range=labels, x_axis_label=x_label, height=max(180, 28 * len(labels) + 60))
+    fig.hbar(y=labels, right=values, height=0.7, color=REFERENCE_COLOUR)
+    fig.x_range.start = 0
+    return fig
+
+
+def contributions_chart(contributions: Sequence[dict], title: str) -> figure:
+    """SHAP contributions (log-odds) of one prediction: red raises churn risk, blue lowers it."""
+    ordered = sorted(contributions, key=lambda c: abs(c["contribution"]))
+    labels = [c["feature"] for c in ordered]
+    values = [float(c["contribution"]) for c in ordered]
+    colours = ["#c44e52" if v > 0 else "#4c72b0" for v in values]
+    fig = _figure(
+        y_range=labels,
+        title=title,
+        x_axis_label="SHAP contribution (log-odds)",
+        height=max(200, 30 * len(labels) + 70),
+    )
+    fig.hbar(y=labels, left=0, right=values, height=0.7, color=colours)
+    fig.add_layout(Span(location=0, dimension="height", line_color="#555"))
+    return fig
+
+
+def rate_chart(samples: Sequence[tuple[pd.Timestamp, float]]) -> figure:
+    """Requests per second measured by this page since it opened."""
+    fig = _figure(x_axis_type="datetime", y_axis_label="requests/s", height=200)
+    times = [t for t, _ in samples]
+    rates = [r for _, r in samples]
+    source = ColumnDataSource({"t": times, "rate": rates})
+    fig.line("t", "rate", source=source, line_width=2, color=REFERENCE_COLOUR)
+    fig.scatter("t", "rate", source=source, size=5, color=REFERENCE_COLOUR)
+    if not samples:  # no data yet: fixed ranges instead of ranges computed from nothing
+        now = pd.Timestamp.now()
+        fig.x_range = Range1d(now - pd.Timedelta(minutes=1), now)
+        fig.y_range = Range1d(0, 1)
+    else:
+        fig.y_range.start = 0
+    return fig

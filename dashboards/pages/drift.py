@@ -1,0 +1,131 @@
+"""Drift: per-feature p-values over time against the threshold, reference vs live distributions,
+multivariate drift and the open alerts."""
+
+import pandas as pd
+import panel as pn
+import param
+
+from churn_assets.schemas import CATEGORICAL_FEATURES, FEATURE_NAMES
+from dashboards import charts
+from dashboards.data import Unavailable, open_alerts, reference_sample
+from dashboards.pages.common import Context, explanation, heading, stat_cards, table
+
+__all__ = ["DriftPage"]
+
+
+class DriftPage(pn.viewable.Viewer):
+    """Feature and multivariate drift of the live window against the champion's reference."""
+
+    feature = param.Selector(
+        default=FEATURE_NAMES[1], objects=list(FEATURE_NAMES), doc="Feature to compare."
+    )
+
+    def __init__(self, context: Context, **params) -> None:
+        super().__init__(**params)
+        self.context = context
+        self.threshold = context.settings.monitoring.drift_detection.threshold
+        self.history = context.read_models.drift_history()
+        self.monitoring = context.read_models.monitoring()
+        self._reference: pd.DataFrame | Unavailable | None = None
+        self._live: pd.DataFrame | Unavailable | None = None
+
+    def _p_values(self):
+        if isinstance(self.history, Unavailable):
+            return explanation(self.history)
+        return pn.pane.Bokeh(
+            charts.p_value_chart(self.history, self.threshold), sizing_mode="stretch_width"
+        )
+
+    def _latest_report(self):
+        if isinstance(self.history, Unavailable):
+            return explanation(self.history)
+        latest = self.history.loc[self.history["computed_at"] == self.history["computed_at"].max()]
+        first = latest.iloc[0]
+        caption = pn.pane.Markdown(
+            f"Report of {first['computed_at']:%Y-%m-%d %H:%M} UTC on {int(first['live_rows']):,}"
+            f" live rows, model {first['model_version']}, threshold {self.threshold}.",
+            margin=(0, 10),
+        )
+        shown = latest[
+            ["feature", "detector", "p_value", "p_value_corrected", "effect_size", "drift"]
+        ].assign(drift=latest["drift"].map({True: "DRIFT", False: "ok"}))
+        return pn.Column(caption, table(shown), sizing_mode="stretch_width")
+
+    @param.depends("feature")
+    def _distribution(self):
+        if self._reference is None:
+            self._reference = reference_sample(self.context.settings)
+            self._live = self.context.read_models.live_window()
+        for side in (self._reference, self._live):
+            if isinstance(side, Unavailable):
+                return explanation(side)
+        return pn.pane.Bokeh(
+            charts.distribution_chart(
+                self._reference[self.feature],
+                self._live[self.feature],
+                self.feature,
+                categorical=self.feature in CATEGORICAL_FEATURES,
+            ),
+            sizing_mode="stretch_width",
+        )
+
+    def _multivariate(self):
+        if isinstance(self.monitoring, Unavailable):
+            return explanation(self.monitoring)
+        drift = self.monitoring.get("drift")
+        if not drift:
+            return explanation(
+                Unavailable("Multivariate drift", "no drift report has been published yet")
+            )
+        mmd = drift.get("multivariate") or {}
+        if "skipped" in mmd:
+            return pn.pane.Alert(f"MMD test skipped: {mmd['skipped']}", alert_type="info")
+        flagged = bool(mmd.get("drift"))
+        cards = [
+            (
+                "MMD drift",
+                "DRIFT" if flagged else "no drift",
+                mmd.get("detector", "mmd"),
+                "bad" if flagged else "good",
+            ),
+            (
+                "p-value",
+                f"{mmd.get('p_value', float('nan')):.3g}",
+                f"threshold {self.threshold}",
+                "",
+            ),
+            (
+                "MMD²",
+                f"{mmd.get('distance', float('nan')):.3g}",
+                f"critical {mmd.get('distance_threshold', float('nan')):.3g}",
+                "",
+            ),
+            ("Sample", f"{mmd.get('sample_rows', 0):,} rows", "per window", ""),
+        ]
+        return pn.pane.HTML(stat_cards(cards), sizing_mode="stretch_width")
+
+    def _alerts(self):
+        if isinstance(self.monitoring, Unavailable):
+            return explanation(self.monitoring)
+        alerts = open_alerts(self.context.settings, self.monitoring)
+        if not alerts:
+            return pn.pane.Alert("No open alerts.", alert_type="success")
+        return table(pd.DataFrame(alerts))
+
+    def __panel__(self):
+        selector = pn.widgets.Select.from_param(self.param.feature, name="Feature", width=260)
+        return pn.Column(
+            heading("Drift", 2),
+            heading("Open alerts"),
+            self._alerts(),
+            heading(f"Corrected p-values over time (drift below {self.threshold})"),
+            self._p_values(),
+            heading("Latest report"),
+            self._latest_report(),
+            heading("Reference vs live distribution"),
+            selector,
+            self._distribution,
+            heading("Multivariate drift (MMD)"),
+            self._multivariate(),
+            sizing_mode="stretch_width",
+        )
