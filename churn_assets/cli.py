@@ -600,11 +600,12 @@ simulate_cmd = simulate
 
 def _register_subcommands() -> None:
     from churn_assets.cli_models import models
-    from churn_assets.cli_rollout import retrain, rollout
+    from churn_assets.cli_rollout import retrain, rollout, traffic
 
     main.add_command(models)
     main.add_command(retrain)
     main.add_command(rollout)
+    main.add_command(traffic)
 
 
 _register_subcommands()

@@ -1,4 +1,5 @@
-"""``churn retrain`` (the manual retraining trigger) and ``churn rollout`` (its progress)."""
+"""``churn retrain`` (the manual retraining trigger), ``churn rollout`` (its progress) and
+``churn traffic`` (demo traffic for the shadow and canary analyses)."""
 
 import json
 import subprocess
@@ -9,7 +10,7 @@ import click
 
 from churn_assets.config import REPO_ROOT, ConfigError, Settings, load_settings
 
-__all__ = ["retrain", "rollout"]
+__all__ = ["retrain", "rollout", "traffic"]
 
 
 def _load(ctx: click.Context) -> Settings:
@@ -114,3 +115,78 @@ def rollout_status(ctx: click.Context, last: int, as_json: bool) -> None:
         )
         for reason in row["reasons"]:
             click.echo(f"    - {reason}")
+
+
+@click.command()
+@click.option(
+    "--requests", "count", default=1000, show_default=True, type=click.IntRange(1, 10_000_000)
+)
+@click.option(
+    "--rate",
+    default=100.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1, max=100_000),
+    help="Scored customers per second.",
+)
+@click.option(
+    "--batch", default=20, show_default=True, type=click.IntRange(1, 1000), help="Per request."
+)
+@click.option("--seed", default=0, show_default=True, help="Seeds the choice of customers.")
+@click.pass_context
+def traffic(ctx: click.Context, count: int, rate: float, batch: int, seed: int) -> None:
+    """Replay landed customers through the serving API (POST /predict/batch) at a steady rate.
+
+    Demo traffic for the shadow and canary analyses, the mirror and the dashboard: each
+    customer's latest landed features (read model landed_customer_events), customers picked at
+    random with SEED. Sticky canary routing keys on the customer id, as for real callers.
+    """
+    import time
+
+    import numpy as np
+    import requests as http
+
+    from churn_assets.rollout_control import serving_url
+    from churn_assets.schemas import FEATURE_NAMES
+    from churn_assets.warehouse import ReadModelMissing, load_read_model
+
+    settings = _load(ctx)
+    try:
+        events = load_read_model(settings.read_models_dir, "landed_customer_events")
+    except ReadModelMissing as exc:
+        raise click.ClickException(str(exc)) from None
+    if events.empty:
+        raise click.ClickException("no landed customer events to replay; run `churn simulate`")
+    latest = events.sort_values("event_time").groupby("customer_id").tail(1)
+    records = latest[["customer_id", *FEATURE_NAMES]].to_dict("records")
+    rng = np.random.default_rng(seed)
+    url = f"{serving_url(settings)}/predict/batch"
+    started = time.monotonic()
+    sent = 0
+    arms: dict[str, int] = {}
+    with click.progressbar(length=count, label=f"scoring via {url}") as bar:
+        while sent < count:
+            size = min(batch, count - sent)
+            picks = rng.integers(0, len(records), size=size)
+            instances = [
+                {k: (v.item() if hasattr(v, "item") else v) for k, v in records[i].items()}
+                for i in picks
+            ]
+            try:
+                response = http.post(url, json={"instances": instances}, timeout=30)
+            except http.RequestException as exc:
+                raise click.ClickException(f"POST {url} failed: {exc}") from None
+            if response.status_code != 200:
+                raise click.ClickException(
+                    f"POST {url} answered HTTP {response.status_code}: {response.text[:300]}"
+                )
+            for prediction in response.json()["predictions"]:
+                key = f"{prediction['model_version']}/{prediction['arm']}"
+                arms[key] = arms.get(key, 0) + 1
+            sent += size
+            bar.update(size)
+            pause = sent / rate - (time.monotonic() - started)
+            if pause > 0:
+                time.sleep(pause)
+    elapsed = time.monotonic() - started
+    answered = ", ".join(f"{k}: {v}" for k, v in sorted(arms.items()))
+    click.echo(f"{sent} customers scored in {elapsed:.1f} s ({answered})")

@@ -143,12 +143,37 @@ class Loop:
         latest = events.sort_values("event_time").groupby("customer_id").tail(1)
         self.customers = latest[["customer_id", *FEATURE_NAMES]].to_dict("records")
         self.rng = np.random.default_rng(SEED)
+        self.rounds = 0
+        self.cli = [sys.executable, "-m", "churn_assets.cli", "--config", str(config)]
 
     def router(self) -> dict[str, Any]:
         return requests.get(f"{self.server.http}/router/metrics", timeout=10).json()["state"]
 
-    def traffic(self, n: int = 300) -> None:
-        """Customers scored through the real API; the mirror sends every answer to Kafka."""
+    def traffic(self, n: int = 300, cli: bool = False) -> None:
+        """Customers scored through the real API; the mirror sends every answer to Kafka.
+        ``cli``: with `churn traffic`, as the README's walkthrough does."""
+        if cli:
+            self.rounds += 1
+            done = subprocess.run(
+                [
+                    *self.cli,
+                    "traffic",
+                    "--requests",
+                    str(n),
+                    "--rate",
+                    "5000",
+                    "--batch",
+                    "100",
+                    "--seed",
+                    str(self.rounds),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert done.returncode == 0, done.stderr
+            assert f"{n} customers scored" in done.stdout, done.stdout
+            return
         picks = self.rng.choice(len(self.customers), size=n, replace=False)
         instances = [
             {k: (v.item() if hasattr(v, "item") else v) for k, v in self.customers[i].items()}
@@ -164,10 +189,10 @@ class Loop:
         self.daemon.tick("kafka_landing_sensor")
         self.daemon.tick("monitoring_sensor")
 
-    def drive_rollout(self, until: set[str], rounds: int = 12) -> dict[str, Any]:
+    def drive_rollout(self, until: set[str], rounds: int = 12, cli: bool = False):
         """Traffic, landing, monitoring and a rollout tick per round, until a phase in ``until``."""
         for _ in range(rounds):
-            self.traffic()
+            self.traffic(cli=cli)
             self.land_and_monitor()
             self.daemon.tick("rollout_sensor")
             state = read_rollout_state(self.settings.read_models_dir)
@@ -311,7 +336,7 @@ def test_a_bad_challenger_is_rolled_back_automatically_with_its_reason(loop):
     assert registry.get(bad).metadata["metrics"]["test_roc_auc"] < 0.6
     assert loop.router()["challenger"] == bad
 
-    state = loop.drive_rollout(until={"promoted", "rolled_back", "canary"})
+    state = loop.drive_rollout(until={"promoted", "rolled_back", "canary"}, cli=True)
     assert state["phase"] == "rolled_back", state
     last = loop.decisions().iloc[-1]
     assert last["action"] == "rollback" and last["challenger"] == bad and last["applied"]
