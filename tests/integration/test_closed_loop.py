@@ -342,6 +342,8 @@ def test_a_bad_challenger_is_rolled_back_automatically_with_its_reason(loop):
     assert last["action"] == "rollback" and last["challenger"] == bad and last["applied"]
     reasons = json.loads(last["reasons"])
     assert any("score KS" in r or "agreement" in r for r in reasons), reasons
+    with (ARTIFACTS / "closed_loop_timing.txt").open("a") as out:
+        out.write(f"\nbad challenger {bad} rolled back: {reasons}\n")
     router = loop.router()
     assert router["champion"] == champion and router["challenger"] is None
     assert registry.aliases() == {"champion": champion}
