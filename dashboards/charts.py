@@ -3,19 +3,22 @@
 Every figure stretches to its container's width so the pages work from phone to desktop widths.
 """
 
+import html
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-from bokeh.models import ColumnDataSource, HoverTool, Legend, Range1d, Span
+from bokeh.models import ColumnDataSource, HoverTool, Range1d, Span
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 
 __all__ = [
     "bar_chart",
+    "colour_key",
     "contributions_chart",
     "distribution_chart",
+    "feature_colours",
     "grouped_bars",
     "p_value_chart",
     "rate_chart",
@@ -43,9 +46,9 @@ def p_value_chart(history: pd.DataFrame, threshold: float) -> figure:
     fig = _figure(
         x_axis_type="datetime", y_axis_type="log", y_axis_label="corrected p-value", height=320
     )
-    fig.add_layout(Legend(click_policy="hide", label_text_font_size="8pt"), "below")
     floor = 1e-12
-    for index, (feature, rows) in enumerate(history.groupby("feature", sort=True)):
+    colours = feature_colours(history["feature"])
+    for feature, rows in history.groupby("feature", sort=True):
         rows = rows.sort_values("computed_at")
         source = ColumnDataSource(
             {
@@ -55,17 +58,32 @@ def p_value_chart(history: pd.DataFrame, threshold: float) -> figure:
                 "drift": rows["drift"].map({True: "yes", False: "no"}),
             }
         )
-        colour = COLOURS[index % len(COLOURS)]
-        fig.line("t", "p", source=source, color=colour, line_width=2, legend_label=feature)
-        fig.scatter("t", "p", source=source, color=colour, size=6, legend_label=feature)
+        colour = colours[feature]
+        fig.line("t", "p", source=source, color=colour, line_width=2)
+        fig.scatter("t", "p", source=source, color=colour, size=6)
     fig.add_layout(
         Span(location=threshold, dimension="width", line_color="red", line_dash="dashed")
     )
     fig.add_tools(
         HoverTool(tooltips=[("feature", "@feature"), ("p", "@p{0.0000}"), ("drift", "@drift")])
     )
-    fig.legend.orientation = "horizontal"
     return fig
+
+
+def feature_colours(features: Iterable[str]) -> dict[str, str]:
+    """A stable colour per feature (sorted order), shared by a chart and its HTML key."""
+    return {name: COLOURS[i % len(COLOURS)] for i, name in enumerate(sorted(set(features)))}
+
+
+def colour_key(colours: dict[str, str]) -> str:
+    """An HTML colour key that wraps on narrow screens (a Bokeh legend cannot)."""
+    items = "".join(
+        f'<span style="display:inline-flex;align-items:center;margin:2px 10px 2px 0">'
+        f'<span style="width:14px;height:4px;background:{colour};margin-right:5px"></span>'
+        f"{html.escape(name)}</span>"
+        for name, colour in colours.items()
+    )
+    return f'<div style="display:flex;flex-wrap:wrap;font-size:0.8rem">{items}</div>'
 
 
 def distribution_chart(

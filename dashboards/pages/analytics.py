@@ -104,7 +104,7 @@ class AnalyticsPage(pn.viewable.Viewer):
 
     def __panel__(self):
         selector = pn.widgets.Select.from_param(
-            self.param.cohort, name="Cohort", options={v: k for k, v in COHORTS.items()}, width=260
+            self.param.cohort, label="Cohort", options={v: k for k, v in COHORTS.items()}, width=260
         )
         return pn.Column(
             heading("Analytics", 2),

@@ -32,8 +32,15 @@ class DriftPage(pn.viewable.Viewer):
     def _p_values(self):
         if isinstance(self.history, Unavailable):
             return explanation(self.history)
-        return pn.pane.Bokeh(
-            charts.p_value_chart(self.history, self.threshold), sizing_mode="stretch_width"
+        return pn.Column(
+            pn.pane.Bokeh(
+                charts.p_value_chart(self.history, self.threshold), sizing_mode="stretch_width"
+            ),
+            pn.pane.HTML(
+                charts.colour_key(charts.feature_colours(self.history["feature"])),
+                sizing_mode="stretch_width",
+            ),
+            sizing_mode="stretch_width",
         )
 
     def _latest_report(self):
@@ -113,7 +120,7 @@ class DriftPage(pn.viewable.Viewer):
         return table(pd.DataFrame(alerts))
 
     def __panel__(self):
-        selector = pn.widgets.Select.from_param(self.param.feature, name="Feature", width=260)
+        selector = pn.widgets.Select.from_param(self.param.feature, label="Feature", width=260)
         return pn.Column(
             heading("Drift", 2),
             heading("Open alerts"),

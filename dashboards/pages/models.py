@@ -137,8 +137,8 @@ class ModelsPage(pn.viewable.Viewer):
         buttons = {}
         for key, action in self._actions().items():
             button = pn.widgets.Button(
-                name=action.label,
-                button_type=types.get(key, "primary"),
+                label=action.label,
+                color=types.get(key, "primary"),
                 width=150,
                 css_classes=[f"action-{key}"],
             )
@@ -162,9 +162,9 @@ class ModelsPage(pn.viewable.Viewer):
     def _ask(self, key: str) -> None:
         self._pending = self._actions()[key]
         confirm = pn.widgets.Button(
-            name="Confirm", button_type="danger", width=120, css_classes=["confirm-action"]
+            label="Confirm", color="danger", width=120, css_classes=["confirm-action"]
         )
-        cancel = pn.widgets.Button(name="Cancel", width=120, css_classes=["cancel-action"])
+        cancel = pn.widgets.Button(label="Cancel", width=120, css_classes=["cancel-action"])
         confirm.on_click(lambda _event: self._confirm())
         cancel.on_click(lambda _event: self._cancel())
         self.confirmation.objects = [
@@ -248,7 +248,7 @@ class ModelsPage(pn.viewable.Viewer):
             )
         )
         weight = pn.widgets.FloatSlider.from_param(
-            self.param.canary_weight, name="Canary weight", width=240
+            self.param.canary_weight, label="Canary weight", width=240
         )
         return pn.Column(
             heading("Model management", 2),

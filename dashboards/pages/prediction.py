@@ -29,9 +29,9 @@ class PredictionPage(pn.viewable.Viewer):
         self.context = context
         self.inputs = self._inputs()
         self.customer = pn.widgets.TextInput.from_param(
-            self.param.customer_id, name="Customer id (optional)"
+            self.param.customer_id, label="Customer id (optional)"
         )
-        self.submit = pn.widgets.Button(name="Predict", button_type="primary", width=140)
+        self.submit = pn.widgets.Button(label="Predict", color="primary", width=140)
         self.submit.on_click(self._on_submit)
         self.errors = pn.Column(sizing_mode="stretch_width")
         self.routed = pn.Column(sizing_mode="stretch_width")
@@ -44,12 +44,12 @@ class PredictionPage(pn.viewable.Viewer):
             label, value = FEATURE_LABELS[name], DEFAULT_FEATURES[name]
             if name in CATEGORY_VALUES:
                 widget = pn.widgets.Select(
-                    name=label, options=list(CATEGORY_VALUES[name]), value=value
+                    label=label, options=list(CATEGORY_VALUES[name]), value=value
                 )
             elif isinstance(value, int):
-                widget = pn.widgets.IntInput(name=label, value=value, start=0)
+                widget = pn.widgets.IntInput(label=label, value=value, start=0)
             else:
-                widget = pn.widgets.FloatInput(name=label, value=value, start=0.0, step=1.0)
+                widget = pn.widgets.FloatInput(label=label, value=value, start=0.0, step=1.0)
             widget.css_classes = [f"feature-{name}"]
             widgets[name] = widget
         return widgets

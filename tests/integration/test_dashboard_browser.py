@@ -421,6 +421,14 @@ class Page:
         self.context.close()
 
 
+def docs_screenshot(page, name: str) -> None:
+    """With CHURN_DASHBOARD_DOCS_DIR set (scripts/dashboard_screenshots.py), the guide's image."""
+    docs = os.environ.get("CHURN_DASHBOARD_DOCS_DIR")
+    if docs:
+        Path(docs).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(docs) / f"{name}.png"))
+
+
 def _json(method: str, url: str, body=None, token=None):
     request = urllib.request.Request(
         url, data=None if body is None else json.dumps(body).encode(), method=method
@@ -452,10 +460,8 @@ def test_page_loads_without_console_errors(platform, browser, page_key, width):
         shot = artifacts_dir() / f"{page_key}-{width}.png"
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 5_000
-        docs = os.environ.get("CHURN_DASHBOARD_DOCS_DIR")
-        if docs and width == 1280:
-            Path(docs).mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(Path(docs) / f"{page_key}.png"), full_page=True)
+        if width == 1280 and page_key != "prediction":  # that one is shot with an answer
+            docs_screenshot(page, page_key)
         assert tab.errors == [], f"{title} at {width}px: {tab.errors}"
     finally:
         tab.close()
@@ -541,6 +547,7 @@ def test_prediction_form_round_trips_to_the_serving_process(platform, browser):
             summary.wait_for(timeout=30_000)
             explained = _json("POST", f"{server.http}/explain?version={version}&top_k=8", SAMPLE)
             assert f"{explained['probability']:.2%}" in summary.inner_text()
+        docs_screenshot(page, "prediction")
 
         # Validation: a cleared field is refused before any call to the server.
         tenure = page.locator(".feature-customer_tenure input")
