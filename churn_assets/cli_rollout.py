@@ -2,6 +2,7 @@
 ``churn traffic`` (demo traffic for the shadow and canary analyses)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,13 @@ def retrain(ctx: click.Context, reason: str) -> None:
     from churn_assets.cli import _dagster_env
 
     settings = _load(ctx)
+    if settings.rollout.target == "local" and not os.environ.get("CHURN_ADMIN_TOKEN"):
+        raise click.ClickException(
+            "CHURN_ADMIN_TOKEN is not set: the retraining job ends by putting the challenger in "
+            "shadow through the serving admin API, which needs the token the platform serves "
+            "with (start ./scripts/run.sh with CHURN_ADMIN_TOKEN set, and export the same "
+            "value here), or launch retraining_job from the Dagster UI's launchpad"
+        )
     config_path = ctx.obj.get("config_path")
     env = _dagster_env(settings, Path(config_path) if config_path else None)
     tags = json.dumps({"churn/retraining_reason": reason})

@@ -61,6 +61,9 @@ def test_up_runs_the_platform_and_ctrl_c_stops_everything(churn_cli, settings_pa
         "CHURN_SIMULATOR__CUSTOMERS": "2000",
         "CHURN_SIMULATOR__DAYS": "90",
         "CHURN_TEST_RUN": str(tmp_path),
+        # The manual trigger is under test here, not the automatic ones.
+        "CHURN_RETRAINING__ENABLED": "false",
+        "CHURN_ADMIN_TOKEN": "platform-up-token",
     }
     log_path = tmp_path / "up.log"
     with log_path.open("w") as log:
@@ -118,6 +121,31 @@ def test_up_runs_the_platform_and_ctrl_c_stops_everything(churn_cli, settings_pa
                 assert time.monotonic() < deadline, log_path.read_text()[-4000:]
                 time.sleep(1)
         assert prediction["model_version"] == "v1" and 0 <= prediction["probability"] <= 1
+
+        # The manual retraining trigger: a run in the platform's instance, a challenger in
+        # shadow in the live server.
+        retrain = subprocess.run(
+            [*churn_cli, "retrain", "--reason", "test"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert retrain.returncode == 0, retrain.stdout[-3000:] + retrain.stderr[-3000:]
+        assert ModelRegistry(settings.registry_dir).aliases() == {
+            "champion": "v1",
+            "challenger": "v2",
+        }
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/router/metrics") as response:
+            router = json.load(response)["state"]
+        assert (router["strategy"], router["challenger"]) == ("shadow", "v2")
+        runs = graphql(
+            port,
+            '{ runsOrError(filter: {pipelineName: "retraining_job"}) '
+            "{ ... on Runs { results { status tags { key value } } } } }",
+        )["runsOrError"]["results"]
+        assert [r["status"] for r in runs] == ["SUCCESS"]
+        assert {"key": "churn/retraining_reason", "value": "test"} in runs[0]["tags"]
     finally:
         process.send_signal(signal.SIGINT)
         try:
