@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-from bokeh.models import ColumnDataSource, HoverTool, Range1d, Span
+from bokeh.models import ColumnDataSource, HoverTool, Legend, LegendItem, Range1d, Span
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 
@@ -22,6 +22,7 @@ __all__ = [
     "grouped_bars",
     "p_value_chart",
     "rate_chart",
+    "update_rate_chart",
 ]
 
 HEIGHT = 280
@@ -141,20 +142,23 @@ def grouped_bars(
     fig = _figure(x_range=categories, y_axis_label=y_label)
     width = 0.8 / max(len(names), 1)
     colours = colours or COLOURS
+    items = []
     for index, name in enumerate(names):
         offset = (index - (len(names) - 1) / 2) * width
-        fig.vbar(
+        renderer = fig.vbar(
             x=dodge("category", offset, range=fig.x_range),
             top=name,
             width=width * 0.95,
             source=ColumnDataSource(data),
             color=colours[index % len(colours)],
-            legend_label=name,
+        )
+        items.append(LegendItem(label=name, renderers=[renderer]))
+    if len(items) > 1:  # outside the plot, so it never hides a bar
+        fig.add_layout(
+            Legend(items=items, orientation="horizontal", label_text_font_size="8pt"), "above"
         )
     fig.y_range.start = 0
     fig.xaxis.major_label_orientation = math.pi / 6 if len(categories) > 4 else 0
-    fig.legend.location = "top_left"
-    fig.legend.label_text_font_size = "8pt"
     fig.add_tools(
         HoverTool(
             tooltips=[("", "@category")]
@@ -192,18 +196,31 @@ def contributions_chart(contributions: Sequence[dict], title: str) -> figure:
     return fig
 
 
-def rate_chart(samples: Sequence[tuple[pd.Timestamp, float]]) -> figure:
-    """Requests per second measured by this page since it opened."""
-    fig = _figure(x_axis_type="datetime", y_axis_label="requests/s", height=200)
-    times = [t for t, _ in samples]
-    rates = [r for _, r in samples]
-    source = ColumnDataSource({"t": times, "rate": rates})
+def rate_chart(source: ColumnDataSource) -> figure:
+    """Requests per second (columns ``t``, ``rate``), with explicit ranges that
+    :func:`update_rate_chart` moves, so an empty chart needs no data to lay out."""
+    now = pd.Timestamp.now()
+    fig = _figure(
+        x_axis_type="datetime",
+        y_axis_label="requests/s",
+        height=200,
+        x_range=Range1d(now - pd.Timedelta(minutes=1), now),
+        y_range=Range1d(0, 1),
+    )
     fig.line("t", "rate", source=source, line_width=2, color=REFERENCE_COLOUR)
     fig.scatter("t", "rate", source=source, size=5, color=REFERENCE_COLOUR)
-    if not samples:  # no data yet: fixed ranges instead of ranges computed from nothing
-        now = pd.Timestamp.now()
-        fig.x_range = Range1d(now - pd.Timedelta(minutes=1), now)
-        fig.y_range = Range1d(0, 1)
-    else:
-        fig.y_range.start = 0
     return fig
+
+
+def update_rate_chart(
+    fig: figure, source: ColumnDataSource, samples: Sequence[tuple[pd.Timestamp, float]]
+) -> None:
+    """Show ``samples`` (time, requests/s) in a chart made by :func:`rate_chart`."""
+    if not samples:
+        return
+    times = [t for t, _ in samples]
+    rates = [r for _, r in samples]
+    source.data = {"t": times, "rate": rates}
+    fig.x_range.start = min(times[0], times[-1] - pd.Timedelta(minutes=1))
+    fig.x_range.end = times[-1]
+    fig.y_range.end = max(1.0, max(rates) * 1.2)

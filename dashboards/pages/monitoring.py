@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pandas as pd
 import panel as pn
 import param
+from bokeh.models import ColumnDataSource
 
 from dashboards import charts
 from dashboards.data import Unavailable, dagster_runs, kafka_lag, request_rate
@@ -31,7 +32,9 @@ class MonitoringPage(pn.viewable.Viewer):
         self._rates: deque[tuple[pd.Timestamp, float]] = deque(maxlen=120)
         self.cards = pn.pane.HTML(sizing_mode="stretch_width")
         self.updated = pn.pane.Markdown(margin=(0, 10))
-        self.rate_plot = pn.pane.Bokeh(charts.rate_chart([]), sizing_mode="stretch_width")
+        self._rate_source = ColumnDataSource({"t": [], "rate": []})
+        self._rate_figure = charts.rate_chart(self._rate_source)
+        self.rate_plot = pn.pane.Bokeh(self._rate_figure, sizing_mode="stretch_width")
         self.latency = pn.Column(sizing_mode="stretch_width")
         self.lag = pn.Column(sizing_mode="stretch_width")
         self.runs = pn.Column(sizing_mode="stretch_width")
@@ -127,7 +130,7 @@ class MonitoringPage(pn.viewable.Viewer):
         self.updated.object = (
             f"Updated {datetime.now(UTC):%H:%M:%S} UTC, every {self.refresh_s:g} s."
         )
-        self.rate_plot.object = charts.rate_chart(list(self._rates))
+        charts.update_rate_chart(self._rate_figure, self._rate_source, list(self._rates))
         self.latency.objects = [self._latency_table(metrics)]
         self.lag.objects = [self._lag_table(lag)]
         runs = dagster_runs(self.context.settings)

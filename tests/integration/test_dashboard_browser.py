@@ -426,7 +426,11 @@ def docs_screenshot(page, name: str) -> None:
     docs = os.environ.get("CHURN_DASHBOARD_DOCS_DIR")
     if docs:
         Path(docs).mkdir(parents=True, exist_ok=True)
+        size = page.viewport_size
+        page.set_viewport_size({"width": 1280, "height": 1400})  # the pages scroll inside
+        page.wait_for_timeout(1000)
         page.screenshot(path=str(Path(docs) / f"{name}.png"))
+        page.set_viewport_size(size)
 
 
 def _json(method: str, url: str, body=None, token=None):

@@ -1,0 +1,296 @@
+"""The dashboard's data layer without a browser: missing, empty and broken sources become
+explanations; form validation; the Dagster GraphQL query against Dagster's own schema."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import panel as pn
+import pytest
+
+from churn_assets.config import load_settings
+from churn_assets.monitoring import publish_monitoring_section
+from dashboards.data import (
+    DAGSTER_RUNS_QUERY,
+    DEFAULT_FEATURES,
+    ReadModels,
+    ServingClient,
+    Unavailable,
+    dagster_runs,
+    kafka_lag,
+    open_alerts,
+    registry_versions,
+    request_rate,
+    validate_features,
+)
+from tests.serving_fixtures import free_port
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def settings(config_factory):
+    # Nothing listens on these ports: serving and Dagster are "down".
+    return load_settings(
+        config_factory(serving={"http_port": free_port()}, dagster={"webserver_port": free_port()})
+    )
+
+
+def test_missing_read_model_explains_what_publishes_it(settings):
+    result = ReadModels(settings).frame("customer_segments", what="Customer segments")
+    assert isinstance(result, Unavailable)
+    assert result.source == "Customer segments"
+    assert (
+        "not been published yet" in result.reason and "customer_segments.parquet" in result.reason
+    )
+    assert "Dagster" in result.hint
+
+
+def test_empty_and_corrupt_read_models_are_explained(settings):
+    directory = settings.read_models_dir
+    directory.mkdir(parents=True)
+    pd.DataFrame({"feature": pd.Series([], dtype=str)}).to_parquet(directory / "empty.parquet")
+    (directory / "broken.parquet").write_bytes(b"not a parquet file")
+    empty = ReadModels(settings).frame("empty")
+    broken = ReadModels(settings).frame("broken")
+    assert isinstance(empty, Unavailable) and empty.reason == "it holds no rows yet"
+    assert isinstance(broken, Unavailable) and "cannot be read" in broken.reason
+
+
+def test_no_rollout_yet_then_state_and_decisions(settings):
+    models = ReadModels(settings)
+    for result in (models.rollout_state(), models.rollout_decisions()):
+        assert isinstance(result, Unavailable) and result.reason == "no rollout yet"
+    directory = settings.read_models_dir
+    directory.mkdir(parents=True)
+    state = {"phase": "canary", "champion": "v1", "challenger": "v2", "step_index": 0}
+    (directory / "rollout_state.json").write_text(json.dumps(state | {"updated_at": "x"}))
+    pd.DataFrame(
+        {
+            "decided_at": pd.to_datetime(["2026-01-01T10:00Z", "2026-01-01T11:00Z"]),
+            "action": ["start_shadow", "advance"],
+            "reasons": [json.dumps(["shadowing v2"]), json.dumps(["agreement 0.97", "ks 0.04"])],
+        }
+    ).to_parquet(directory / "rollout_decisions.parquet")
+    assert models.rollout_state()["phase"] == "canary"
+    decisions = models.rollout_decisions()
+    assert decisions["action"].tolist() == ["advance", "start_shadow"]  # newest first
+    assert decisions["reasons"].tolist() == [["agreement 0.97", "ks 0.04"], ["shadowing v2"]]
+
+
+def test_monitoring_read_model_and_open_alerts(settings):
+    assert isinstance(ReadModels(settings).monitoring(), Unavailable)
+    directory = settings.read_models_dir
+    publish_monitoring_section(
+        directory,
+        "drift",
+        {
+            "features": {
+                "monthly_charges": {"p_value": 1e-9, "drift": True},
+                "support_tickets": {"p_value": 0.4, "drift": False},
+            },
+            "multivariate": {"p_value": 0.001, "drift": True},
+        },
+    )
+    publish_monitoring_section(
+        directory,
+        "outliers",
+        {"rates": {"mahalanobis": 0.05, "isolation_forest": 0.011}, "expected": 0.01},
+    )
+    publish_monitoring_section(
+        directory,
+        "performance",
+        {
+            "auc": [
+                {
+                    "model_version": "v2",
+                    "arm": "canary",
+                    "kind": "realised",
+                    "roc_auc": 0.7,
+                    "labelled": 500,
+                }
+            ]
+        },
+    )
+    monitoring = ReadModels(settings).monitoring()
+    alerts = {(a["kind"], a["subject"]) for a in open_alerts(settings, monitoring)}
+    assert alerts == {
+        ("drift", "monthly_charges"),
+        ("drift", "multivariate (MMD)"),
+        ("outliers", "mahalanobis"),
+        ("performance", "v2/canary"),
+    }
+    assert (
+        open_alerts(settings, {"drift": {"features": {"x": {"p_value": 0.5, "drift": False}}}})
+        == []
+    )
+
+
+def test_unreachable_serving_is_explained_not_raised(settings, monkeypatch):
+    monkeypatch.delenv("CHURN_ADMIN_TOKEN", raising=False)
+    client = ServingClient.from_settings(settings)
+    for result in (
+        client.health(),
+        client.router_metrics(),
+        client.prediction_counts(),
+        client.predict(DEFAULT_FEATURES),
+        client.explain(DEFAULT_FEATURES, "v1"),
+    ):
+        assert isinstance(result, Unavailable), result
+        assert result.source == "Serving API" and "does not answer" in result.reason
+    refused = client.promote()
+    assert not refused.ok and "CHURN_ADMIN_TOKEN" in refused.message
+    assert isinstance(client.audit(), Unavailable)
+
+
+def test_admin_call_to_a_down_server_fails_with_the_reason(settings, monkeypatch):
+    monkeypatch.setenv("CHURN_ADMIN_TOKEN", "secret")
+    client = ServingClient.from_settings(settings)
+    result = client.rollback()
+    assert not result.ok and "does not answer" in result.message
+    assert "secret" not in result.message
+
+
+def test_form_validation_uses_the_platform_schema():
+    assert validate_features(DEFAULT_FEATURES).features == DEFAULT_FEATURES
+    missing = validate_features(DEFAULT_FEATURES | {"customer_tenure": None})
+    assert not missing.ok and missing.errors == {"customer_tenure": "required"}
+    bad = validate_features(
+        DEFAULT_FEATURES
+        | {"support_tickets": -1, "contract_type": "weekly", "monthly_charges": float("nan")}
+    )
+    assert not bad.ok
+    assert set(bad.errors) == {"support_tickets", "contract_type", "monthly_charges"}
+    assert "greater than or equal to 0" in bad.errors["support_tickets"]
+    assert "month-to-month" in bad.errors["contract_type"]
+
+
+def test_request_rate_needs_two_samples_and_ignores_counter_resets():
+    assert request_rate(None, (10.0, 100.0)) is None
+    assert request_rate((10.0, 100.0), (15.0, 150.0)) == pytest.approx(10.0)
+    assert request_rate((10.0, 100.0), (15.0, 3.0)) is None
+
+
+def test_the_runs_query_is_valid_against_dagsters_schema():
+    from dagster_graphql.schema import create_schema
+    from graphql import parse, validate
+
+    assert validate(create_schema().graphql_schema, parse(DAGSTER_RUNS_QUERY)) == []
+
+
+class _GraphQL(BaseHTTPRequestHandler):
+    answer: dict = {}
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert body["query"] == DAGSTER_RUNS_QUERY and body["variables"] == {"limit": 10}
+        payload = json.dumps(self.answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def graphql_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _GraphQL)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_dagster_runs_parsed_and_errors_explained(config_factory, graphql_server):
+    port = graphql_server.server_address[1]
+    settings = load_settings(config_factory(dagster={"webserver_port": port}))
+    _GraphQL.answer = {
+        "data": {
+            "runsOrError": {
+                "__typename": "Runs",
+                "results": [
+                    {
+                        "runId": "abcdef123456",
+                        "jobName": "training_job",
+                        "status": "SUCCESS",
+                        "creationTime": 1.7e9,
+                        "startTime": 1.7e9 + 1,
+                        "endTime": 1.7e9 + 31.5,
+                    },
+                    {
+                        "runId": "0123456789ab",
+                        "jobName": "__ASSET_JOB",
+                        "status": "STARTED",
+                        "creationTime": 1.7e9,
+                        "startTime": None,
+                        "endTime": None,
+                    },
+                ],
+            }
+        }
+    }
+    runs = dagster_runs(settings)
+    assert runs[["run", "job", "status"]].values.tolist() == [
+        ["abcdef12", "training_job", "SUCCESS"],
+        ["01234567", "__ASSET_JOB", "STARTED"],
+    ]
+    assert runs["duration_s"].tolist()[0] == 30.5
+    _GraphQL.answer = {"data": {"runsOrError": {"__typename": "PythonError", "message": "boom"}}}
+    failed = dagster_runs(settings)
+    assert isinstance(failed, Unavailable) and failed.reason == "boom"
+
+
+def test_dagster_down_is_explained(settings):
+    result = dagster_runs(settings)
+    assert isinstance(result, Unavailable) and "does not answer" in result.reason
+
+
+def test_kafka_lag_without_a_broker_is_explained(settings):
+    result = kafka_lag(settings, ReadModels(settings).frame("landing_offsets"), budget_s=0.5)
+    assert isinstance(result, Unavailable)
+    assert "broker cannot be reached" in result.reason and "not running" in result.reason
+
+
+def test_empty_registry_is_explained(settings):
+    result = registry_versions(settings)
+    assert isinstance(result, Unavailable) and "no model is registered" in result.reason
+
+
+@pytest.mark.parametrize("page_key", ["monitoring", "drift", "prediction", "models", "analytics"])
+def test_every_page_builds_with_nothing_available(settings, page_key, monkeypatch):
+    """No read models, no registry, no serving, no Dagster, no broker: each page still builds
+    and explains what is missing."""
+    monkeypatch.delenv("CHURN_ADMIN_TOKEN", raising=False)
+    from dashboards.app import PAGES
+    from dashboards.pages.common import Context
+
+    page = PAGES[page_key][1](Context.from_settings(settings))
+    layout = page.__panel__()
+    alerts = [alert.object for alert in layout.select(pn.pane.Alert)]
+    if page_key == "prediction":  # nothing is called until the form is submitted
+        page._on_submit()
+        alerts = [alert.object for alert in page.routed.select(pn.pane.Alert)]
+        assert any("Serving API" in text for text in alerts), alerts
+    else:
+        assert alerts and all("unavailable" in text or "disabled" in text for text in alerts)
+
+
+def test_the_app_module_never_imports_dagster():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dashboards.app, dashboards.data; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'dagster'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2]
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
