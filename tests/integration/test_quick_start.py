@@ -1,9 +1,14 @@
-"""docs/QUICK_START.md works as written: its shell blocks run for real, in order.
+"""The guides' commands work as written.
 
-The convention is documented at the top of the guide (an HTML comment): ```bash blocks run,
-```bash background blocks start a long-running process, ```bash after-interrupt blocks run after
-Ctrl-C in those, ```bash notest blocks are only shown. The blocks run against a temporary config
-and free ports, set through the environment variables the guide itself documents.
+docs/QUICK_START.md: its shell blocks run for real, in order. The convention is documented at the
+top of the guide (an HTML comment): ```bash blocks run, ```bash background blocks start a
+long-running process, ```bash after-interrupt blocks run after Ctrl-C in those, ```bash notest
+blocks are only shown. The blocks run against a temporary config and free ports, set through the
+environment variables the guide itself documents.
+
+docs/QUICK_START.md and docs/OPERATIONS.md: every `churn` command and option they name exists,
+and so does every Dagster job, sensor, schedule and asset check, Prometheus alert and config key
+they name in code spans.
 """
 
 import json
@@ -15,15 +20,26 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import pytest
+import yaml
+from pydantic import BaseModel
 
 from churn_assets.broker import EmbeddedBroker
-from churn_assets.config import REPO_ROOT, load_settings
+from churn_assets.cli import main as churn_main
+from churn_assets.config import REPO_ROOT, Settings, load_settings
 from tests.conftest import write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 GUIDE = REPO_ROOT / "docs" / "QUICK_START.md"
+GUIDES = (GUIDE, REPO_ROOT / "docs" / "OPERATIONS.md")
+INLINE_CODE = re.compile(r"`([^`\n]+)`")
+CHURN_COMMAND = re.compile(r"(?:^|[\s/])churn((?: +[\w.=/-]+)+)")
+CONFIG_KEY = re.compile(
+    r"^(router|monitoring|retraining|kafka|storage|landing|simulator|training|serving|rollout"
+    r"|dagster|dashboard)(\.[a-z_]+)+$"
+)
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 KINDS = {"", "background", "after-interrupt", "notest"}
 BLOCK_TIMEOUT_S = 240
@@ -174,3 +190,70 @@ def test_quick_start_commands_work_as_written(tmp_path):
     assert len(explanation["top_contributions"]) == 3
     assert settings.registry_dir.joinpath("v1", "manifest.json").is_file()
     assert not settings.run_dir.joinpath("broker.json").exists()  # `churn broker stop` worked
+
+
+def code_in(path: Path) -> list[str]:
+    """The guide's code: fenced blocks and inline code spans."""
+    text = path.read_text()
+    fenced = [code for _, code in FENCE.findall(text)]
+    prose = FENCE.sub("", text)
+    return fenced + INLINE_CODE.findall(prose)
+
+
+@pytest.mark.parametrize("guide", GUIDES, ids=lambda path: path.stem)
+def test_every_churn_command_and_option_the_guide_names_exists(guide):
+    checked = 0
+    for code in code_in(guide):
+        for line in code.splitlines():
+            for match in CHURN_COMMAND.finditer(line):
+                command: click.Command = churn_main
+                words = match.group(1).split()
+                path = []
+                while words and isinstance(command, click.Group) and words[0] in command.commands:
+                    command = command.commands[words[0]]
+                    path.append(words.pop(0))
+                assert path, f"{guide.name}: `churn{match.group(1)}` names no churn command"
+                if isinstance(command, click.Group) and words and not words[0].startswith("-"):
+                    raise AssertionError(f"{guide.name}: no command `churn {path} {words[0]}`")
+                options = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+                for word in words:
+                    if word.startswith("--"):
+                        assert word.split("=")[0] in options, (guide.name, path, word)
+                checked += 1
+    assert checked >= 5, f"{guide.name}: expected churn commands to check, found {checked}"
+
+
+def test_dagster_names_alerts_and_config_keys_in_the_guides_exist():
+    from churn_assets.definitions import defs
+
+    assets = {a.key.to_user_string() for a in defs.assets}
+    checks = {key.name for c in defs.asset_checks for key in c.check_keys}
+    runnable = {
+        *(j.name for j in defs.jobs),
+        *(s.name for s in defs.sensors),
+        *(s.name for s in defs.schedules),
+    }
+    rules = yaml.safe_load((REPO_ROOT / "config" / "prometheus" / "alerts.yml").read_text())
+    alerts = {r["alert"] for group in rules["groups"] for r in group["rules"] if "alert" in r}
+    seen = {"runnable": 0, "check": 0, "alert": 0, "config": 0}
+    for guide in GUIDES:
+        for token in {t.strip() for t in INLINE_CODE.findall(FENCE.sub("", guide.read_text()))}:
+            if re.fullmatch(r"[a-z_]+_(job|sensor|schedule)", token):
+                assert token in runnable, f"{guide.name}: no Dagster job/sensor/schedule {token}"
+                seen["runnable"] += 1
+            elif token not in assets and any(token.startswith(f"{a}_") for a in assets):
+                assert token in checks, f"{guide.name}: no asset check {token}"
+                seen["check"] += 1
+            elif re.fullmatch(r"Churn[A-Z]\w+", token):
+                assert token in alerts, f"{guide.name}: no Prometheus alert {token}"
+                seen["alert"] += 1
+            elif CONFIG_KEY.match(token.removesuffix(": true").removesuffix(": false")):
+                key = token.split(":")[0]
+                model: type[BaseModel] = Settings
+                for part in key.split("."):
+                    assert part in model.model_fields, f"{guide.name}: no config key {key}"
+                    annotation = model.model_fields[part].annotation
+                    is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+                    model = annotation if is_section else BaseModel
+                seen["config"] += 1
+    assert min(seen.values()) > 0, seen
