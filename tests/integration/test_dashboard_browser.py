@@ -572,6 +572,11 @@ def test_promote_and_rollback_buttons_change_the_live_router(platform, browser):
     before = _json("GET", f"{server.http}/router/metrics")["state"]
     assert (before["champion"], before["challenger"]) == ("v1", "v2")
     tab = Page(browser, 1280)
+    frames: list[str] = []
+    tab.page.on(
+        "websocket",
+        lambda socket: socket.on("framereceived", lambda payload: frames.append(str(payload))),
+    )
     try:
         page = tab.open(f"{dashboard.url}?page=models", "Registered versions")
 
@@ -599,6 +604,8 @@ def test_promote_and_rollback_buttons_change_the_live_router(platform, browser):
         assert (restored["champion"], restored["challenger"]) == ("v1", "v2")
         audit = _json("GET", f"{server.http}/router/audit", token=ADMIN_TOKEN)
         assert [entry["action"] for entry in audit[-2:]] == ["promote", "rollback"]
+        # The admin token stays in the dashboard process: it never reaches the browser.
+        assert frames and not any(ADMIN_TOKEN in frame for frame in frames)
         assert tab.errors == []
     finally:
         tab.close("models-after-rollback-1280")
