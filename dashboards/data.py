@@ -11,10 +11,12 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -25,7 +27,7 @@ from pydantic import ValidationError
 from churn_assets.config import Settings
 from churn_assets.monitoring import read_monitoring
 from churn_assets.schemas import FEATURE_NAMES, CustomerFeatures
-from churn_assets.warehouse import ReadModelMissing, load_read_model
+from churn_assets.warehouse import ReadModelMissing, load_read_model, read_model_path
 
 __all__ = [
     "ADMIN_TOKEN_ENV",
@@ -81,7 +83,7 @@ class ReadModels:
         """Read model ``name`` as a DataFrame; missing, unreadable or empty -> Unavailable."""
         source = what or f"read model {name!r}"
         try:
-            frame = load_read_model(self.directory, name)
+            frame = _load_cached(self.directory, name)
         except ReadModelMissing:
             return Unavailable(
                 source,
@@ -148,6 +150,28 @@ class ReadModels:
         frame["decided_at"] = pd.to_datetime(frame["decided_at"], utc=True)
         frame["reasons"] = [_json_list(value) for value in frame["reasons"]]
         return frame.sort_values("decided_at", ascending=False, ignore_index=True)
+
+
+_CACHE: dict[tuple[str, str], tuple[tuple[int, int], pd.DataFrame]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _load_cached(directory: Path, name: str) -> pd.DataFrame:
+    """``load_read_model`` cached per file version: publishers replace read models atomically,
+    so (mtime, size) of the path identifies what was read. Callers get a copy to change."""
+    path = read_model_path(directory, name)
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return load_read_model(directory, name)  # raises ReadModelMissing with its message
+    key, version = (str(directory), name), (stat.st_mtime_ns, stat.st_size)
+    with _CACHE_LOCK:
+        cached = _CACHE.get(key)
+    if cached is None or cached[0] != version:
+        cached = (version, load_read_model(directory, name))
+        with _CACHE_LOCK:
+            _CACHE[key] = cached
+    return cached[1].copy()
 
 
 def _json_list(value: Any) -> list[str]:

@@ -294,3 +294,18 @@ def test_the_app_module_never_imports_dagster():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_read_models_are_cached_until_republished_and_copies_are_independent(settings):
+    directory = settings.read_models_dir
+    directory.mkdir(parents=True)
+    path = directory / "feature_importance.parquet"
+    pd.DataFrame({"feature": ["a"], "mean_abs_shap": [0.5]}).to_parquet(path)
+    models = ReadModels(settings)
+    first = models.frame("feature_importance")
+    first.loc[0, "feature"] = "changed by a page"
+    assert models.frame("feature_importance")["feature"].tolist() == ["a"]
+    tmp = directory / ".feature_importance.tmp"
+    pd.DataFrame({"feature": ["a", "b"], "mean_abs_shap": [0.5, 0.2]}).to_parquet(tmp)
+    tmp.replace(path)  # how publishers replace read models: atomically
+    assert models.frame("feature_importance")["feature"].tolist() == ["a", "b"]
