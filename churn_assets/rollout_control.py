@@ -16,7 +16,8 @@
   and notebooks.
 * **Changes made by hand** (an operator's promote or rollback through the admin API, the
   dashboard or ``churn models``) show up as a registry champion the rollout did not choose; the
-  next decision adopts it (``adopt``) instead of fighting it.
+  next decision adopts it (``adopt``) instead of fighting it, and applies it, so a registry-only
+  change (``churn models promote``) reaches the live traffic too.
 * A version that was rolled back, promoted or champion before is never rolled out again by
   itself, even if a ``challenger`` alias still names it.
 
@@ -59,6 +60,7 @@ __all__ = [
     "AUDIT_TABLE",
     "RolloutRecord",
     "active_challenger",
+    "champion_changed_by_hand",
     "collect_evidence",
     "current_state",
     "read_rollout_state",
@@ -70,7 +72,7 @@ log = logging.getLogger(__name__)
 
 AUDIT_TABLE = "rollout_decisions"
 STATE_READ_MODEL = "rollout_state.json"
-_NO_CHANGE = frozenset({"wait", "hold", "adopt"})
+_NO_CHANGE = frozenset({"wait", "hold"})
 
 AUDIT_DDL = f"""
 CREATE TABLE IF NOT EXISTS {AUDIT_TABLE} (
@@ -159,6 +161,16 @@ def _judged_before(history: Any, version: str) -> bool:
         or (entry.get("challenger") == version and entry.get("to") in ("rolled_back", "promoted"))
         for entry in history or ()
     )
+
+
+def champion_changed_by_hand(
+    state: Mapping[str, Any] | None, aliases: Mapping[str, str]
+) -> str | None:
+    """The registry champion when it is not the one the rollout state records, else None."""
+    champion = aliases.get("champion")
+    if state is None or champion is None or champion == state.get("champion"):
+        return None
+    return champion
 
 
 def active_challenger(state: Mapping[str, Any] | None, aliases: Mapping[str, str]) -> str | None:

@@ -369,3 +369,26 @@ def test_a_bad_challenger_is_rolled_back_automatically_with_its_reason(loop):
     assert status.returncode == 0, status.stderr
     assert "phase rolled_back" in status.stdout and "rollback" in status.stdout
     assert reasons[0] in status.stdout
+
+
+def test_a_registry_rollback_by_hand_is_adopted_and_reaches_the_live_router(loop):
+    """`churn models rollback` changes only the registry; the rollout adopts the change and
+    applies it to the live server."""
+    before = loop.router()
+    assert before["champion"] == "v2" and before["previous_champions"] == ["v1"]
+    done = subprocess.run(
+        [*loop.cli, "models", "rollback"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert ModelRegistry(loop.settings.registry_dir).aliases()["champion"] == "v1"
+    assert loop.router()["champion"] == "v2"  # nothing has applied it yet
+
+    _, runs = loop.daemon.tick("rollout_sensor")
+    assert len(runs) == 1 and runs[0].dagster_run.tags["dagster/run_key"] == ("rollout:adopt-v1:1")
+    last = loop.decisions().iloc[-1]
+    assert last["action"] == "adopt" and last["applied"], last.to_dict()
+    assert "outside the rollout" in json.loads(last["reasons"])[0]
+    router = loop.router()
+    assert router["champion"] == "v1" and router["challenger"] is None
+    data, runs = loop.daemon.tick("rollout_sensor")
+    assert runs == [] and "no rollout in progress" in data.skip_message
