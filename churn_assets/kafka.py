@@ -10,7 +10,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicCollection,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from churn_assets.broker import resolve_bootstrap
@@ -24,6 +31,8 @@ __all__ = [
     "make_consumer",
     "ensure_topics",
     "topic_partitions",
+    "TopicLog",
+    "topic_log",
     "PartitionExtent",
     "scan_topic",
     "committed_offsets",
@@ -138,6 +147,72 @@ def topic_partitions(settings: Settings, topic: str, timeout_s: float = 10.0) ->
     return sorted(info.partitions)
 
 
+# The all-zero Kafka Uuid: what a broker without topic ids answers.
+_NULL_TOPIC_ID = "AAAAAAAAAAAAAAAAAAAAAA"
+
+
+@dataclass(frozen=True)
+class TopicLog:
+    """Which log a topic's offsets count in: the cluster, the topic's incarnation, its partitions.
+
+    Offsets only mean something within one log. The embedded broker gets a fresh cluster id at
+    every start (its in-memory log starts empty), and a deleted and recreated topic gets a fresh
+    topic id, so ``epoch`` changes exactly when offsets start again from the beginning.
+    """
+
+    topic: str
+    cluster_id: str
+    topic_id: str | None
+    partitions: tuple[int, ...]
+
+    @property
+    def epoch(self) -> str:
+        return f"{self.cluster_id}/{self.topic_id}" if self.topic_id else self.cluster_id
+
+
+def topic_log(
+    settings: Settings,
+    topic: str,
+    timeout_s: float = 10.0,
+    *,
+    admin: AdminClient | None = None,
+) -> TopicLog:
+    """The topic's log identity and partitions, from the broker's metadata.
+
+    The topic id comes from the admin API's topic description (Kafka 2.8+ and Tansu have one);
+    a broker that answers the all-zero id has none, and the cluster id alone is the epoch.
+    """
+    admin = admin or AdminClient(client_config(settings))
+    metadata = admin.list_topics(topic=topic, timeout=timeout_s)
+    info = metadata.topics.get(topic)
+    if info is None or info.error is not None or not info.partitions:
+        detail = info.error if info is not None else "not found"
+        raise KafkaConfigError(
+            f"topic {topic} is not available ({detail}); create it with `churn topics create`"
+        )
+    if not metadata.cluster_id:
+        raise KafkaConfigError(
+            f"the broker at {client_config(settings)['bootstrap.servers']} reports no cluster id, "
+            "so landing cannot tell one log of offsets from another; use a broker that does "
+            "(Kafka 0.10.1+)"
+        )
+    try:
+        description = admin.describe_topics(TopicCollection([topic]))[topic].result(
+            timeout=timeout_s
+        )
+    except KafkaException as exc:
+        raise KafkaConfigError(
+            f"describing topic {topic} (for its topic id) failed: {exc}"
+        ) from exc
+    topic_id = str(description.topic_id) if description.topic_id is not None else None
+    return TopicLog(
+        topic=topic,
+        cluster_id=metadata.cluster_id,
+        topic_id=None if topic_id in (None, "", _NULL_TOPIC_ID) else topic_id,
+        partitions=tuple(sorted(info.partitions)),
+    )
+
+
 @dataclass(frozen=True)
 class PartitionExtent:
     partition: int
@@ -199,14 +274,21 @@ def has_new_data(settings: Settings, topic: str, group_id: str | None = None) ->
     Uses the watermark only as an 'is there anything new' signal: a partition has news when its
     reported high watermark exceeds the committed offset (or when nothing is committed and it
     holds data). The values make deterministic sensor run keys.
+
+    Landing commits each offset with its log epoch as the commit metadata; an offset committed
+    in another epoch (a recreated topic whose group offsets survived) counts as nothing
+    committed, so any message of the new log is news. Brokers that drop commit metadata (Tansu)
+    lose a restarted log's group offsets anyway.
     """
-    partitions = topic_partitions(settings, topic)
+    log_now = topic_log(settings, topic)
+    partitions = log_now.partitions
     consumer = make_consumer(settings, group_id=group_id)
     news: dict[int, int] = {}
     try:
         committed = {
             tp.partition: tp.offset
             for tp in consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+            if not tp.metadata or tp.metadata == log_now.epoch
         }
         for p in partitions:
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)

@@ -2,13 +2,17 @@
 
 How a drain works (ARCHITECTURE.md §4):
 
-1. Read each partition's next offset from ``landing_offsets`` in the warehouse and assign the
-   consumer there (offsets in Kafka are never the source of truth).
+1. Ask the broker which log the topic's offsets count in (its epoch: the cluster id, and the
+   topic id where the broker has one), read each partition's next offset in that epoch from
+   ``landing_offsets`` in the warehouse and assign the consumer there (offsets in Kafka are never
+   the source of truth). A new epoch (a restarted embedded broker, a recreated topic) starts at
+   the beginning of its log; the rows landed from earlier logs stay as they are.
 2. Consume in batches bounded by count and time, until every partition reports EOF (or the drain's
    time budget runs out).
-3. For each batch, in ONE DuckDB transaction: insert valid rows keyed by (topic, partition,
-   offset) with ``ON CONFLICT DO NOTHING``, insert invalid ones into ``dead_letters`` with the
-   reason, and move ``landing_offsets`` past the batch. Commit.
+3. For each batch, check that the broker still serves the same log, then in ONE DuckDB
+   transaction: insert valid rows keyed by (epoch, topic, partition, offset) with
+   ``ON CONFLICT DO NOTHING``, insert invalid ones into ``dead_letters`` with the reason, and move
+   the epoch's ``landing_offsets`` past the batch. Commit.
 4. After the DuckDB commit: mirror dead letters to the dead-letter topic and commit the offsets to
    the Kafka consumer group, for lag visibility only.
 
@@ -29,9 +33,10 @@ import duckdb
 import orjson
 import pyarrow as pa
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from churn_assets.config import Settings
-from churn_assets.kafka import make_consumer, make_producer, topic_partitions
+from churn_assets.kafka import TopicLog, client_config, make_consumer, make_producer, topic_log
 from churn_assets.schemas import (
     DATA_TOPICS,
     DeadLetter,
@@ -42,6 +47,7 @@ from churn_assets.schemas import (
 )
 from churn_assets.warehouse import (
     LANDING_TABLES,
+    LEGACY_EPOCH,
     connect,
     ensure_schema,
     publish_read_model,
@@ -52,6 +58,7 @@ __all__ = [
     "LandingError",
     "LandingReport",
     "Lander",
+    "latest_epoch",
     "publish_landing_read_models",
     "stored_offsets",
 ]
@@ -64,6 +71,14 @@ log = logging.getLogger(__name__)
 FAULT_ENV_VAR = "CHURN_LANDING_FAULT"
 FAULT_POINTS = ("in_transaction", "after_db_commit")
 RAW_VALUE_LIMIT = 100_000
+# Each data topic's unique message id, which tells whether two logs hold the same message.
+MESSAGE_ID_COLUMNS = {
+    Topics.CUSTOMERS: "event_id",
+    Topics.PREDICTIONS: "request_id",
+    Topics.FEEDBACK: "event_id",
+}
+# Bound on reading the few messages that decide whether legacy offsets belong to the broker's log.
+LEGACY_CHECK_TIMEOUT_S = 60.0
 
 
 class LandingError(RuntimeError):
@@ -75,6 +90,8 @@ class LandingReport:
     """What one drain did; also the Dagster materialisation metadata."""
 
     topic: str
+    # The log the drain read (``TopicLog.epoch``); every row it landed carries it.
+    kafka_epoch: str = ""
     rows_landed: int = 0
     dead_lettered: int = 0
     batches: int = 0
@@ -96,11 +113,22 @@ class LandingReport:
         )
 
 
-def stored_offsets(con: duckdb.DuckDBPyConnection, topic: str) -> dict[int, int]:
+def stored_offsets(con: duckdb.DuckDBPyConnection, topic: str, epoch: str) -> dict[int, int]:
+    """Each partition's next offset to land in ``epoch`` (empty for an epoch never seen)."""
     rows = con.execute(
-        "SELECT kafka_partition, next_offset FROM landing_offsets WHERE topic = ?", [topic]
+        "SELECT kafka_partition, next_offset FROM landing_offsets "
+        "WHERE kafka_epoch = ? AND topic = ?",
+        [epoch, topic],
     ).fetchall()
     return {int(p): int(o) for p, o in rows}
+
+
+def latest_epoch(con: duckdb.DuckDBPyConnection, topic: str) -> str | None:
+    """The epoch whose offsets moved last for ``topic``: the log landing read most recently."""
+    rows = con.execute(
+        "SELECT arg_max(kafka_epoch, updated_at) FROM landing_offsets WHERE topic = ?", [topic]
+    ).fetchall()
+    return rows[0][0] if rows else None
 
 
 def _parse_fault(spec: str | None) -> tuple[str, int] | None:
@@ -146,11 +174,13 @@ class Lander:
         """Drain the topic to EOF (bounded by ``landing.drain_max_seconds``), then publish the
         read models on the same connection, so no other process ever needs the live file."""
         started = time.monotonic()
-        report = LandingReport(topic=self.topic)
-        partitions = topic_partitions(self.settings, self.topic)
+        admin = AdminClient(client_config(self.settings))
+        log_now = topic_log(self.settings, self.topic, admin=admin)
+        report = LandingReport(topic=self.topic, kafka_epoch=log_now.epoch)
+        partitions = log_now.partitions
         with connect(self.settings.warehouse_path) as con:
             ensure_schema(con)
-            positions = stored_offsets(con, self.topic)
+            positions = self._positions(con, log_now)
             consumer = make_consumer(self.settings, **{"fetch.wait.max.ms": 100})
             dlq_producer = None
             try:
@@ -161,6 +191,7 @@ class Lander:
                     ]
                 )
                 dlq_producer = make_producer(self.settings, **{"linger.ms": 5})
+                self._log_now, self._admin = log_now, admin
                 self._drain(con, consumer, dlq_producer, set(partitions), report, started)
             finally:
                 consumer.close()
@@ -169,6 +200,162 @@ class Lander:
             report.published = publish_landing_read_models(con, self.settings, self.topic)
         report.duration_s = time.monotonic() - started
         return report
+
+    def _positions(self, con: duckdb.DuckDBPyConnection, log_now: TopicLog) -> dict[int, int]:
+        """Where to read each partition of the broker's log; opens the epoch if it is new.
+
+        A new epoch's offsets are stored at once (in one transaction), so the offsets read model
+        shows the log landing reads now even before a message of it has landed.
+        """
+        positions = stored_offsets(con, self.topic, log_now.epoch)
+        if positions:
+            return positions
+        previous = latest_epoch(con, self.topic)
+        positions = {p: 0 for p in log_now.partitions}
+        if previous == LEGACY_EPOCH:
+            legacy = stored_offsets(con, self.topic, LEGACY_EPOCH)
+            mismatch = self._legacy_mismatch(con, log_now, legacy)
+            if mismatch is None:
+                positions.update(legacy)
+                log.warning(
+                    "%s: the offsets landed before log epochs were recorded continue on this "
+                    "broker's log (epoch %s); landing resumes at %s",
+                    self.topic,
+                    log_now.epoch,
+                    positions,
+                )
+            else:
+                log.warning(
+                    "%s: the offsets landed before log epochs were recorded belong to an earlier "
+                    "log (%s); landing this broker's log (epoch %s) from its beginning; the "
+                    "rows landed before keep kafka_epoch %r",
+                    self.topic,
+                    mismatch,
+                    log_now.epoch,
+                    LEGACY_EPOCH,
+                )
+        elif previous is not None:
+            log.warning(
+                "%s: new log epoch %s (the broker was restarted or the topic recreated; landing "
+                "read epoch %s before, whose rows stay); landing it from offset 0",
+                self.topic,
+                log_now.epoch,
+                previous,
+            )
+        else:
+            log.info("%s: first landing, log epoch %s", self.topic, log_now.epoch)
+        now = datetime.now(UTC)
+        con.begin()
+        try:
+            con.executemany(
+                "INSERT INTO landing_offsets "
+                "(kafka_epoch, topic, kafka_partition, next_offset, updated_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [[log_now.epoch, self.topic, p, o, now] for p, o in sorted(positions.items())],
+            )
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+        return positions
+
+    def _legacy_mismatch(
+        self, con: duckdb.DuckDBPyConnection, log_now: TopicLog, legacy: dict[int, int]
+    ) -> str | None:
+        """Why the broker's log is not the one the legacy offsets were landed from, or None.
+
+        The legacy log is this log when, in every partition, the message at the last landed
+        offset is the one landed there (same message id, or the same raw value for a dead
+        letter). Reading starts where the message surely is (the watermark, which the embedded
+        broker may under-report, bounds it), so a shorter log ends in EOF and never stalls.
+        """
+        wanted = {p: n - 1 for p, n in legacy.items() if n > 0 and p in log_now.partitions}
+        gone = sorted(set(legacy) - set(log_now.partitions))
+        if gone:
+            return f"partitions {gone} no longer exist"
+        if not wanted:
+            return None
+        consumer = make_consumer(
+            self.settings,
+            group_id=f"churn-landing-epoch-check-{time.time_ns()}",
+            **{"fetch.wait.max.ms": 100},
+        )
+        found: dict[int, Message | None] = {}
+        try:
+            assignment = []
+            for p, offset in wanted.items():
+                low, high = consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, p), timeout=10
+                )
+                start = offset if high > offset else max(low, high - 1, 0)
+                assignment.append(TopicPartition(self.topic, p, start))
+            consumer.assign(assignment)
+            deadline = time.monotonic() + LEGACY_CHECK_TIMEOUT_S
+            while len(found) < len(wanted):
+                if time.monotonic() > deadline:
+                    raise LandingError(
+                        f"checking whether the legacy offsets of {self.topic} belong to the "
+                        f"broker's log did not finish in {LEGACY_CHECK_TIMEOUT_S:.0f}s; "
+                        "nothing was landed"
+                    )
+                for message in consumer.consume(1_000, 0.2):
+                    p = message.partition()
+                    if p in found:
+                        continue
+                    error = message.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            found[p] = None
+                            continue
+                        raise LandingError(f"reading {self.topic} p{p} failed: {error}")
+                    if message.offset() >= wanted[p]:
+                        found[p] = message if message.offset() == wanted[p] else None
+        finally:
+            consumer.close()
+        for p, offset in sorted(wanted.items()):
+            message = found[p]
+            if message is None:
+                return f"p{p} has no message at offset {offset}"
+            if self._landed_identity(con, p, offset) != self._identity(message):
+                return f"p{p} holds a different message at offset {offset}"
+        return None
+
+    def _identity(self, message: Message) -> tuple[str, str | None]:
+        raw = message.value()
+        try:
+            decoded = decode_message(self.topic, raw)
+        except MessageError:
+            text = raw.decode("utf-8", "replace")[:RAW_VALUE_LIMIT] if raw is not None else None
+            return ("dead letter", text)
+        return ("row", getattr(decoded, MESSAGE_ID_COLUMNS[self.topic]))
+
+    def _landed_identity(
+        self, con: duckdb.DuckDBPyConnection, partition: int, offset: int
+    ) -> tuple[str, str | None] | None:
+        key = [LEGACY_EPOCH, self.topic, partition, offset]
+        where = "kafka_epoch = ? AND kafka_topic = ? AND kafka_partition = ? AND kafka_offset = ?"
+        rows = con.execute(
+            f"SELECT {MESSAGE_ID_COLUMNS[self.topic]} FROM {self.table} WHERE {where}", key
+        ).fetchall()
+        if rows:
+            return ("row", rows[0][0])
+        rows = con.execute(f"SELECT raw_value FROM dead_letters WHERE {where}", key).fetchall()
+        return ("dead letter", rows[0][0]) if rows else None
+
+    def _check_same_log(self) -> None:
+        """Refuse a batch if the broker's log changed since the drain began.
+
+        Checked after the batch was consumed: if the broker still reports the drain's epoch,
+        every message consumed before the check came from that log (an epoch never returns).
+        """
+        now = topic_log(self.settings, self.topic, admin=self._admin)
+        if now.epoch != self._log_now.epoch:
+            raise LandingError(
+                f"the broker's log of {self.topic} changed during the landing run (epoch "
+                f"{self._log_now.epoch} -> {now.epoch}: restarted broker or recreated topic); "
+                "the batch in hand was not committed; the next run lands the new log from its "
+                "beginning"
+            )
 
     def _drain(self, con, consumer, dlq_producer, partitions: set[int], report, started) -> None:
         limits = self.settings.landing
@@ -249,14 +436,19 @@ class Lander:
             lo, hi = report.offset_ranges.get(p, (first, last_offsets[p]))
             report.offset_ranges[p] = (min(lo, first), max(hi, last_offsets[p]))
         next_offsets = {p: last + 1 for p, last in last_offsets.items()}
+        epoch = self._log_now.epoch
+        for row in dead:
+            row["kafka_epoch"] = epoch
 
+        self._check_same_log()
         batch_number = report.batches + 1
         con.begin()
         try:
             if rows:
                 landed = pa.Table.from_pylist(rows)
                 landed = (
-                    landed.append_column("kafka_topic", pa.array([self.topic] * len(rows)))
+                    landed.append_column("kafka_epoch", pa.array([epoch] * len(rows)))
+                    .append_column("kafka_topic", pa.array([self.topic] * len(rows)))
                     .append_column("kafka_partition", pa.array(row_partitions, pa.int32()))
                     .append_column("kafka_offset", pa.array(row_offsets, pa.int64()))
                     .append_column(
@@ -276,10 +468,12 @@ class Lander:
                     "ON CONFLICT DO NOTHING"
                 )
             con.executemany(
-                "INSERT INTO landing_offsets VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (topic, kafka_partition) DO UPDATE SET "
+                "INSERT INTO landing_offsets "
+                "(kafka_epoch, topic, kafka_partition, next_offset, updated_at) "
+                "VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (kafka_epoch, topic, kafka_partition) DO UPDATE SET "
                 "next_offset = excluded.next_offset, updated_at = excluded.updated_at",
-                [[self.topic, p, o, now] for p, o in sorted(next_offsets.items())],
+                [[epoch, self.topic, p, o, now] for p, o in sorted(next_offsets.items())],
             )
             self._maybe_fault("in_transaction", batch_number)
             con.commit()
@@ -294,8 +488,12 @@ class Lander:
         for row in dead:
             self._mirror_dead_letter(dlq_producer, row)
         try:
+            # The epoch as commit metadata lets lag readers ignore another log's offsets.
             consumer.commit(
-                offsets=[TopicPartition(self.topic, p, o) for p, o in next_offsets.items()],
+                offsets=[
+                    TopicPartition(self.topic, p, o, metadata=epoch)
+                    for p, o in next_offsets.items()
+                ],
                 asynchronous=False,
             )
         except KafkaException as exc:
@@ -314,7 +512,10 @@ class Lander:
             raw_value=row["raw_value"],
             dead_lettered_at=row["landed_at"],
         )
-        key = f"{row['kafka_topic']}/{row['kafka_partition']}/{row['kafka_offset']}".encode()
+        key = (
+            f"{row['kafka_topic']}/{row['kafka_partition']}/{row['kafka_offset']}"
+            f"@{row['kafka_epoch']}"
+        ).encode()
         producer.produce(
             Topics.DEAD_LETTER, key=key, value=encode_message(Topics.DEAD_LETTER, letter)
         )
@@ -326,10 +527,21 @@ class Lander:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+# ``landing_offsets`` shows where landing stands: each topic's latest epoch only, one row per
+# partition (earlier epochs' logs are gone; their offsets stay in the warehouse table).
 _READ_MODEL_QUERIES = {
-    "landing_offsets": "SELECT * FROM landing_offsets ORDER BY topic, kafka_partition",
+    "landing_offsets": """
+SELECT o.topic, o.kafka_partition, o.next_offset, o.updated_at, o.kafka_epoch
+FROM landing_offsets AS o
+JOIN (
+    SELECT topic, arg_max(kafka_epoch, updated_at) AS kafka_epoch
+    FROM landing_offsets GROUP BY topic
+) AS latest ON o.topic = latest.topic AND o.kafka_epoch = latest.kafka_epoch
+ORDER BY o.topic, o.kafka_partition
+""",
     "dead_letters": (
-        "SELECT * FROM dead_letters ORDER BY kafka_topic, kafka_partition, kafka_offset"
+        "SELECT * FROM dead_letters "
+        "ORDER BY landed_at, kafka_epoch, kafka_topic, kafka_partition, kafka_offset"
     ),
 }
 
@@ -339,7 +551,11 @@ def publish_landing_read_models(
 ) -> dict[str, int]:
     """Publish the topic's landing table, the offsets and the DLQ as Parquet read models."""
     table = LANDING_TABLES[topic]
-    queries = {table: f"SELECT * FROM {table} ORDER BY kafka_partition, kafka_offset"}
+    queries = {
+        table: (
+            f"SELECT * FROM {table} ORDER BY landed_at, kafka_epoch, kafka_partition, kafka_offset"
+        )
+    }
     queries.update(_READ_MODEL_QUERIES)
     return {
         name: publish_read_model(con, settings.read_models_dir, name, query)[1]
