@@ -35,7 +35,18 @@ class ModelsPage(pn.viewable.Viewer):
         self.context = context
         self.router = pn.Column(sizing_mode="stretch_width")
         self.message = pn.Column(sizing_mode="stretch_width")
-        self.confirmation = pn.Column(sizing_mode="stretch_width")
+        # One confirmation box, shown and hidden: widgets removed inside their own click
+        # callback leave the browser referring to models the server has dropped.
+        self.confirm_text = pn.pane.Alert("", alert_type="warning")
+        confirm = pn.widgets.Button(
+            label="Confirm", color="danger", width=120, css_classes=["confirm-action"]
+        )
+        cancel = pn.widgets.Button(label="Cancel", width=120, css_classes=["cancel-action"])
+        confirm.on_click(lambda _event: self._confirm())
+        cancel.on_click(lambda _event: self._cancel())
+        self.confirmation = pn.Column(
+            self.confirm_text, pn.Row(confirm, cancel), visible=False, sizing_mode="stretch_width"
+        )
         self._pending: _Action | None = None
         self._state: dict | None = None
         self.buttons = self._buttons()
@@ -161,27 +172,18 @@ class ModelsPage(pn.viewable.Viewer):
 
     def _ask(self, key: str) -> None:
         self._pending = self._actions()[key]
-        confirm = pn.widgets.Button(
-            label="Confirm", color="danger", width=120, css_classes=["confirm-action"]
+        self.confirm_text.object = (
+            f"**Confirm {self._pending.label.lower()}**: {self._pending.confirm}"
         )
-        cancel = pn.widgets.Button(label="Cancel", width=120, css_classes=["cancel-action"])
-        confirm.on_click(lambda _event: self._confirm())
-        cancel.on_click(lambda _event: self._cancel())
-        self.confirmation.objects = [
-            pn.pane.Alert(
-                f"**Confirm {self._pending.label.lower()}**: {self._pending.confirm}",
-                alert_type="warning",
-            ),
-            pn.Row(confirm, cancel),
-        ]
+        self.confirmation.visible = True
 
     def _cancel(self) -> None:
         self._pending = None
-        self.confirmation.objects = []
+        self.confirmation.visible = False
 
     def _confirm(self) -> None:
         action, self._pending = self._pending, None
-        self.confirmation.objects = []
+        self.confirmation.visible = False
         if action is None:
             return
         result = action.run()

@@ -567,7 +567,7 @@ def test_prediction_form_round_trips_to_the_serving_process(platform, browser):
         tab.close("prediction-round-trip-1280")
 
 
-def test_promote_and_rollback_buttons_change_the_live_router(platform, browser):
+def test_admin_buttons_promote_roll_back_and_set_the_strategy_on_the_live_router(platform, browser):
     _settings, server, dashboard = platform
     before = _json("GET", f"{server.http}/router/metrics")["state"]
     assert (before["champion"], before["challenger"]) == ("v1", "v2")
@@ -580,9 +580,16 @@ def test_promote_and_rollback_buttons_change_the_live_router(platform, browser):
     try:
         page = tab.open(f"{dashboard.url}?page=models", "Registered versions")
 
+        # Rollback has nothing to return to yet; cancelling a promotion changes nothing.
+        assert page.locator(".action-rollback button").is_disabled()
         page.locator(".action-promote button").click()
         page.get_by_text("Confirm promote").wait_for(timeout=10_000)
-        # Nothing changes before the confirmation.
+        page.locator(".cancel-action button").click()
+        page.get_by_text("Confirm promote").wait_for(state="hidden", timeout=10_000)
+        assert _json("GET", f"{server.http}/router/metrics")["state"]["champion"] == "v1"
+
+        page.locator(".action-promote button").click()
+        page.get_by_text("Confirm promote").wait_for(timeout=10_000)
         assert _json("GET", f"{server.http}/router/metrics")["state"]["champion"] == "v1"
         page.locator(".confirm-action button").click()
         page.locator(".action-result").get_by_text("Promote / switch: done").wait_for(
@@ -604,6 +611,18 @@ def test_promote_and_rollback_buttons_change_the_live_router(platform, browser):
         assert (restored["champion"], restored["challenger"]) == ("v1", "v2")
         audit = _json("GET", f"{server.http}/router/audit", token=ADMIN_TOKEN)
         assert [entry["action"] for entry in audit[-2:]] == ["promote", "rollback"]
+
+        # Canary at the slider's weight (the configured router.canary_weight), then back.
+        for action, strategy in (("canary", "canary"), ("shadow", "shadow")):
+            page.locator(f".action-{action} button").click()
+            page.locator(".confirm-action button").click()
+            page.locator(".router-state .card[data-label='Strategy']").get_by_text(
+                strategy, exact=True
+            ).wait_for(timeout=30_000)
+            state = _json("GET", f"{server.http}/router/metrics")["state"]
+            assert (state["strategy"], state["canary_weight"]) == (strategy, 0.1)
+            assert (state["champion"], state["challenger"]) == ("v1", "v2")
+
         # The admin token stays in the dashboard process: it never reaches the browser.
         assert frames and not any(ADMIN_TOKEN in frame for frame in frames)
         assert tab.errors == []
