@@ -27,7 +27,12 @@ from pydantic import ValidationError
 from churn_assets.config import Settings
 from churn_assets.monitoring import read_monitoring
 from churn_assets.schemas import FEATURE_NAMES, CustomerFeatures
-from churn_assets.warehouse import ReadModelMissing, load_read_model, read_model_path
+from churn_assets.warehouse import (
+    LEGACY_EPOCH,
+    ReadModelMissing,
+    load_read_model,
+    read_model_path,
+)
 
 __all__ = [
     "ADMIN_TOKEN_ENV",
@@ -648,19 +653,22 @@ def kafka_lag(
     lag is counted by reading from each partition's landed offset to partition EOF, within
     ``budget_s``; a partition that does not reach EOF in time reports a lower bound
     (``exact`` false). Reading past the landed offsets only touches the unlanded messages.
+
+    Offsets count within one log (``kafka_epoch``: cluster id + topic id); offsets landed from
+    another epoch (a restarted embedded broker, a recreated topic) count as nothing for the
+    broker's current log. Offsets from before epochs were recorded (``legacy``) are taken to
+    belong to the current log, as landing does once it has checked them.
     """
     from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-    from churn_assets.kafka import make_consumer, topic_partitions
+    from churn_assets.kafka import make_consumer, topic_log
     from churn_assets.schemas import DATA_TOPICS
 
     source = "Kafka lag"
-    landed: dict[tuple[str, int], int] = {}
-    if not isinstance(offsets, Unavailable):
-        for row in offsets.to_dict("records"):
-            landed[(row["topic"], int(row["kafka_partition"]))] = int(row["next_offset"])
     try:
-        partitions = {t: topic_partitions(settings, t, timeout_s=budget_s) for t in DATA_TOPICS}
+        logs = {t: topic_log(settings, t, timeout_s=budget_s) for t in DATA_TOPICS}
+        partitions = {t: list(log_.partitions) for t, log_ in logs.items()}
+        landed = _landed_offsets(offsets, {t: log_.epoch for t, log_ in logs.items()})
         consumer = make_consumer(
             settings, group_id=f"churn-dashboard-lag-{os.getpid()}", **{"log_level": 2}
         )
@@ -706,6 +714,24 @@ def kafka_lag(
         for (topic, partition), lag in sorted(counts.items())
     ]
     return pd.DataFrame(rows)
+
+
+def _landed_offsets(
+    offsets: pd.DataFrame | Unavailable, epochs: Mapping[str, str]
+) -> dict[tuple[str, int], int]:
+    """(topic, partition) -> next offset to land, in each topic's current epoch."""
+    if isinstance(offsets, Unavailable):
+        return {}
+    landed: dict[tuple[str, int], int] = {}
+    for row in offsets.to_dict("records"):
+        epoch = row.get("kafka_epoch")
+        if epoch is not None and epoch not in (epochs.get(row["topic"]), LEGACY_EPOCH):
+            continue
+        key = (row["topic"], int(row["kafka_partition"]))
+        if epoch == LEGACY_EPOCH and key in landed:
+            continue  # the current epoch's offset wins over a legacy one
+        landed[key] = int(row["next_offset"])
+    return landed
 
 
 def _first_line(exc: Exception) -> str:

@@ -24,13 +24,14 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pytest
+from playwright.sync_api import expect
 from scipy.stats import chi2_contingency, ks_2samp
 
 from churn_assets.broker import EmbeddedBroker
 from churn_assets.config import REPO_ROOT, Settings, load_settings
 from churn_assets.drift import FeatureDrift, adjust_p_values
 from churn_assets.explain import ShapExplainer
-from churn_assets.kafka import ensure_topics, make_producer
+from churn_assets.kafka import ensure_topics, make_producer, topic_log
 from churn_assets.model import load_model
 from churn_assets.monitoring import publish_monitoring_section
 from churn_assets.outliers import REFERENCE_FILE, load_reference_frame
@@ -139,14 +140,18 @@ def publish_sample_read_models(settings: Settings) -> None:
         landed_at=now,
     )
     _publish(read_models, "landed_customer_events", landed)
+    # Offsets in the broker's current log, plus a stale log's (a broker restarted since) that
+    # must not count.
+    epoch = topic_log(settings, "churn.customers").epoch
     _publish(
         read_models,
         "landing_offsets",
         pd.DataFrame(
             {
+                "kafka_epoch": [epoch] * 3 + ["an-older-cluster/some-topic-id"] * 3,
                 "topic": "churn.customers",
-                "kafka_partition": [0, 1, 2],
-                "next_offset": LANDED_PER_PARTITION,
+                "kafka_partition": [0, 1, 2] * 2,
+                "next_offset": [LANDED_PER_PARTITION] * 3 + [1000] * 3,
                 "updated_at": now,
             }
         ),
@@ -455,10 +460,11 @@ def test_page_loads_without_console_errors(platform, browser, page_key, width):
     tab = Page(browser, width)
     try:
         page = tab.open(f"{dashboard.url}?page={page_key}", texts[0])
-        assert page.get_by_role("heading", name=title, exact=True).is_visible()
+        # expect() retries until the element renders (or 10 s pass); is_visible() would not.
+        expect(page.get_by_role("heading", name=title, exact=True)).to_be_visible(timeout=10_000)
         for text in texts:
-            assert page.get_by_text(text, exact=False).first.is_visible(), text
-        assert page.locator(f'nav a.active[data-page="{page_key}"]').count() == 1
+            expect(page.get_by_text(text, exact=False).first).to_be_visible(timeout=10_000)
+        expect(page.locator(f'nav a.active[data-page="{page_key}"]')).to_have_count(1)
         assert page.get_by_text("Traceback").count() == 0
         page.wait_for_timeout(500)  # let late renders (Bokeh, periodic callbacks) report errors
         shot = artifacts_dir() / f"{page_key}-{width}.png"
@@ -487,7 +493,7 @@ def test_monitoring_shows_live_serving_figures_and_kafka_lag(platform, browser):
             cells = row.locator("td").all_inner_texts()
             assert cells[:4] == ["churn.customers", str(partition), "7", str(missing)], cells
         # Dagster is not running in this test: the page explains it instead of failing.
-        assert page.get_by_text("Dagster runs is unavailable").is_visible()
+        expect(page.get_by_text("Dagster runs is unavailable")).to_be_visible()
         # Live update: the requests/s card gets a figure on the next refresh.
         rate = page.locator('.card[data-label="Requests/s"] .value')
         first_update = page.get_by_text("Updated ").first.inner_text()
@@ -581,7 +587,7 @@ def test_admin_buttons_promote_roll_back_and_set_the_strategy_on_the_live_router
         page = tab.open(f"{dashboard.url}?page=models", "Registered versions")
 
         # Rollback has nothing to return to yet; cancelling a promotion changes nothing.
-        assert page.locator(".action-rollback button").is_disabled()
+        expect(page.locator(".action-rollback button")).to_be_disabled()
         page.locator(".action-promote button").click()
         page.get_by_text("Confirm promote").wait_for(timeout=10_000)
         page.locator(".cancel-action button").click()

@@ -318,3 +318,21 @@ def test_read_models_are_cached_until_republished_and_copies_are_independent(set
     pd.DataFrame({"feature": ["a", "b"], "mean_abs_shap": [0.5, 0.2]}).to_parquet(tmp)
     tmp.replace(path)  # how publishers replace read models: atomically
     assert models.frame("feature_importance")["feature"].tolist() == ["a", "b"]
+
+
+def test_lag_counts_from_offsets_of_the_brokers_current_log_only():
+    from dashboards.data import _landed_offsets
+
+    offsets = pd.DataFrame(
+        {
+            "kafka_epoch": ["legacy", "now", "old", "legacy", "old"],
+            "topic": ["t", "t", "t", "t", "u"],
+            "kafka_partition": [0, 0, 1, 2, 0],
+            "next_offset": [5, 9, 100, 4, 50],
+        }
+    )
+    # Current epoch beats legacy; another epoch's offsets count as nothing; legacy alone counts.
+    assert _landed_offsets(offsets, {"t": "now", "u": "new"}) == {("t", 0): 9, ("t", 2): 4}
+    without_epochs = offsets.drop(columns="kafka_epoch").iloc[[1, 2]]
+    assert _landed_offsets(without_epochs, {"t": "now"}) == {("t", 0): 9, ("t", 1): 100}
+    assert _landed_offsets(Unavailable("x", "y"), {"t": "now"}) == {}
