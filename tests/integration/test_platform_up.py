@@ -51,13 +51,14 @@ def graphql(port: int, query: str) -> dict:
 
 
 def test_up_runs_the_platform_and_ctrl_c_stops_everything(churn_cli, settings_path, tmp_path):
-    port, http_port, grpc_port = free_port(), free_port(), free_port()
+    port, http_port, grpc_port, dashboard_port = free_port(), free_port(), free_port(), free_port()
     marker = f"CHURN_TEST_RUN={tmp_path}\0"
     env = {
         **os.environ,
         "CHURN_DAGSTER__WEBSERVER_PORT": str(port),
         "CHURN_SERVING__HTTP_PORT": str(http_port),
         "CHURN_SERVING__GRPC_PORT": str(grpc_port),
+        "CHURN_DASHBOARD__PORT": str(dashboard_port),
         "CHURN_SIMULATOR__CUSTOMERS": "2000",
         "CHURN_SIMULATOR__DAYS": "90",
         "CHURN_TEST_RUN": str(tmp_path),
@@ -121,6 +122,18 @@ def test_up_runs_the_platform_and_ctrl_c_stops_everything(churn_cli, settings_pa
                 assert time.monotonic() < deadline, log_path.read_text()[-4000:]
                 time.sleep(1)
         assert prediction["model_version"] == "v1" and 0 <= prediction["probability"] <= 1
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{dashboard_port}/liveness", timeout=5
+                ) as response:
+                    assert response.status == 200
+                break
+            except OSError:
+                assert time.monotonic() < deadline, log_path.read_text()[-4000:]
+                time.sleep(1)
+        assert f"dashboard: http://127.0.0.1:{dashboard_port}/app" in log_path.read_text()
 
         # The manual retraining trigger: a run in the platform's instance, a challenger in
         # shadow in the live server.
