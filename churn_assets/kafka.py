@@ -182,7 +182,8 @@ def topic_log(
     The topic id comes from the admin API's topic description (Kafka 2.8+ and Tansu have one);
     a broker that answers the all-zero id has none, and the cluster id alone is the epoch.
     """
-    admin = admin or AdminClient(client_config(settings))
+    if admin is None:  # not `admin or ...`: a client with nothing queued has len() 0
+        admin = AdminClient(client_config(settings))
     metadata = admin.list_topics(topic=topic, timeout=timeout_s)
     info = metadata.topics.get(topic)
     if info is None or info.error is not None or not info.partitions:
