@@ -5,7 +5,6 @@ Every asset that touches the warehouse runs in the ``duckdb_warehouse`` pool.
 """
 
 import dagster as dg
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -25,6 +24,7 @@ from churn_assets.model import load_model
 from churn_assets.plots import bar_chart_markdown, calibration_markdown, markdown_table
 from churn_assets.registry import ModelRegistry
 from churn_assets.resources import PlatformResource
+from churn_assets.segments import segment_table
 from churn_assets.training import (
     TrainingError,
     TrainingSet,
@@ -52,7 +52,6 @@ FROM landed_customer_events
 FEEDBACK_SQL = """
 SELECT customer_id, request_id, churned, outcome_time, observed_at FROM landed_feedback
 """
-RISK_TIERS = ((0.0, 0.05, "low"), (0.05, 0.15, "medium"), (0.15, 1.01, "high"))
 
 
 def _load_landed(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -367,13 +366,6 @@ def feature_importance(
     )
 
 
-def _tier(probability: np.ndarray) -> np.ndarray:
-    tiers = np.empty(len(probability), dtype=object)
-    for low, high, name in RISK_TIERS:
-        tiers[(probability >= low) & (probability < high)] = name
-    return tiers
-
-
 @dg.asset(
     group_name="analytics",
     kinds={"duckdb", "parquet"},
@@ -391,30 +383,9 @@ def customer_segments(
     with connect(settings.warehouse_path) as con:
         customers = con.execute("SELECT * FROM customer_features").df()
     customers["risk"] = model.predict_frame(customers)
-    customers["risk_tier"] = _tier(customers["risk"].to_numpy())
     churned = set(feedback.loc[feedback["churned"], "customer_id"])
     customers["churned"] = customers["customer_id"].isin(churned)
-    customers["tenure_band"] = pd.cut(
-        customers["customer_tenure"],
-        [-1, 5, 11, 23, 47, 10_000],
-        labels=["0-5", "6-11", "12-23", "24-47", "48+"],
-    ).astype(str)
-    parts = []
-    for cohort in ("risk_tier", "contract_type", "tenure_band", "payment_method"):
-        grouped = (
-            customers.groupby(cohort)
-            .agg(
-                customers=("customer_id", "size"),
-                observed_churn_rate=("churned", "mean"),
-                mean_predicted_risk=("risk", "mean"),
-            )
-            .reset_index()
-            .rename(columns={cohort: "cohort"})
-        )
-        parts.append(grouped.assign(cohort_type=cohort))
-    segments = pd.concat(parts, ignore_index=True)[
-        ["cohort_type", "cohort", "customers", "observed_churn_rate", "mean_predicted_risk"]
-    ].assign(model_version=model.version)
+    segments = segment_table(customers, model.version)
     rows = _replace_table(settings, "customer_segments", segments)
     return dg.MaterializeResult(
         metadata={

@@ -15,7 +15,7 @@ COHORTS = {
     "tenure_band": "Tenure (months)",
     "payment_method": "Payment method",
 }
-TIER_ORDER = ("low", "medium", "high")  # churn_assets.assets.ml.RISK_TIERS
+TIER_ORDER = ("low", "medium", "high")  # churn_assets.segments.RISK_TIERS
 
 
 class AnalyticsPage(pn.viewable.Viewer):

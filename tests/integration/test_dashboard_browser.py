@@ -46,6 +46,7 @@ from churn_assets.rollout import (
     start,
 )
 from churn_assets.schemas import FEATURE_NAMES, NUMERIC_FEATURES
+from churn_assets.segments import segment_table
 from churn_assets.simulator import SimulationConfig, sample_customers, simulate_frames
 from churn_assets.warehouse import publish_read_model
 from tests.conftest import write_config
@@ -231,28 +232,7 @@ def publish_sample_read_models(settings: Settings) -> None:
     importance = ShapExplainer(model).global_importance(model.transformer.transform(customers))
     _publish(read_models, "feature_importance", importance.assign(model_version="v1"))
     customers["risk"] = model.predict_frame(customers)
-    customers["risk_tier"] = pd.cut(
-        customers["risk"], [0.0, 0.05, 0.15, 1.01], right=False, labels=["low", "medium", "high"]
-    ).astype(str)
-    customers["tenure_band"] = pd.cut(
-        customers["customer_tenure"],
-        [-1, 5, 11, 23, 47, 10_000],
-        labels=["0-5", "6-11", "12-23", "24-47", "48+"],
-    ).astype(str)
-    parts = []
-    for cohort in ("risk_tier", "contract_type", "tenure_band", "payment_method"):
-        grouped = (
-            customers.groupby(cohort)
-            .agg(
-                customers=("customer_id", "size"),
-                observed_churn_rate=("label", "mean"),
-                mean_predicted_risk=("risk", "mean"),
-            )
-            .reset_index()
-            .rename(columns={cohort: "cohort"})
-        )
-        parts.append(grouped.assign(cohort_type=cohort))
-    segments = pd.concat(parts, ignore_index=True).assign(model_version="v1")
+    segments = segment_table(customers.assign(churned=customers["label"].astype(bool)), "v1")
     _publish(read_models, "customer_segments", segments)
 
     # Rollout: shadow started, passed, and the canary advanced once.
