@@ -7,15 +7,24 @@ one is overwritten, and a partition whose new log is shorter than the old offset
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import duckdb
 import pytest
+from confluent_kafka import KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from churn_assets.broker import EmbeddedBroker, read_state
 from churn_assets.config import Settings
-from churn_assets.kafka import client_config, ensure_topics, has_new_data, make_producer, topic_log
+from churn_assets.kafka import (
+    client_config,
+    ensure_topics,
+    has_new_data,
+    make_consumer,
+    make_producer,
+    topic_log,
+)
 from churn_assets.landing import Lander, LandingError
 from churn_assets.schemas import Topics
 from churn_assets.warehouse import (
@@ -60,6 +69,27 @@ def produce_poison(settings: Settings) -> None:
     producer = make_producer(settings)
     producer.produce(Topics.CUSTOMERS, partition=0, key=b"bad", value=POISON)
     assert producer.flush(30) == 0
+
+
+def dead_letter_keys(settings: Settings) -> list[str]:
+    consumer = make_consumer(settings, group_id=f"dlq-reader-{time.time_ns()}")
+    keys: list[str] = []
+    try:
+        consumer.assign([TopicPartition(Topics.DEAD_LETTER, p, 0) for p in (0, 1, 2)])
+        at_eof: set[int] = set()
+        deadline = time.monotonic() + 30
+        while len(at_eof) < 3 and time.monotonic() < deadline:
+            for message in consumer.consume(100, 0.2):
+                if message.error() is None:
+                    keys.append(message.key().decode())
+                elif message.error().code() == KafkaError._PARTITION_EOF:
+                    at_eof.add(message.partition())
+                else:
+                    raise AssertionError(message.error())
+    finally:
+        consumer.close()
+    assert len(at_eof) == 3, "the dead-letter topic was not read to its end"
+    return keys
 
 
 def epochs_of(settings: Settings, table: str) -> dict[str, int]:
@@ -116,6 +146,8 @@ def test_restarted_broker_is_landed_from_its_beginning(broker_settings, before, 
     published = load_read_model(settings.read_models_dir, "landed_customer_events")
     assert len(published) == before + after and published["event_id"].is_unique
     assert not has_new_data(settings, Topics.CUSTOMERS)  # the group commit reached the new log
+    # The dead-letter mirror's key names the epoch, so a consumer deduping by key keeps both.
+    assert dead_letter_keys(settings) == [f"{Topics.CUSTOMERS}/0/0@{second_epoch}"]
 
     again = Lander(settings, Topics.CUSTOMERS).run()
     assert (again.rows_landed, again.dead_lettered, again.reached_eof) == (0, 0, True)
