@@ -340,20 +340,44 @@ def status(ctx: click.Context) -> None:
     default=None,
     help="gRPC port (default: serving.grpc_port).",
 )
+@click.option(
+    "--model-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    envvar="CHURN_MODEL_DIR",
+    default=None,
+    help="Serve only this version folder (manifest.json + artefacts, as `churn models export` "
+    "writes it and Seldon Core v1 mounts it at /mnt/models) as the champion, instead of the "
+    "registry; its version must equal $CHURN_MODEL_VERSION when that is set. "
+    "Env: CHURN_MODEL_DIR.",
+)
 @click.pass_context
-def serve(ctx: click.Context, http_port: int | None, grpc_port: int | None) -> None:
+def serve(
+    ctx: click.Context, http_port: int | None, grpc_port: int | None, model_dir: Path | None
+) -> None:
     """Serve the registered models: V2 REST + gRPC (MLServer), router, explanations, metrics.
 
     Admin endpoints need CHURN_ADMIN_TOKEN in the environment. Ctrl-C stops the server.
     """
     from churn_assets.config import load_settings
+    from churn_assets.registry import RegistryError
     from serving.errors import ServingError
     from serving.server import run
 
     settings = _settings(ctx)
-    overrides = {k: v for k, v in {"http_port": http_port, "grpc_port": grpc_port}.items() if v}
+    overrides: dict[str, dict[str, Any]] = {}
+    ports = {k: v for k, v in {"http_port": http_port, "grpc_port": grpc_port}.items() if v}
+    if ports:
+        overrides["serving"] = ports
+    if model_dir is not None:
+        from serving.standalone import model_dir_overrides
+
+        expected = os.environ.get("CHURN_MODEL_VERSION") or None
+        try:
+            overrides |= model_dir_overrides(settings, model_dir, expected)
+        except RegistryError as exc:
+            raise _fail(exc) from None
     if overrides:
-        settings = load_settings(ctx.obj["config_path"], serving=overrides)
+        settings = load_settings(ctx.obj["config_path"], **overrides)
     try:
         run(settings)
     except ServingError as exc:

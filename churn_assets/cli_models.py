@@ -1,8 +1,9 @@
-"""``churn models``: list, inspect, promote and roll back versions in the model registry."""
+"""``churn models``: list, inspect, promote, roll back and export versions of the model registry."""
 
 import json
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 import click
@@ -61,7 +62,7 @@ def _aliases_of(registry: ModelRegistry) -> dict[str, list[str]]:
 
 @click.group()
 def models() -> None:
-    """List, inspect, promote and roll back registered model versions."""
+    """List, inspect, promote, roll back and export registered model versions."""
 
 
 @models.command("list")
@@ -125,3 +126,24 @@ def rollback(ctx: click.Context) -> None:
     previous = registry.aliases().get("champion")
     champion = registry.rollback()
     click.echo(f"champion: {champion.version} (rolled back from {previous or 'none'})")
+
+
+@models.command("export")
+@click.argument("ref")
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.pass_context
+@_registry_errors_as_click
+def export(ctx: click.Context, ref: str, dest: Path) -> None:
+    """Write version REF to DEST/<version>/, the folder a Seldon model bucket needs.
+
+    The folder holds the version's artefacts (SHA-256 verified on the way out and again on every
+    load), its manifest.json and a model-settings.json for Seldon Core 2 (MLServer runtime
+    serving.standalone.ChurnModel). Upload it as s3://churn-models/<version>, e.g.
+    `aws s3 cp --recursive DEST/v3 s3://churn-models/v3`: SeldonDeployment predictors (modelUri)
+    and Seldon Core 2 Models (storageUri) load it from there. An existing DEST/<version> is never
+    overwritten.
+    """
+    from serving.standalone import export_version
+
+    folder = export_version(_registry(ctx), ref, dest)
+    click.echo(f"exported {folder.name} to {folder}")

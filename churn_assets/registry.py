@@ -31,6 +31,8 @@ __all__ = [
     "TamperedArtifactError",
     "VersionNotFound",
     "current_code_version",
+    "read_verified",
+    "read_version_dir",
 ]
 
 ALIASES = ("champion", "challenger")
@@ -267,29 +269,7 @@ class ModelRegistry:
 
     def read_file(self, ref: str, name: str) -> bytes:
         """The bytes of artefact ``name`` of version ``ref``, verified against its SHA-256."""
-        version = self.get(ref)
-        _check_file_name(name)
-        if name not in version.files:
-            raise RegistryError(
-                f"version {version.version} has no artefact {name!r}; "
-                f"it has: {', '.join(sorted(version.files))}"
-            )
-        expected = version.files[name]
-        path = version.path / name
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise TamperedArtifactError(
-                f"artefact {name!r} of version {version.version} is missing ({path}); "
-                f"expected sha256 {expected}"
-            ) from None
-        actual = _sha256(data)
-        if actual != expected:
-            raise TamperedArtifactError(
-                f"artefact {name!r} of version {version.version} failed verification: "
-                f"expected sha256 {expected}, got {actual} ({path})"
-            )
-        return data
+        return read_verified(self.get(ref), name)
 
     # -- aliases -----------------------------------------------------------------------------------
 
@@ -521,3 +501,60 @@ class ModelRegistry:
             handle.write(json.dumps(entry) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def read_verified(version: ModelVersion, name: str) -> bytes:
+    """The bytes of artefact ``name`` of ``version``, verified against its SHA-256.
+
+    Raises :class:`TamperedArtifactError` when the file is missing or its digest differs.
+    """
+    _check_file_name(name)
+    if name not in version.files:
+        raise RegistryError(
+            f"version {version.version} has no artefact {name!r}; "
+            f"it has: {', '.join(sorted(version.files))}"
+        )
+    expected = version.files[name]
+    path = version.path / name
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise TamperedArtifactError(
+            f"artefact {name!r} of version {version.version} is missing ({path}); "
+            f"expected sha256 {expected}"
+        ) from None
+    actual = _sha256(data)
+    if actual != expected:
+        raise TamperedArtifactError(
+            f"artefact {name!r} of version {version.version} failed verification: "
+            f"expected sha256 {expected}, got {actual} ({path})"
+        )
+    return data
+
+
+def read_version_dir(path: Path) -> ModelVersion:
+    """The version whose ``manifest.json`` lies in folder ``path``, outside any registry.
+
+    The folder may have any name (an exported copy, a Seldon model mount such as
+    ``/mnt/models``); the manifest names the version. Artefacts are not read here: read them
+    with :func:`read_verified`.
+    """
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    try:
+        raw = manifest_path.read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        raise RegistryError(
+            f"{path} holds no {MANIFEST}: not a model version folder "
+            "(`churn models export` writes one)"
+        ) from None
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise RegistryError(f"{manifest_path} is corrupt: {exc}") from None
+    version = manifest.get("version") if isinstance(manifest, dict) else None
+    if not isinstance(version, str) or _version_number(version) is None:
+        raise RegistryError(
+            f"{manifest_path} is corrupt: it names no version like 'v1' (got {version!r})"
+        )
+    return ModelRegistry._from_manifest(version, path, manifest)

@@ -113,21 +113,30 @@ def stub_bin(tmp_path) -> Path:
     return bin_dir
 
 
-def _entrypoint(stub_bin: Path, *args: str, **env: str) -> str:
+def _run_entrypoint(stub_bin: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     environment = {"PATH": f"{stub_bin}:/usr/bin:/bin", **env}
-    result = subprocess.run(
+    return subprocess.run(
         ["sh", str(REPO_ROOT / "docker/serving/entrypoint.sh"), *args],
         env=environment,
         capture_output=True,
         text=True,
         timeout=30,
     )
+
+
+def _entrypoint(stub_bin: Path, *args: str, **env: str) -> str:
+    result = _run_entrypoint(stub_bin, *args, **env)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
 
-def test_serving_entrypoint_picks_the_mode(stub_bin):
-    base = {"CHURN_SERVING__HTTP_PORT": "8080", "CHURN_SERVING__GRPC_PORT": "8081"}
+def test_serving_entrypoint_picks_the_mode(stub_bin, tmp_path):
+    mount = tmp_path / "mnt" / "models"  # stands in for Seldon's /mnt/models
+    base = {
+        "CHURN_SERVING__HTTP_PORT": "8080",
+        "CHURN_SERVING__GRPC_PORT": "8081",
+        "CHURN_SELDON_MODELS_MOUNT": str(mount),
+    }
     assert _entrypoint(stub_bin, **base) == "churn serve http=8080 grpc=8081"
     seldon_v1 = {
         **base,
@@ -141,6 +150,28 @@ def test_serving_entrypoint_picks_the_mode(stub_bin):
     )
     assert _entrypoint(stub_bin, "churn", "models", "list", **base) == (
         "churn models list http=8080 grpc=8081"
+    )
+
+    # A Seldon Core v1 predictor whose modelUri folder is not a version folder fails loudly
+    # instead of falling back to the (empty) registry of the data volume.
+    mount.mkdir(parents=True)
+    refused = _run_entrypoint(stub_bin, **seldon_v1)
+    assert refused.returncode == 1
+    assert f"Seldon mounted {mount} but it holds no manifest.json" in refused.stderr
+    assert refused.stdout == ""
+    assert _entrypoint(stub_bin, **base) == "churn serve http=8080 grpc=8081"
+
+    # The storage initializer downloaded a version folder: serve exactly that folder.
+    (mount / "manifest.json").write_text("{}")
+    assert _entrypoint(stub_bin, **seldon_v1) == (
+        f"churn serve --model-dir {mount} http=9000 grpc=9500"
+    )
+    assert _entrypoint(stub_bin, **base) == f"churn serve --model-dir {mount} http=8080 grpc=8081"
+    assert _entrypoint(stub_bin, **seldon_v2) == (
+        "mlserver start /mnt/agent/models http=8080 grpc=8081"
+    )
+    assert _entrypoint(stub_bin, **base, CHURN_MODEL_DIR="/models/v3") == (
+        "churn serve --model-dir /models/v3 http=8080 grpc=8081"
     )
 
 
