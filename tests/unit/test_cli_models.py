@@ -134,10 +134,61 @@ def test_works_under_a_root_group_that_sets_the_config_path(config_path, two_ver
     assert "v2" in result.output
 
 
-@pytest.mark.parametrize("path", [[], ["list"], ["show"], ["promote"], ["rollback"]])
+@pytest.mark.parametrize("path", [[], ["list"], ["show"], ["promote"], ["rollback"], ["export"]])
 def test_every_command_has_help(path):
     result = CliRunner().invoke(models, [*path, "--help"])
     assert result.exit_code == 0, result.output
     command = models.commands[path[0]] if path else models
     assert command.help
     assert " ".join(command.help.split()[:5]) in result.output
+
+
+def test_export_writes_a_version_folder_for_the_bucket(config_path, two_versions, tmp_path):
+    dest = tmp_path / "bucket"
+    result = run(config_path, "export", "challenger", str(dest))
+    assert result.exit_code == 0, result.output
+    folder = dest / "v2"
+    assert result.stdout.strip() == f"exported v2 to {folder}"
+    assert sorted(p.name for p in dest.iterdir()) == ["v2"]  # no staging folder left behind
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "manifest.json",
+        "model-settings.json",
+        "model.ubj",
+    ]
+    assert (folder / "model.ubj").read_bytes() == b"two"
+    registered = two_versions.get("v2").path / "manifest.json"
+    assert (folder / "manifest.json").read_bytes() == registered.read_bytes()
+    assert json.loads((folder / "model-settings.json").read_text()) == {
+        "name": "churn-v2",
+        "implementation": "serving.standalone.ChurnModel",
+        "parameters": {"uri": "./", "version": "v2"},
+    }
+
+
+def test_export_never_overwrites(config_path, two_versions, tmp_path):
+    dest = tmp_path / "bucket"
+    (dest / "v1").mkdir(parents=True)
+    (dest / "v1" / "model.ubj").write_bytes(b"someone else's")
+    result = run(config_path, "export", "v1", str(dest))
+    assert result.exit_code == 1
+    assert f"Error: {dest / 'v1'} already exists; refusing to overwrite it" in result.stderr
+    assert (dest / "v1" / "model.ubj").read_bytes() == b"someone else's"
+    assert sorted(p.name for p in dest.iterdir()) == ["v1"]
+
+
+def test_export_refuses_a_tampered_artefact(config_path, two_versions, tmp_path):
+    (two_versions.root / "v1" / "model.ubj").write_bytes(b"oNe")
+    dest = tmp_path / "bucket"
+    result = run(config_path, "export", "v1", str(dest))
+    assert result.exit_code == 1
+    assert "artefact 'model.ubj' of version v1 failed verification: expected sha256" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.output
+    assert not (dest / "v1").exists()
+
+
+def test_export_unknown_version_is_a_clear_error(config_path, two_versions, tmp_path):
+    result = run(config_path, "export", "v9", str(tmp_path / "bucket"))
+    assert result.exit_code == 1
+    assert "Error: no model version 'v9'; versions: v1, v2" in result.stderr
