@@ -5,7 +5,7 @@ import json
 import dagster as dg
 
 from churn_assets.assets.landing import landing_asset_key
-from churn_assets.kafka import has_new_data
+from churn_assets.kafka import has_new_data, topic_log
 from churn_assets.resources import PlatformResource
 from churn_assets.schemas import DATA_TOPICS
 
@@ -19,8 +19,8 @@ __all__ = ["kafka_landing_sensor"]
     asset_selection=[landing_asset_key(topic) for topic in DATA_TOPICS],
     description=(
         "Requests a landing run for every data topic whose partitions hold messages past the "
-        "landing consumer group's committed offsets. Run keys come from the broker's watermarks, "
-        "so the same backlog never launches two runs."
+        "landing consumer group's committed offsets. Run keys come from the log's epoch and the "
+        "broker's watermarks, so the same backlog never launches two runs."
     ),
 )
 def kafka_landing_sensor(
@@ -34,7 +34,9 @@ def kafka_landing_sensor(
         if not news:
             continue
         marks = ",".join(f"{p}:{w}" for p, w in sorted(news.items()))
-        run_key = f"{topic}@{marks}"
+        # The log's epoch keeps a restarted broker's new log (offsets from 0 again) from
+        # repeating an earlier run key, which Dagster would skip.
+        run_key = f"{topic}@{topic_log(settings, topic).epoch}@{marks}"
         cursor[topic] = marks
         requests.append(
             dg.RunRequest(

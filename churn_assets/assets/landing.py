@@ -19,6 +19,7 @@ def landing_asset_key(topic: str) -> dg.AssetKey:
 def _metadata(report: LandingReport, counts: dict[str, int], table: str) -> dict[str, object]:
     return {
         "rows_landed": dg.MetadataValue.int(report.rows_landed),
+        "kafka_epoch": dg.MetadataValue.text(report.kafka_epoch or "none"),
         "dead_lettered": dg.MetadataValue.int(report.dead_lettered),
         "batches": dg.MetadataValue.int(report.batches),
         "offset_ranges": dg.MetadataValue.text(report.describe_ranges()),

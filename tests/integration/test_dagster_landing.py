@@ -4,7 +4,9 @@ import dagster as dg
 import pytest
 
 from churn_assets.assets.landing import WAREHOUSE_POOL, landing_asset_key, landing_assets
+from churn_assets.broker import EmbeddedBroker
 from churn_assets.definitions import defs
+from churn_assets.kafka import ensure_topics
 from churn_assets.resources import PlatformResource
 from churn_assets.schemas import DATA_TOPICS, Topics
 from churn_assets.warehouse import load_read_model
@@ -86,3 +88,27 @@ def test_every_data_topic_has_a_landing_asset():
     assert {landing_asset_key(t) for t in DATA_TOPICS} == {
         next(iter(a.keys)) for a in landing_assets
     }
+
+
+def test_a_restarted_broker_s_log_gets_new_run_keys(broker_settings, settings_path):
+    """The same messages produced again after a broker restart give the same watermarks; the
+    log's epoch in the run key keeps Dagster from skipping them as already requested."""
+    platform = PlatformResource(config_path=str(settings_path))
+    instance = dg.DagsterInstance.ephemeral()
+
+    def tick():
+        context = dg.build_sensor_context(
+            instance=instance, resources={"platform": platform}, definitions=defs
+        )
+        return kafka_landing_sensor(context)
+
+    produce_customer_events(broker_settings, 300)
+    [before] = tick().run_requests
+    broker = EmbeddedBroker(broker_settings.run_dir)
+    broker.stop()
+    broker.start()
+    ensure_topics(broker_settings)
+    produce_customer_events(broker_settings, 300)
+    [after] = tick().run_requests
+    assert before.run_key.split("@")[-1] == after.run_key.split("@")[-1]  # same watermarks
+    assert before.run_key != after.run_key
