@@ -54,6 +54,7 @@ from churn_assets.rollout import Decision, Phase, RolloutPolicy, RolloutState, t
 
 __all__ = [
     "CRD_FILES",
+    "SELDON_CAPABILITY",
     "STRATEGIES",
     "Deployment",
     "DeploymentError",
@@ -80,6 +81,8 @@ CRD_FILES: dict[str, str] = {
     "Model": "mlops.seldon.io_models.yaml",
     "Experiment": "mlops.seldon.io_experiments.yaml",
 }
+# The Seldon Core 2 capability of servers that run the churn serving image.
+SELDON_CAPABILITY = "churn-platform"
 _PLURALS = {"SeldonDeployment": "seldondeployments", "Model": "models", "Experiment": "experiments"}
 
 
@@ -434,14 +437,16 @@ def render_seldon_v2(
     name: str = "churn",
     namespace: str = "churn",
     model_uri_prefix: str = "s3://churn-models",
-    requirements: Iterable[str] = ("mlserver",),
+    requirements: Iterable[str] = (SELDON_CAPABILITY,),
 ) -> list[dict[str, Any]]:
     """Seldon Core 2 objects: one ``Model`` per live version, then an ``Experiment``.
 
     canary: candidates champion ``100 - w`` and challenger ``w``; shadow: champion 100 plus a
     100 % mirror to the challenger; blue-green-ready: champion 100 (green loaded, no traffic);
     single: the champion 100. ``default`` is always the champion. ``requirements`` are the server
-    capabilities the models need (``mlserver`` for the churn MLServer runtimes).
+    capabilities the models need: :data:`SELDON_CAPABILITY`, which only a ``Server`` running the
+    churn serving image offers (``k8s/seldon/v2/server.yaml``), so no stock MLServer server,
+    which lacks the churn runtime, is ever picked.
     """
     labels = _labels(deployment, name)
     models = [
