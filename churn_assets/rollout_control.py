@@ -64,6 +64,7 @@ __all__ = [
     "collect_evidence",
     "current_state",
     "read_rollout_state",
+    "rollout_in_progress",
     "run_rollout_step",
     "serving_url",
 ]
@@ -161,6 +162,14 @@ def _judged_before(history: Any, version: str) -> bool:
         or (entry.get("challenger") == version and entry.get("to") in ("rolled_back", "promoted"))
         for entry in history or ()
     )
+
+
+def rollout_in_progress(read_models_dir: Path) -> str | None:
+    """The challenger of a rollout in shadow, canary or blue-green, or None."""
+    state = read_rollout_state(read_models_dir)
+    if state is None or state.get("phase") in {p.value for p in TERMINAL_PHASES}:
+        return None
+    return state.get("challenger")
 
 
 def champion_changed_by_hand(

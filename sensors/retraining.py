@@ -13,7 +13,11 @@ from churn_assets.monitoring import read_monitoring
 from churn_assets.registry import ModelRegistry
 from churn_assets.resources import PlatformResource
 from churn_assets.retraining import TriggerSnapshot, evaluate_triggers
-from churn_assets.rollout_control import active_challenger, read_rollout_state
+from churn_assets.rollout_control import (
+    active_challenger,
+    read_rollout_state,
+    rollout_in_progress,
+)
 from churn_assets.warehouse import read_model_path
 
 __all__ = ["retraining_sensor", "snapshot_for", "weekly_retraining_schedule"]
@@ -133,12 +137,18 @@ def _configured_cron() -> str:
     job=retraining_job,
     execution_timezone="UTC",
     default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Retrains on retraining.schedule (default Sunday 02:00 UTC) unless disabled.",
+    description=(
+        "Retrains on retraining.schedule (default Sunday 02:00 UTC) unless disabled or a "
+        "rollout is in progress."
+    ),
 )
 def weekly_retraining_schedule(context: dg.ScheduleEvaluationContext, platform: PlatformResource):
     settings = platform.settings()
     if not settings.retraining.enabled:
         return dg.SkipReason("retraining.enabled is false")
+    rolling = rollout_in_progress(settings.read_models_dir)
+    if rolling is not None:
+        return dg.SkipReason(f"a rollout of {rolling} is in progress; the next week retrains")
     scheduled = context.scheduled_execution_time
     key = scheduled.isoformat() if scheduled else datetime.now(UTC).isoformat()
     return dg.RunRequest(

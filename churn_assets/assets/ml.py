@@ -301,8 +301,18 @@ def registered_model(
     context: dg.AssetExecutionContext, platform: PlatformResource
 ) -> dg.MaterializeResult:
     """The gated candidate registered as the next version: champion if there is none yet,
-    otherwise challenger."""
+    otherwise challenger. Refused while a rollout is in progress: the new challenger would
+    replace the one being judged."""
+    from churn_assets.rollout_control import rollout_in_progress
+
     settings = platform.settings()
+    rolling = rollout_in_progress(settings.read_models_dir)
+    if rolling is not None:
+        raise RuntimeError(
+            f"a rollout of {rolling} is in progress (`churn rollout status`); let it finish or "
+            "roll it back (admin API /router/rollback, the dashboard) before registering another "
+            "challenger"
+        )
     candidate = load_candidate(settings)
     registry = ModelRegistry(settings.registry_dir)
     report = candidate.report

@@ -285,6 +285,18 @@ def test_drift_retrains_once_and_the_challenger_is_promoted_through_shadow_and_c
         data, runs = daemon.tick("retraining_sensor")
         assert runs == [] and "this episode already retrained" in data.skip_message
 
+    # A retraining launched by hand mid-rollout trains, but registration is refused.
+    midway = daemon.defs.resolve_job_def("retraining_job").execute_in_process(
+        instance=daemon.instance, raise_on_error=False, tags={"churn/retraining_reason": "manual"}
+    )
+    assert not midway.success
+    failures = [
+        e.step_failure_data.error.to_string() for e in midway.all_events if e.is_step_failure
+    ]
+    assert any("a rollout of v2 is in progress" in m for m in failures), failures
+    assert registry.aliases() == {"champion": "v1", "challenger": "v2"}
+    assert [v.version for v in registry.versions()] == ["v1", "v2"]
+
     state = loop.drive_rollout(until={"promoted", "rolled_back"})
     assert state["phase"] == "promoted", loop.decisions()[["action", "reasons"]].to_string()
     router = loop.router()
@@ -308,8 +320,12 @@ def test_drift_retrains_once_and_the_challenger_is_promoted_through_shadow_and_c
     loop.land_and_monitor()
     data, runs = daemon.tick("retraining_sensor")
     assert runs == [], data.skip_message
-    retrainings = daemon.runs_of("retraining_job")
-    assert len(retrainings) == 1
+    automatic = [
+        r
+        for r in daemon.runs_of("retraining_job")
+        if r.tags.get("dagster/sensor_name") == "retraining_sensor"
+    ]
+    assert len(automatic) == 1 and automatic[0].tags["churn/retraining_reason"] == "drift"
     elapsed = time.monotonic() - started
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "closed_loop_timing.txt").write_text(

@@ -179,6 +179,13 @@ def test_weekly_schedule_follows_the_config_and_the_enabled_switch(tmp_path):
     assert request.tags["churn/retraining_reason"] == "schedule"
     off = _evaluate_schedule(write_config(tmp_path / "off", retraining={"enabled": False}), sunday)
     assert not off.run_requests and "retraining.enabled is false" in off.skip_message
+    busy_config = write_config(tmp_path / "busy")
+    read_models = load_settings(busy_config).read_models_dir
+    read_models.mkdir(parents=True)
+    state = {"phase": "canary", "champion": "v1", "challenger": "v2", "step_index": 0}
+    (read_models / "rollout_state.json").write_text(json.dumps(state))
+    busy = _evaluate_schedule(busy_config, sunday)
+    assert not busy.run_requests and "rollout of v2 is in progress" in busy.skip_message
 
 
 def test_deployment_target_resource_errors_are_specific(tmp_path, monkeypatch):
