@@ -155,6 +155,7 @@ class ServingSettings(_Section):
     host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=1, le=65535)
     grpc_port: int = Field(8081, ge=1, le=65535)
+    url: str | None = Field(None, pattern=r"^https?://[^\s/]+(:[0-9]+)?/?$")
 
 
 class RolloutSettings(_Section):
@@ -188,6 +189,7 @@ class RolloutSettings(_Section):
 
 class DagsterSettings(_Section):
     webserver_port: int = Field(3000, ge=1, le=65535)
+    url: str | None = Field(None, pattern=r"^https?://[^\s/]+(:[0-9]+)?/?$")
 
 
 class DashboardSettings(_Section):

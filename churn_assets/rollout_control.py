@@ -107,7 +107,10 @@ class RolloutControlError(RuntimeError):
 
 
 def serving_url(settings: Settings) -> str:
-    """Base URL of the local serving process (evidence source and local deployment target)."""
+    """Base URL clients use to reach serving (evidence source, local deployment target,
+    dashboard, `churn traffic`): ``serving.url``, else built from ``serving.host``/``http_port``."""
+    if settings.serving.url:
+        return settings.serving.url.rstrip("/")
     host = settings.serving.host
     if host in ("0.0.0.0", "::"):
         host = "127.0.0.1"
