@@ -442,15 +442,19 @@ def _dagster_env(settings: Settings, config_path: Path | None) -> dict[str, str]
     "--serve/--no-serve",
     default=True,
     show_default=True,
-    help="Keep the Dagster UI running until Ctrl-C (off: land, train and exit).",
+    help=(
+        "Then run serving (if a model was trained), the dashboard and Dagster (UI and daemon) "
+        "until Ctrl-C (off: land, train and exit)."
+    ),
 )
 @click.pass_context
 def up(ctx: click.Context, simulate: bool, train: bool, serve: bool) -> None:
     """Run the platform on its embedded defaults: broker, topics, demo data, landing, a trained
-    and registered model, and the Dagster UI.
+    and registered model, then serving, the Panel dashboard and Dagster (UI and daemon).
 
-    Ctrl-C stops everything this command started, the broker included. With --no-serve the
-    command lands the data and exits, leaving the broker running (`churn broker stop` ends it).
+    Serving starts only when this command trained a model (not with --no-train). Ctrl-C stops
+    everything this command started, the broker included. With --no-serve the command lands
+    (and trains) and exits, leaving the broker running (`churn broker stop` ends it).
     """
     settings = _settings(ctx)
     started_broker = False

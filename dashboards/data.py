@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from churn_assets.config import Settings
 from churn_assets.monitoring import read_monitoring
+from churn_assets.rollout_control import serving_url
 from churn_assets.schemas import FEATURE_NAMES, CustomerFeatures
 from churn_assets.warehouse import (
     LEGACY_EPOCH,
@@ -44,6 +45,7 @@ __all__ = [
     "ReadModels",
     "ServingClient",
     "Unavailable",
+    "dagster_graphql_url",
     "dagster_runs",
     "kafka_lag",
     "open_alerts",
@@ -393,12 +395,9 @@ class ServingClient:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ServingClient":
-        host = settings.serving.host
-        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        return cls(
-            f"http://{host}:{settings.serving.http_port}",
-            token=os.environ.get(ADMIN_TOKEN_ENV) or None,
-        )
+        """The serving API where the rollout reaches it too: ``serving.url``, else built from
+        ``serving.host``/``http_port`` (:func:`churn_assets.rollout_control.serving_url`)."""
+        return cls(serving_url(settings), token=os.environ.get(ADMIN_TOKEN_ENV) or None)
 
     @property
     def admin_enabled(self) -> bool:
@@ -589,9 +588,16 @@ query DashboardRuns($limit: Int) {
 """
 
 
+def dagster_graphql_url(settings: Settings) -> str:
+    """The Dagster webserver's GraphQL endpoint: under ``dagster.url`` when it is set (e.g. the
+    webserver's service name in Docker Compose), else on this machine's ``webserver_port``."""
+    base = settings.dagster.url or f"http://127.0.0.1:{settings.dagster.webserver_port}"
+    return f"{base.rstrip('/')}/graphql"
+
+
 def dagster_runs(settings: Settings, limit: int = 10) -> pd.DataFrame | Unavailable:
     """The most recent Dagster runs from the webserver's GraphQL API."""
-    url = f"http://127.0.0.1:{settings.dagster.webserver_port}/graphql"
+    url = dagster_graphql_url(settings)
     source = "Dagster runs"
     try:
         response = requests.post(

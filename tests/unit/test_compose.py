@@ -3,6 +3,7 @@
 from the environment, and its Prometheus configuration passes promtool with the project's rules."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -159,3 +160,111 @@ def test_grafana_is_provisioned_with_the_dashboards(compose):
     )
     assert any(t.startswith("/etc/grafana/provisioning/dashboards/") for t in mounts.values())
     assert any(t.startswith("/etc/grafana/provisioning/datasources/") for t in mounts.values())
+
+
+# What each service talks to, and so which settings it must carry. Runs execute in dagster-code
+# (the instance's default run launcher starts them in the code server's container), so the
+# rollout's serving URL and admin token belong there; the daemon and the webserver only reach
+# PostgreSQL and the code location.
+NEEDS = {
+    "topics": {"kafka"},
+    "serving": {"kafka", "admin_token"},
+    "dagster-code": {"kafka", "postgres", "serving", "admin_token"},
+    "dagster-daemon": {"kafka", "postgres"},
+    "dagster-webserver": {"postgres"},
+    "dashboard": {"kafka", "serving", "admin_token", "dagster"},
+}
+REQUIRED_FROM_ENVIRONMENT = r"\$\{CHURN_ADMIN_TOKEN:\?[^}]+\}"
+
+
+def _container_ports(service: dict[str, Any]) -> set[int]:
+    """Ports the service listens on inside the Compose network: the container side of
+    ``ports`` and ``expose``."""
+    ports = {int(str(p).split(":")[-1].split("/")[0]) for p in service.get("ports", [])}
+    return ports | {int(str(p).split("/")[0]) for p in service.get("expose", [])}
+
+
+def _dockerfile_env(service: dict[str, Any], key: str) -> str | None:
+    build = service.get("build")
+    if not build:
+        return None
+    text = (REPO_ROOT / build["context"] / build["dockerfile"]).read_text()
+    match = re.search(rf"\b{key}=(\S+)", text)
+    return match.group(1) if match else None
+
+
+def _settings_in(service: dict[str, Any], monkeypatch: pytest.MonkeyPatch):
+    """The settings a process in ``service`` loads: the image's config file with the service's
+    CHURN_* environment over it (secrets and the in-image config path left out)."""
+    from churn_assets.config import load_settings
+
+    for key in [k for k in os.environ if k.startswith("CHURN_")]:
+        monkeypatch.delenv(key)
+    for key, value in service.get("environment", {}).items():
+        if key.startswith("CHURN_") and key not in ("CHURN_CONFIG", "CHURN_ADMIN_TOKEN"):
+            monkeypatch.setenv(key, str(value))
+    return load_settings(REPO_ROOT / "config/config.yaml")
+
+
+def test_every_service_can_reach_what_it_talks_to(compose, monkeypatch):
+    """For each service, the settings its processes load name a Compose service that listens
+    there: Kafka's bootstrap is the broker's advertised PLAINTEXT listener, the serving URL (as
+    the rollout and the dashboard resolve it) a serving container's REST port, the Dagster URL
+    the webserver's port; the admin token is required from the environment exactly where it is
+    used."""
+    from urllib.parse import urlsplit
+
+    from churn_assets.rollout_control import serving_url
+
+    services = compose["services"]
+    [kafka] = [n for n, s in services.items() if s["image"].startswith("apache/kafka:")]
+    [postgres] = [n for n, s in services.items() if s["image"].startswith("postgres:")]
+    [webserver] = [n for n, s in services.items() if "dagster-webserver" in s.get("command", [])]
+    servings = {
+        n
+        for n, s in services.items()
+        if s.get("build", {}).get("dockerfile") == "docker/serving/Dockerfile"
+    }
+    advertised = services[kafka]["environment"]["KAFKA_ADVERTISED_LISTENERS"].split(",")
+    problems = []
+    for name, needs in NEEDS.items():
+        service = services[name]
+        env = service.get("environment", {})
+        with monkeypatch.context() as patch:
+            settings = _settings_in(service, patch)
+        if "kafka" in needs:
+            servers = settings.kafka.bootstrap_servers or ""
+            if not servers or not all(
+                s.split(":")[0] == kafka and f"PLAINTEXT://{s}" in advertised
+                for s in servers.split(",")
+            ):
+                problems.append(f"{name}: Kafka bootstrap {servers!r} is not {kafka}'s listener")
+            if settings.kafka.security_protocol != "PLAINTEXT":
+                problems.append(f"{name}: Kafka security protocol is not PLAINTEXT")
+        if "postgres" in needs and env.get("DAGSTER_PG_HOST") != postgres:
+            problems.append(f"{name}: DAGSTER_PG_HOST is not {postgres}")
+        if "serving" in needs:
+            url = urlsplit(serving_url(settings))
+            target = services.get(url.hostname or "", {})
+            if not (
+                url.scheme == "http"
+                and url.hostname in servings
+                and url.port in _container_ports(target)
+                and str(url.port) == _dockerfile_env(target, "CHURN_SERVING__HTTP_PORT")
+            ):
+                problems.append(f"{name}: serving URL {url.geturl()} is no serving container")
+        if "dagster" in needs:
+            url = urlsplit(settings.dagster.url or "")
+            command = services[webserver]["command"]
+            if not (
+                url.hostname == webserver
+                and url.port == int(command[command.index("-p") + 1])
+                and url.port in _container_ports(services[webserver])
+            ):
+                problems.append(f"{name}: Dagster URL {settings.dagster.url} is not {webserver}")
+        token = env.get("CHURN_ADMIN_TOKEN")
+        if "admin_token" in needs and not re.fullmatch(REQUIRED_FROM_ENVIRONMENT, str(token)):
+            problems.append(f"{name}: CHURN_ADMIN_TOKEN is {token!r}, not required from the env")
+        if "admin_token" not in needs and token is not None:
+            problems.append(f"{name}: has CHURN_ADMIN_TOKEN but never uses it")
+    assert problems == [], "\n".join(problems)

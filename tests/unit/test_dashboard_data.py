@@ -18,6 +18,7 @@ from dashboards.data import (
     ReadModels,
     ServingClient,
     Unavailable,
+    dagster_graphql_url,
     dagster_runs,
     kafka_lag,
     open_alerts,
@@ -244,6 +245,65 @@ def test_dagster_runs_parsed_and_errors_explained(config_factory, graphql_server
     _GraphQL.answer = {"data": {"runsOrError": {"__typename": "PythonError", "message": "boom"}}}
     failed = dagster_runs(settings)
     assert isinstance(failed, Unavailable) and failed.reason == "boom"
+
+
+def test_dagster_url_setting_is_where_runs_are_read(config_factory, graphql_server):
+    """``dagster.url`` (the webserver's service name in Compose) wins over the local port."""
+    port = graphql_server.server_address[1]
+    dead = free_port()
+    local = load_settings(config_factory(dagster={"webserver_port": dead}))
+    assert dagster_graphql_url(local) == f"http://127.0.0.1:{dead}/graphql"
+    assert isinstance(dagster_runs(local), Unavailable)
+    settings = load_settings(
+        config_factory(dagster={"webserver_port": dead, "url": f"http://127.0.0.1:{port}/"})
+    )
+    assert dagster_graphql_url(settings) == f"http://127.0.0.1:{port}/graphql"
+    _GraphQL.answer = {"data": {"runsOrError": {"__typename": "Runs", "results": []}}}
+    result = dagster_runs(settings)
+    assert isinstance(result, Unavailable) and result.reason == "Dagster has no runs yet"
+
+
+class _Serving(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        payload = json.dumps({"path": self.path, "state": {"champion": "v1"}}).encode()
+        self.send_response(200 if self.path == "/router/metrics" else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_serving_client_uses_the_rollouts_serving_url(config_factory, monkeypatch):
+    """The dashboard reaches serving where the rollout does: ``serving.url`` when set (e.g.
+    http://serving:8080 in Compose), else ``serving.host``/``http_port`` with a wildcard bind
+    address read as this machine."""
+    from churn_assets.rollout_control import serving_url
+
+    monkeypatch.delenv("CHURN_SERVING__URL", raising=False)
+    dead = free_port()
+    local = load_settings(config_factory(serving={"host": "0.0.0.0", "http_port": dead}))
+    assert ServingClient.from_settings(local).base_url == f"http://127.0.0.1:{dead}"
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Serving)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        settings = load_settings(
+            config_factory(serving={"host": "0.0.0.0", "http_port": dead, "url": url})
+        )
+        client = ServingClient.from_settings(settings)
+        assert client.base_url == serving_url(settings) == url.rstrip("/")
+        assert client.router_metrics() == {"path": "/router/metrics", "state": {"champion": "v1"}}
+        monkeypatch.setenv("CHURN_SERVING__URL", f"http://127.0.0.1:{dead}")
+        from_env = ServingClient.from_settings(load_settings(config_factory()))
+        assert from_env.base_url == f"http://127.0.0.1:{dead}"
+        assert isinstance(from_env.router_metrics(), Unavailable)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_dagster_down_is_explained(settings):

@@ -556,3 +556,52 @@ def test_the_churn_server_offers_what_every_churn_model_requires(rendered):
     for model in models:
         assert set(model["spec"]["requirements"]) <= offered
         assert "mlserver" not in model["spec"]["requirements"]
+
+
+def test_production_rollout_patches_the_deployed_seldon_deployment(
+    rendered, dagster_values, monkeypatch
+):
+    """The production profile applies decisions to the SeldonDeployment the prod overlay
+    deploys, in its namespace, from run pods under the service account the Role is bound to; no
+    serving admin token is needed there, and none is given to the run pods."""
+    from churn_assets.resources import DeploymentTargetResource
+
+    for key in (
+        "ADMIN_TOKEN",
+        "ROLLOUT__TARGET",
+        "ROLLOUT__KUBERNETES_NAMESPACE",
+        "ROLLOUT__SELDON_NAME",
+    ):
+        monkeypatch.delenv(f"CHURN_{key}", raising=False)
+    production = load_settings(REPO_ROOT / "config/config.production.yaml")
+    assert production.rollout.target == "seldon_v1"
+    docs = rendered["overlays/prod"]
+    deployment = _one(docs, "SeldonDeployment")["metadata"]
+    rollout = production.rollout
+    assert (rollout.kubernetes_namespace, rollout.seldon_name) == (
+        deployment["namespace"],
+        deployment["name"],
+    )
+    target = DeploymentTargetResource().target(production)
+    assert isinstance(target, KubernetesSeldonTarget)
+    assert target.describe() == {
+        "target": "kubernetes-seldon",
+        "namespace": deployment["namespace"],
+        "kind": "v1",
+        "api_version": "machinelearning.seldon.io/v1",
+        "name": deployment["name"],
+    }
+    role = _one(docs, "Role", "churn-rollout")
+    binding = _one(docs, "RoleBinding", "churn-rollout")
+    assert (
+        role["metadata"]["namespace"]
+        == binding["metadata"]["namespace"]
+        == (rollout.kubernetes_namespace)
+    )
+    launcher = dagster_values["runLauncher"]["config"]["k8sRunLauncher"]
+    assert launcher["jobNamespace"] == rollout.kubernetes_namespace
+    run = launcher["runK8sConfig"]
+    assert run["podSpecConfig"]["serviceAccountName"] == binding["subjects"][0]["name"]
+    env = {e["name"]: e for e in run["containerConfig"]["env"]}
+    assert env["CHURN_CONFIG"]["value"] == "/opt/churn/config/config.production.yaml"
+    assert "CHURN_ADMIN_TOKEN" not in env
