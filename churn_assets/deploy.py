@@ -258,7 +258,13 @@ class LocalServingTarget:
         return self._call("GET", "/router/metrics")["state"]
 
     def apply(self, deployment: Deployment) -> dict[str, Any]:
-        """Bring the router to ``deployment``; returns the calls made and the final state."""
+        """Bring the router to ``deployment``; returns the calls made and the final state.
+
+        A different champion is reached by promoting the served challenger, by rolling back to
+        the previous champion (stopping a running canary first, which a rollback would
+        otherwise stop instead), or, for any other registered version, by loading it as the
+        challenger and promoting it. The final router state is checked against the deployment.
+        """
         state = self.router_state()
         calls: list[str] = []
         if deployment.champion != state["champion"]:
@@ -267,14 +273,21 @@ class LocalServingTarget:
                 self._call("POST", "/router/promote-v2")
                 calls.append("promote")
             elif previous and deployment.champion == previous[-1]:
+                if state.get("strategy") == "canary" and state.get("challenger"):
+                    self._call(
+                        "PUT", "/router/policy", {"strategy": "shadow", "canary_weight": 0.0}
+                    )
+                    calls.append("policy")
                 self._call("POST", "/router/rollback")
                 calls.append("rollback")
             else:
-                raise DeploymentError(
-                    f"cannot make {deployment.champion} champion: the router serves "
-                    f"{state['champion']} (challenger {state.get('challenger')}, "
-                    f"previous {previous})"
+                self._call(
+                    "PUT",
+                    "/router/policy",
+                    {"strategy": "shadow", "canary_weight": 0.0, "challenger": deployment.champion},
                 )
+                self._call("POST", "/router/promote-v2")
+                calls += ["policy", "promote"]
         if deployment.challenger is not None:
             policy = {
                 "strategy": deployment.strategy,
@@ -283,7 +296,7 @@ class LocalServingTarget:
             }
             self._call("PUT", "/router/policy", policy)
             calls.append("policy")
-        elif "promote" not in calls:
+        else:
             # A single version: whatever challenger the router still serves or shadows (a
             # rolled-back canary or shadow, or the version a rollback demoted) is dropped.
             current = self.router_state() if calls else state
@@ -294,7 +307,16 @@ class LocalServingTarget:
                     {"strategy": "shadow", "canary_weight": 0.0, "remove_challenger": True},
                 )
                 calls.append("policy")
-        return {"target": "local-serving", "calls": calls, "state": self.router_state()}
+        final = self.router_state()
+        if final.get("champion") != deployment.champion or (
+            final.get("challenger") != deployment.challenger
+        ):
+            raise DeploymentError(
+                f"the router serves champion {final.get('champion')} / challenger "
+                f"{final.get('challenger')} after {calls}, not {deployment.champion} / "
+                f"{deployment.challenger}"
+            )
+        return {"target": "local-serving", "calls": calls, "state": final}
 
 
 # --------------------------------------------------------------------------- Seldon rendering

@@ -250,15 +250,20 @@ class RolloutState:
 
 @dataclass(frozen=True)
 class ShadowEvidence:
-    """What the shadow analysis saw: challenger scores beside the champion's answers."""
+    """What the shadow analysis saw: challenger scores beside the champion's answers.
+
+    ``requests`` are the requests the challenger scored; ``errors`` those it failed to score.
+    """
 
     requests: int
     agreement_rate: float
     ks_statistic: float
     latency_overhead_ms: float
+    errors: int = 0
 
     def __post_init__(self) -> None:
         _count("shadow requests", self.requests)
+        _count("shadow errors", self.errors)
         _finite("shadow agreement_rate", self.agreement_rate, 0.0, 1.0)
         _finite("shadow ks_statistic", self.ks_statistic, 0.0, 1.0)
         _finite("shadow latency_overhead_ms", self.latency_overhead_ms)
@@ -554,6 +559,24 @@ def _decide_shadow(
 ) -> Decision:
     if shadow is None:
         return _stay(state, policy, "wait", ["no shadow evidence yet"], {})
+    if shadow.errors:
+        # A challenger that fails to score is judged like a canary's errors, before anything
+        # else and on any sample: the binomial test needs no minimum to be significant.
+        attempts = shadow.requests + shadow.errors
+        rate = shadow.errors / attempts
+        p_value = binomtest(shadow.errors, attempts, policy.max_error_rate, "greater").pvalue
+        if p_value < policy.alpha or rate > 2 * policy.max_error_rate:
+            reason = (
+                f"shadow scoring errors {shadow.errors}/{attempts} (rate {rate:.4f}) vs max "
+                f"{policy.max_error_rate:.4f}, binomial p={p_value:.4g} vs alpha {policy.alpha}"
+            )
+            figures = {
+                "shadow_errors": float(shadow.errors),
+                "shadow_error_rate": rate,
+                "max_error_rate": policy.max_error_rate,
+                "error_p_value": p_value,
+            }
+            return _rollback(state, now, [reason], figures)
     if shadow.requests < policy.min_shadow_requests:
         reason = (
             f"shadow requests {shadow.requests} < min {policy.min_shadow_requests}; "

@@ -167,12 +167,11 @@ def _judged_before(history: Any, version: str) -> bool:
     )
 
 
-def rollout_in_progress(read_models_dir: Path) -> str | None:
-    """The challenger of a rollout in shadow, canary or blue-green, or None."""
-    state = read_rollout_state(read_models_dir)
-    if state is None or state.get("phase") in {p.value for p in TERMINAL_PHASES}:
-        return None
-    return state.get("challenger")
+def rollout_in_progress(settings: Settings) -> str | None:
+    """The version being rolled out (shadow, canary, blue-green) or registered as challenger
+    and not judged yet, or None."""
+    aliases = ModelRegistry(settings.registry_dir).aliases()
+    return active_challenger(read_rollout_state(settings.read_models_dir), aliases)
 
 
 def champion_changed_by_hand(
@@ -258,19 +257,27 @@ def collect_evidence(
     if state.phase in (Phase.SHADOW, Phase.BLUE_GREEN_READY):
         analysis = _get_json(f"{base}/router/shadow-analysis?version={state.challenger}")
         raw["shadow_analysis"] = analysis
-        if not analysis.get("pairs"):
+        pairs, errors = int(analysis.get("pairs") or 0), int(analysis.get("errors") or 0)
+        if not pairs and not errors:
             return None, None, raw
         shadow = ShadowEvidence(
-            requests=int(analysis["pairs"]),
-            agreement_rate=float(analysis["agreement_rate"]),
-            ks_statistic=float(analysis["ks_statistic"]),
-            latency_overhead_ms=float(analysis["latency_overhead_ms"]),
+            requests=pairs,
+            agreement_rate=float(analysis.get("agreement_rate", 0.0)),
+            ks_statistic=float(analysis.get("ks_statistic", 0.0)),
+            latency_overhead_ms=float(analysis.get("latency_overhead_ms", 0.0)),
+            errors=errors,
         )
         return shadow, None, raw
     if state.phase is not Phase.CANARY:
         return None, None, raw
-    step_requests = total - int(baseline.get("canary_requests_total", 0))
-    step_errors = errors - int(baseline.get("canary_errors_total", 0))
+    base_requests = int(baseline.get("canary_requests_total", 0))
+    base_errors = int(baseline.get("canary_errors_total", 0))
+    if total < base_requests or errors < base_errors:
+        # The counters went backwards: serving restarted during the step. Count from its start.
+        raw["serving_restarted"] = True
+        base_requests = base_errors = 0
+    step_requests = total - base_requests
+    step_errors = errors - base_errors
     latency = metrics.get("latency_ms", {}).get(f"{state.challenger}/canary", {})
     auc = _auc_rows(settings, state.champion, state.challenger)
     raw["auc"] = auc

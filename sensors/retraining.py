@@ -146,7 +146,7 @@ def weekly_retraining_schedule(context: dg.ScheduleEvaluationContext, platform: 
     settings = platform.settings()
     if not settings.retraining.enabled:
         return dg.SkipReason("retraining.enabled is false")
-    rolling = rollout_in_progress(settings.read_models_dir)
+    rolling = rollout_in_progress(settings)
     if rolling is not None:
         return dg.SkipReason(f"a rollout of {rolling} is in progress; the next week retrains")
     scheduled = context.scheduled_execution_time

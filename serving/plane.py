@@ -213,17 +213,26 @@ class ServingPlane:
             by_version.setdefault(target.primary, []).append(index)
         records = [r.model_dump(include=set(FEATURE_NAMES)) for r in requests]
         results: list[Prediction | None] = [None] * len(requests)
-        for version, indices in by_version.items():
-            loaded = self._get(version)
-            x = loaded.model.transformer.transform_records([records[i] for i in indices])
+        pending = list(by_version.items())
+        while pending:
+            version, indices = pending.pop(0)
             try:
+                loaded = self._get(version)
+                x = loaded.model.transformer.transform_records([records[i] for i in indices])
                 probabilities = loaded.model.predict_matrix(x)
             except Exception:
+                self._count_errors(version, [routes[i].arm for i in indices])
+                if version == state.champion:
+                    raise
+                # A failing canary never fails its callers: the champion answers them, and
+                # the errors count against the challenger (the rollout's canary gate).
+                log.exception(
+                    "canary %s failed on %d rows; the champion answers", version, len(indices)
+                )
                 for i in indices:
-                    self.metrics.predictions_total.labels(
-                        version=version, arm=routes[i].arm, status="error"
-                    ).inc()
-                raise
+                    routes[i] = replace(routes[i], primary=state.champion, arm="primary")
+                pending.append((state.champion, indices))
+                continue
             scores, flags = self._outliers(loaded, x, version)
             elapsed_ms = (time.perf_counter() - started) * 1000
             for position, i in enumerate(indices):
@@ -244,6 +253,16 @@ class ServingPlane:
         if shadows:
             self._shadow_pool.submit(self._score_shadows, shadows, requests, predictions)
         return predictions
+
+    def _count_errors(self, version: str, arms: Sequence[str]) -> None:
+        """Failed scorings, in Prometheus and in the counters the rollout reads."""
+        with self._lock:
+            for arm in arms:
+                self.metrics.predictions_total.labels(
+                    version=version, arm=arm, status="error"
+                ).inc()
+                key = (version, arm, "error")
+                self._counts[key] = self._counts.get(key, 0) + 1
 
     def _outliers(self, loaded: _Loaded, x: np.ndarray, version: str):
         if loaded.outliers is None or not self.settings.monitoring.outlier_detection.enabled:
@@ -294,9 +313,9 @@ class ServingPlane:
         self, versions: set[str], requests: list[PredictRequest], primaries: list[Prediction]
     ) -> None:
         """Off the request path: score the shadow versions, record pairs, mirror them."""
-        try:
-            records = [r.model_dump(include=set(FEATURE_NAMES)) for r in requests]
-            for version in versions:
+        records = [r.model_dump(include=set(FEATURE_NAMES)) for r in requests]
+        for version in versions:
+            try:
                 loaded = self._get(version)
                 started = time.perf_counter()
                 x = loaded.model.transformer.transform_records(records)
@@ -325,12 +344,9 @@ class ServingPlane:
                         }
                     )
                     self._record(shadow, request)
-        except Exception:  # shadow failures must never reach callers; they are counted
-            log.exception("shadow scoring failed")
-            for version in versions:
-                self.metrics.predictions_total.labels(
-                    version=version, arm="shadow", status="error"
-                ).inc(len(requests))
+            except Exception:  # shadow failures never reach callers; they are counted
+                log.exception("shadow scoring of %s failed", version)
+                self._count_errors(version, ["shadow"] * len(requests))
 
     def predict_version(self, version: str, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """Score with one version directly (the per-version V2 models); no routing, no mirror."""
@@ -477,13 +493,20 @@ class ServingPlane:
 
     def shadow_analysis(self, version: str | None = None) -> dict[str, Any]:
         """Primary-vs-shadow comparison over the recent pairs (all, or where ``version``
-        shadowed)."""
+        shadowed), with the shadow scorings that failed since the process started."""
         pairs = list(self._shadow_pairs)
+        with self._lock:
+            errors = sum(
+                n
+                for (v, arm, status), n in self._counts.items()
+                if arm == "shadow" and status == "error" and version in (None, v)
+            )
         if version is not None:
             pairs = [p for p in pairs if p["shadow_version"] == version]
         if not pairs:
             return {
                 "pairs": 0,
+                "errors": errors,
                 "message": "no shadow traffic yet (strategy must be 'shadow' "
                 "with a challenger loaded)" + (f" for {version}" if version is not None else ""),
             }
@@ -494,6 +517,7 @@ class ServingPlane:
         ks = ks_2samp(primary, shadow)
         return {
             "pairs": len(pairs),
+            "errors": errors,
             "primary_version": pairs[-1]["primary_version"],
             "shadow_version": pairs[-1]["shadow_version"],
             "agreement_rate": float(np.mean([p["agree"] for p in pairs])),

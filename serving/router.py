@@ -7,8 +7,9 @@ Strategies:
   touches the response.
 * ``canary``: a sticky share of customers (``canary_weight``) is answered by the challenger; the
   split hashes ``customer_id`` with a fixed salt, so one customer always meets the same version.
-* ``blue_green``: all traffic goes to the champion ("blue"); switching promotes the challenger
-  ("green") instantly, and rollback switches back.
+* ``blue_green``: all traffic goes to the champion ("blue"); the challenger ("green") scores a
+  mirror of every request off the request path, so it is warm and the switch is judged on fresh
+  evidence; switching promotes green instantly, and rollback switches back.
 """
 
 import hashlib
@@ -79,7 +80,7 @@ def bucket(customer_id: str) -> float:
 
 def route(state: RouterState, customer_id: str) -> Route:
     """Where one request goes. Pure: the same state and customer give the same route."""
-    if state.strategy == "shadow" and state.challenger:
+    if state.strategy in ("shadow", "blue_green") and state.challenger:
         return Route(primary=state.champion, arm="primary", shadows=(state.challenger,))
     if state.strategy == "canary" and state.challenger:
         if bucket(customer_id) < state.canary_weight:
@@ -146,11 +147,15 @@ def promote(state: RouterState) -> RouterState:
 
 
 def rollback(state: RouterState) -> RouterState:
-    """Undo the last promotion, or stop a running canary.
+    """Stop a running canary, or else undo the last promotion.
 
-    After a promotion: the previous champion answers again and the demoted version stays loaded
-    as the challenger. Traffic never goes to the demoted version: a canary becomes a shadow.
+    A canary with traffic on the challenger is the most recent change, so it is what a rollback
+    stops: the challenger goes back to shadow and the champion keeps all traffic (an earlier
+    promotion stands). Otherwise the previous champion answers again and the demoted version
+    stays loaded as the challenger, in shadow, with no traffic.
     """
+    if state.strategy == "canary" and state.challenger and state.canary_weight > 0:
+        return replace(state, strategy="shadow")
     if state.previous_champions:
         previous = state.previous_champions[-1]
         return replace(
@@ -160,8 +165,6 @@ def rollback(state: RouterState) -> RouterState:
             previous_champions=state.previous_champions[:-1],
             strategy="shadow" if state.strategy == "canary" else state.strategy,
         )
-    if state.strategy == "canary" and state.challenger:
-        return replace(state, strategy="shadow")
     raise RouterError("there is no previous champion to roll back to and no canary to stop")
 
 

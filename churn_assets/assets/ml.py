@@ -296,7 +296,9 @@ gate_checks = [
 ]
 
 
-@dg.asset(group_name="ml", kinds={"xgboost"}, deps=[candidate_model])
+# In the warehouse pool although it writes only the registry: it must not interleave with
+# rollout_decision (same pool), which reads and moves the registry aliases.
+@dg.asset(group_name="ml", kinds={"xgboost"}, pool=WAREHOUSE_POOL, deps=[candidate_model])
 def registered_model(
     context: dg.AssetExecutionContext, platform: PlatformResource
 ) -> dg.MaterializeResult:
@@ -306,12 +308,12 @@ def registered_model(
     from churn_assets.rollout_control import rollout_in_progress
 
     settings = platform.settings()
-    rolling = rollout_in_progress(settings.read_models_dir)
+    rolling = rollout_in_progress(settings)
     if rolling is not None:
         raise RuntimeError(
-            f"a rollout of {rolling} is in progress (`churn rollout status`); let it finish or "
-            "roll it back (admin API /router/rollback, the dashboard) before registering another "
-            "challenger"
+            f"a rollout of {rolling} is in progress or pending (`churn rollout status`); let it "
+            "finish or roll it back (admin API /router/rollback, the dashboard) before "
+            "registering another challenger"
         )
     candidate = load_candidate(settings)
     registry = ModelRegistry(settings.registry_dir)

@@ -1,12 +1,8 @@
 """Deployment targets: Seldon manifests for every rollout phase validate against the real CRDs,
 the local admin API gets the right calls, and missing clusters or servers fail clearly."""
 
-import json
 import socket
-import threading
-from collections.abc import Iterator
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -207,123 +203,8 @@ def test_deployment_rejects_inconsistent_fields() -> None:
 # ------------------------------------------------------------------- the local admin API
 
 
-class _Recorder(BaseHTTPRequestHandler):
-    """Stands in for the serving admin API only to record the calls a target makes.
-
-    It answers ``GET /router/metrics`` with ``server.router_state`` and every admin call with
-    ``server.admin_status``; it implements no routing logic.
-    """
-
-    def _answer(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = json.loads(self.rfile.read(length)) if length else None
-        self.server.calls.append(  # type: ignore[attr-defined]
-            (self.command, self.path, self.headers.get("Authorization"), body)
-        )
-        if self.command == "GET":
-            status, payload = 200, {"state": self.server.router_state}  # type: ignore[attr-defined]
-        else:
-            status = self.server.admin_status  # type: ignore[attr-defined]
-            payload = {"ok": True} if status == 200 else {"error": "bad token"}
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    do_GET = do_PUT = do_POST = _answer
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Keep test output quiet."""
-
-
-@pytest.fixture
-def admin_api() -> Iterator[ThreadingHTTPServer]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    server.calls = []  # type: ignore[attr-defined]
-    server.admin_status = 200  # type: ignore[attr-defined]
-    server.router_state = {  # type: ignore[attr-defined]
-        "strategy": "shadow",
-        "champion": "v1",
-        "challenger": "v2",
-        "canary_weight": 0.0,
-        "previous_champions": [],
-    }
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
-
-
-def _target(server: ThreadingHTTPServer, **kwargs: Any) -> LocalServingTarget:
-    host, port = server.server_address[:2]
-    return LocalServingTarget(f"http://{host}:{port}", "s3cret", timeout_s=5, **kwargs)
-
-
-def test_local_target_sets_the_canary_policy(admin_api: ThreadingHTTPServer) -> None:
-    target = _target(admin_api)
-    assert isinstance(target, DeploymentTarget)
-    assert "s3cret" not in json.dumps(target.describe())
-    result = target.apply(DEPLOYMENTS["canary-0"])
-    assert result["calls"] == ["policy"]
-    assert admin_api.calls == [  # type: ignore[attr-defined]
-        ("GET", "/router/metrics", None, None),
-        (
-            "PUT",
-            "/router/policy",
-            "Bearer s3cret",
-            {"strategy": "canary", "canary_weight": STEPS[0], "challenger": "v2"},
-        ),
-        ("GET", "/router/metrics", None, None),
-    ]
-
-
-def test_local_target_promotes_the_served_challenger(admin_api: ThreadingHTTPServer) -> None:
-    admin_api.router_state |= {"strategy": "canary", "canary_weight": 1.0}  # type: ignore[attr-defined]
-    _target(admin_api).apply(DEPLOYMENTS["promoted"])
-    admin_calls = [c[:3] for c in admin_api.calls if c[0] != "GET"]  # type: ignore[attr-defined]
-    assert admin_calls == [("POST", "/router/promote-v2", "Bearer s3cret")]
-
-
-def test_local_target_rolls_back_to_the_previous_champion(admin_api: ThreadingHTTPServer) -> None:
-    admin_api.router_state |= {  # type: ignore[attr-defined]
-        "champion": "v2",
-        "challenger": None,
-        "previous_champions": ["v1"],
-    }
-    result = _target(admin_api).apply(DEPLOYMENTS["rolled_back"])
-    assert result["calls"] == ["rollback"]
-    assert [c[:2] for c in admin_api.calls if c[0] != "GET"] == [  # type: ignore[attr-defined]
-        ("POST", "/router/rollback")
-    ]
-
-
-def test_local_target_stops_a_failed_canary(admin_api: ThreadingHTTPServer) -> None:
-    admin_api.router_state |= {"strategy": "canary", "canary_weight": 0.25}  # type: ignore[attr-defined]
-    _target(admin_api).apply(DEPLOYMENTS["rolled_back"])
-    assert [c[1:] for c in admin_api.calls if c[0] != "GET"] == [  # type: ignore[attr-defined]
-        (
-            "/router/policy",
-            "Bearer s3cret",
-            {"strategy": "shadow", "canary_weight": 0.0, "remove_challenger": True},
-        )
-    ]
-
-
-def test_local_target_refuses_an_unknown_champion(admin_api: ThreadingHTTPServer) -> None:
-    with pytest.raises(DeploymentError, match="cannot make v7 champion"):
-        _target(admin_api).apply(Deployment("single", "v7", None, 0.0, False))
-
-
-def test_local_target_reports_401(admin_api: ThreadingHTTPServer) -> None:
-    admin_api.admin_status = 401  # type: ignore[attr-defined]
-    with pytest.raises(DeploymentError, match=r"HTTP 401: .*bad token"):
-        _target(admin_api).apply(DEPLOYMENTS["shadow"])
+# The local target's calls are tested against a real serving process in
+# tests/integration/test_local_target.py; here only what needs no server.
 
 
 def _closed_port() -> int:

@@ -46,6 +46,9 @@ SHADOWS: dict[str, ShadowEvidence | None] = {
     "low_agreement": replace(GOOD_SHADOW, agreement_rate=0.7),
     "high_ks": replace(GOOD_SHADOW, ks_statistic=0.4),
     "slow": replace(GOOD_SHADOW, latency_overhead_ms=120.0),
+    # The challenger fails to score: rolled back however few requests there are.
+    "failing": replace(GOOD_SHADOW, requests=0, errors=5),
+    "some_errors": replace(GOOD_SHADOW, errors=40),
 }
 
 GOOD_CANARY = CanaryEvidence(
@@ -375,3 +378,16 @@ def test_adopt_ends_any_rollout_with_the_operator_s_champion():
     idle = RolloutState(Phase.IDLE, "v1", None)
     with pytest.raises(RolloutError, match="already is the champion"):
         adopt(idle, "v1", now=NOW, reason="nothing changed")
+
+
+def test_shadow_scoring_errors_roll_back_on_any_sample():
+    state = RolloutState(Phase.SHADOW, "v1", "v2", step_started_at=STARTED)
+    failing = decide(state, CANARY_POLICY, shadow=SHADOWS["failing"], now=NOW)
+    assert failing.action == "rollback"
+    assert "shadow scoring errors 5/5" in failing.reasons[0]
+    assert failing.figures["shadow_error_rate"] == 1.0
+    # One failure in 801 is noise at max_error_rate 0.01: judged on the other checks.
+    rare = decide(state, CANARY_POLICY, shadow=replace(GOOD_SHADOW, errors=1), now=NOW)
+    assert rare.action == "advance"
+    with pytest.raises(RolloutError, match="shadow errors"):
+        replace(GOOD_SHADOW, errors=-1)

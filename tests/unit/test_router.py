@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -48,6 +49,8 @@ def test_shadow_answers_with_the_champion_and_shadows_the_challenger():
 def test_blue_green_sends_everything_to_the_champion_and_switches_at_once():
     state = RouterState(strategy="blue_green", champion="v1", challenger="v2")
     assert {route(state, c).primary for c in CUSTOMERS[:500]} == {"v1"}
+    # Green scores a mirror off the request path: warm, and the switch sees fresh evidence.
+    assert {route(state, c).shadows for c in CUSTOMERS[:500]} == {("v2",)}
     switched = promote(state)
     assert {route(switched, c).primary for c in CUSTOMERS[:500]} == {"v2"}
     back = rollback(switched)
@@ -69,6 +72,12 @@ def test_promote_and_rollback_rules():
     assert back.strategy == "shadow"  # the demoted version gets no live traffic
     stopped = rollback(canary(0.3))
     assert stopped.strategy == "shadow" and stopped.champion == "v1"
+    # After a promotion, a new canary is stopped first; the promotion stands.
+    second = replace(promoted, strategy="canary", challenger="v3", canary_weight=0.25)
+    stopped = rollback(second)
+    assert (stopped.strategy, stopped.champion, stopped.challenger) == ("shadow", "v2", "v3")
+    assert stopped.previous_champions == ("v1",)
+    assert rollback(stopped).champion == "v1"  # the next rollback undoes the promotion
     with pytest.raises(RouterError, match="no previous champion"):
         rollback(RouterState(strategy="shadow", champion="v1"))
 
