@@ -9,15 +9,19 @@ Layout under ``root``::
 
 Artefacts are stored as the caller's bytes (XGBoost UBJ/JSON, transformer parameters as JSON);
 nothing here unpickles anything. A version directory is built as ``v<n>.tmp`` and moved into place
-with ``os.replace``, so readers never see half a version. The registry assumes one writer at a
-time (registrations run inside serialised Dagster runs; alias changes come from the CLI or the
-serving admin API), which is why it takes no lock.
+with ``os.replace``, so readers never see half a version. Registrations run inside serialised
+Dagster runs; alias changes (serving's admin API, the rollout, registration, the CLI) may come
+from several processes, so every read-modify-write of ``aliases.json`` holds an exclusive
+``flock`` on ``.aliases.lock``.
 """
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -285,22 +289,26 @@ class ModelRegistry:
         """
         self._check_alias(alias)
         version = self._resolve(ref)
-        state = self._read_aliases()
-        previous = state["aliases"].get(alias)
-        state["aliases"][alias] = version
-        if alias == "champion" and previous is not None and previous != version:
-            state["champion_history"].append(previous)
-        self._write_aliases(state)
+        with self._alias_lock():
+            state = self._read_aliases()
+            previous = state["aliases"].get(alias)
+            state["aliases"][alias] = version
+            if alias == "champion" and previous is not None and previous != version:
+                state["champion_history"].append(previous)
+            self._write_aliases(state)
         self._append_history("set_alias", version=version, alias=alias, previous=previous)
 
     def clear_alias(self, alias: str) -> None:
         """Remove ``alias``; :class:`RegistryError` if it is not set."""
         self._check_alias(alias)
-        state = self._read_aliases()
-        previous = state["aliases"].pop(alias, None)
-        if previous is None:
-            raise RegistryError(f"alias {alias!r} is not set; set aliases: {self._describe(state)}")
-        self._write_aliases(state)
+        with self._alias_lock():
+            state = self._read_aliases()
+            previous = state["aliases"].pop(alias, None)
+            if previous is None:
+                raise RegistryError(
+                    f"alias {alias!r} is not set; set aliases: {self._describe(state)}"
+                )
+            self._write_aliases(state)
         self._append_history("clear_alias", version=None, alias=alias, previous=previous)
 
     def promote(self, ref: str = "challenger") -> ModelVersion:
@@ -309,30 +317,32 @@ class ModelRegistry:
         When ``ref`` was the challenger, the challenger alias is cleared.
         """
         version = self._resolve(ref)
-        state = self._read_aliases()
-        previous = state["aliases"].get("champion")
-        if previous == version:
-            raise RegistryError(f"{version} is already the champion")
-        state["aliases"]["champion"] = version
-        if previous is not None:
-            state["champion_history"].append(previous)
-        if state["aliases"].get("challenger") == version:
-            del state["aliases"]["challenger"]
-        self._write_aliases(state)
+        with self._alias_lock():
+            state = self._read_aliases()
+            previous = state["aliases"].get("champion")
+            if previous == version:
+                raise RegistryError(f"{version} is already the champion")
+            state["aliases"]["champion"] = version
+            if previous is not None:
+                state["champion_history"].append(previous)
+            if state["aliases"].get("challenger") == version:
+                del state["aliases"]["challenger"]
+            self._write_aliases(state)
         self._append_history("promote", version=version, alias="champion", previous=previous)
         return self._load(version)
 
     def rollback(self) -> ModelVersion:
         """Make the previous champion the champion again."""
-        state = self._read_aliases()
-        if not state["champion_history"]:
-            raise RegistryError("no previous champion to roll back to")
-        version = state["champion_history"][-1]
-        restored = self._load(version)
-        state["champion_history"].pop()
-        previous = state["aliases"].get("champion")
-        state["aliases"]["champion"] = version
-        self._write_aliases(state)
+        with self._alias_lock():
+            state = self._read_aliases()
+            if not state["champion_history"]:
+                raise RegistryError("no previous champion to roll back to")
+            version = state["champion_history"][-1]
+            restored = self._load(version)
+            state["champion_history"].pop()
+            previous = state["aliases"].get("champion")
+            state["aliases"]["champion"] = version
+            self._write_aliases(state)
         self._append_history("rollback", version=version, alias="champion", previous=previous)
         return restored
 
@@ -481,6 +491,18 @@ class ModelRegistry:
                 f"'champion_history': [version, ...]}} with aliases among {', '.join(ALIASES)}"
             )
         return {"aliases": aliases, "champion_history": stack}
+
+    @contextlib.contextmanager
+    def _alias_lock(self) -> Iterator[None]:
+        """An exclusive lock (``flock``) around a read-modify-write of the aliases: serving, the
+        rollout, registration and the CLI may change them from different processes."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / ".aliases.lock").open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _write_aliases(self, state: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -328,7 +328,40 @@ def test_registry_imports_neither_dagster_nor_pickle():
         if isinstance(node, ast.Import | ast.ImportFrom)
         for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module)])
     }
+    # The standard library's safe modules only (fcntl: the alias lock); never pickle or dagster.
     assert imported <= {"hashlib", "json", "os", "subprocess", "dataclasses", "datetime"} | {
         "pathlib",
         "typing",
+        "contextlib",
+        "fcntl",
+        "collections",
     }
+
+
+def test_concurrent_alias_changes_from_processes_lose_nothing(tmp_path):
+    """Eight processes flip the challenger alias and push champions at once; with the lock the
+    champion history records every champion change exactly once."""
+    registry = ModelRegistry(tmp_path / "models")
+    for _ in range(3):
+        registry.register({"model.json": b"{}"}, {"metrics": {}})
+    registry.set_alias("champion", "v1")
+    code = (
+        "import sys\n"
+        "from churn_assets.registry import ModelRegistry\n"
+        "r = ModelRegistry(sys.argv[1])\n"
+        "for i in range(25):\n"
+        "    r.set_alias('champion', 'v2' if i % 2 == 0 else 'v3')\n"
+    )
+    workers = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "models")]) for _ in range(8)
+    ]
+    assert [w.wait(timeout=120) for w in workers] == [0] * 8
+    changes = [
+        e
+        for e in ModelRegistry(tmp_path / "models").history()
+        if e["action"] == "set_alias"
+        and e["alias"] == "champion"
+        and e["previous"] not in (None, e["version"])
+    ]
+    history = json.loads((tmp_path / "models" / "aliases.json").read_text())["champion_history"]
+    assert len(history) == len(changes)
