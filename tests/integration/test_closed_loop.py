@@ -408,3 +408,40 @@ def test_a_registry_rollback_by_hand_is_adopted_and_reaches_the_live_router(loop
     assert router["champion"] == "v1" and router["challenger"] is None
     data, runs = loop.daemon.tick("rollout_sensor")
     assert runs == [] and "no rollout in progress" in data.skip_message
+
+
+def test_a_challenger_that_passes_the_shadow_gate_is_rolled_back_in_the_canary(loop):
+    """The shadow gate loosened so a shuffled-label model reaches the canary: the canary's
+    performance check (live AUC against the champion) rolls it back on real traffic."""
+    daemon, registry = loop.daemon, ModelRegistry(loop.settings.registry_dir)
+    champion = registry.aliases()["champion"]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CHURN_TRAINING__GATES__MAX_AUC_DROP_VS_CHAMPION", "1.0")
+        env.setenv("CHURN_TRAINING__GATES__MAX_CALIBRATION_ERROR", "1.0")
+        env.setenv("CHURN_RETRAINING__PERFORMANCE_THRESHOLD", "0.3")
+        daemon.run_job(
+            "retraining_job",
+            run_config={"ops": {"candidate_model": {"config": {"shuffle_labels": True}}}},
+            tags={"churn/retraining_reason": "manual"},
+        )
+    bad = registry.aliases()["challenger"]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CHURN_ROLLOUT__MIN_AGREEMENT", "0.0")
+        env.setenv("CHURN_ROLLOUT__MAX_SCORE_KS", "1.0")
+        state = loop.drive_rollout(until={"promoted", "rolled_back"})
+    assert state["phase"] == "rolled_back", state
+    decisions = loop.decisions()
+    mine = decisions.loc[decisions["challenger"] == bad]
+    moves = mine.loc[~mine["action"].isin(["wait", "hold"])]
+    assert moves["action"].tolist() == ["start_shadow", "advance", "rollback"]
+    assert moves["phase_from"].tolist()[-1] == "canary"
+    reasons = json.loads(moves.iloc[-1]["reasons"])
+    assert any("AUC" in r for r in reasons), reasons
+    figures = json.loads(moves.iloc[-1]["figures"])
+    assert figures["requests"] >= loop.settings.rollout.min_canary_requests
+    assert figures["challenger_auc"] < figures["champion_auc"]
+    router = loop.router()
+    assert router["champion"] == champion and router["challenger"] is None
+    assert router["strategy"] == "shadow"  # no traffic left on the canary
+    with (ARTIFACTS / "closed_loop_timing.txt").open("a") as out:
+        out.write(f"\ncanary of {bad} rolled back: {reasons}\n")
