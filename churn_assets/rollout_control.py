@@ -10,7 +10,7 @@
   ``monitoring.min_labelled_rows`` labels, the label-free estimate otherwise).
 * **The audit table** ``rollout_decisions`` in the warehouse holds one row per decision, waits
   included: inputs (``evidence``), reasons, figures, the state after it and what the deployment
-  target did. Its last row is the rollout's current state. Dagster's ``rollout_decision`` asset
+  target did. Its last row (in insertion order, not by clock) is the rollout's current state. Dagster's ``rollout_decision`` asset
   is its only writer (in the warehouse pool); ``rollout_decisions.parquet`` and
   ``rollout_state.json`` are published beside the other read models for sensors, the dashboard
   and notebooks.
@@ -98,7 +98,7 @@ CREATE TABLE IF NOT EXISTS {AUDIT_TABLE} (
 _READ_MODEL_SQL = f"""
 SELECT decision_id, decided_at, run_id, action, phase_from, phase_to, champion, challenger,
        traffic, reasons, figures, evidence, target, applied, applied_detail
-FROM {AUDIT_TABLE} ORDER BY decided_at
+FROM {AUDIT_TABLE} ORDER BY rowid
 """
 
 
@@ -124,7 +124,7 @@ def current_state(con: duckdb.DuckDBPyConnection, registry: ModelRegistry) -> Ro
     """The state after the last recorded decision; before any, idle on the registry champion."""
     con.execute(AUDIT_DDL)
     rows = con.execute(
-        f"SELECT state FROM {AUDIT_TABLE} ORDER BY decided_at DESC LIMIT 1"
+        f"SELECT state FROM {AUDIT_TABLE} ORDER BY rowid DESC LIMIT 1"
     ).fetchall()
     if rows:
         return RolloutState.from_dict(json.loads(rows[0][0]))
@@ -140,7 +140,7 @@ def _step_baseline(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
     """The evidence recorded by the decision that started the current phase or step."""
     rows = con.execute(
         f"SELECT evidence FROM {AUDIT_TABLE} WHERE action NOT IN ('wait', 'hold') "
-        "ORDER BY decided_at DESC LIMIT 1"
+        "ORDER BY rowid DESC LIMIT 1"
     ).fetchall()
     return json.loads(rows[0][0]) if rows else {}
 
