@@ -204,6 +204,21 @@ class Loop:
             f"rollout stuck in {state['phase']}:\n" + "\n".join(self.daemon.log[-12:])
         )
 
+    def retrain_bad_challenger(self) -> str:
+        """retraining_job launched by hand, as from the launchpad, with shuffled labels and the
+        offline gates loosened so the model gets registered: the online rollout is the line of
+        defence under test. Returns the new challenger."""
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("CHURN_TRAINING__GATES__MAX_AUC_DROP_VS_CHAMPION", "1.0")
+            env.setenv("CHURN_TRAINING__GATES__MAX_CALIBRATION_ERROR", "1.0")
+            env.setenv("CHURN_RETRAINING__PERFORMANCE_THRESHOLD", "0.3")
+            self.daemon.run_job(
+                "retraining_job",
+                run_config={"ops": {"candidate_model": {"config": {"shuffle_labels": True}}}},
+                tags={"churn/retraining_reason": "manual"},
+            )
+        return ModelRegistry(self.settings.registry_dir).aliases()["challenger"]
+
     def decisions(self):
         return load_read_model(self.settings.read_models_dir, AUDIT_TABLE)
 
@@ -337,18 +352,7 @@ def test_drift_retrains_once_and_the_challenger_is_promoted_through_shadow_and_c
 def test_a_bad_challenger_is_rolled_back_automatically_with_its_reason(loop):
     daemon, registry = loop.daemon, ModelRegistry(loop.settings.registry_dir)
     champion = registry.aliases()["champion"]
-    # Launched by hand like from the launchpad: labels shuffled, and the offline gates loosened
-    # so the model gets registered; the online rollout is the line of defence under test.
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("CHURN_TRAINING__GATES__MAX_AUC_DROP_VS_CHAMPION", "1.0")
-        env.setenv("CHURN_TRAINING__GATES__MAX_CALIBRATION_ERROR", "1.0")
-        env.setenv("CHURN_RETRAINING__PERFORMANCE_THRESHOLD", "0.3")
-        daemon.run_job(
-            "retraining_job",
-            run_config={"ops": {"candidate_model": {"config": {"shuffle_labels": True}}}},
-            tags={"churn/retraining_reason": "manual"},
-        )
-    bad = registry.aliases()["challenger"]
+    bad = loop.retrain_bad_challenger()
     assert registry.get(bad).metadata["metrics"]["test_roc_auc"] < 0.6
     assert loop.router()["challenger"] == bad
 
@@ -413,18 +417,9 @@ def test_a_registry_rollback_by_hand_is_adopted_and_reaches_the_live_router(loop
 def test_a_challenger_that_passes_the_shadow_gate_is_rolled_back_in_the_canary(loop):
     """The shadow gate loosened so a shuffled-label model reaches the canary: the canary's
     performance check (live AUC against the champion) rolls it back on real traffic."""
-    daemon, registry = loop.daemon, ModelRegistry(loop.settings.registry_dir)
+    registry = ModelRegistry(loop.settings.registry_dir)
     champion = registry.aliases()["champion"]
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("CHURN_TRAINING__GATES__MAX_AUC_DROP_VS_CHAMPION", "1.0")
-        env.setenv("CHURN_TRAINING__GATES__MAX_CALIBRATION_ERROR", "1.0")
-        env.setenv("CHURN_RETRAINING__PERFORMANCE_THRESHOLD", "0.3")
-        daemon.run_job(
-            "retraining_job",
-            run_config={"ops": {"candidate_model": {"config": {"shuffle_labels": True}}}},
-            tags={"churn/retraining_reason": "manual"},
-        )
-    bad = registry.aliases()["challenger"]
+    bad = loop.retrain_bad_challenger()
     with pytest.MonkeyPatch.context() as env:
         env.setenv("CHURN_ROLLOUT__MIN_AGREEMENT", "0.0")
         env.setenv("CHURN_ROLLOUT__MAX_SCORE_KS", "1.0")
