@@ -10,10 +10,10 @@
   ``monitoring.min_labelled_rows`` labels, the label-free estimate otherwise).
 * **The audit table** ``rollout_decisions`` in the warehouse holds one row per decision, waits
   included: inputs (``evidence``), reasons, figures, the state after it and what the deployment
-  target did. Its last row (in insertion order, not by clock) is the rollout's current state. Dagster's ``rollout_decision`` asset
-  is its only writer (in the warehouse pool); ``rollout_decisions.parquet`` and
-  ``rollout_state.json`` are published beside the other read models for sensors, the dashboard
-  and notebooks.
+  target did. Its last row (in insertion order, not by clock) is the rollout's current state.
+  Dagster's ``rollout_decision`` asset is its only writer (in the warehouse pool);
+  ``rollout_decisions.parquet`` and ``rollout_state.json`` are published beside the other read
+  models for sensors, the dashboard and notebooks.
 * **Changes made by hand** (an operator's promote or rollback through the admin API, the
   dashboard or ``churn models``) show up as a registry champion the rollout did not choose; the
   next decision adopts it (``adopt``) instead of fighting it, and applies it, so a registry-only
@@ -123,9 +123,7 @@ def serving_url(settings: Settings) -> str:
 def current_state(con: duckdb.DuckDBPyConnection, registry: ModelRegistry) -> RolloutState:
     """The state after the last recorded decision; before any, idle on the registry champion."""
     con.execute(AUDIT_DDL)
-    rows = con.execute(
-        f"SELECT state FROM {AUDIT_TABLE} ORDER BY rowid DESC LIMIT 1"
-    ).fetchall()
+    rows = con.execute(f"SELECT state FROM {AUDIT_TABLE} ORDER BY rowid DESC LIMIT 1").fetchall()
     if rows:
         return RolloutState.from_dict(json.loads(rows[0][0]))
     champion = registry.aliases().get("champion")
