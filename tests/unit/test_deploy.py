@@ -117,6 +117,15 @@ def test_deployment_for_a_bare_canary_state_needs_the_policy() -> None:
     assert deployment_for(state, POLICY).challenger_traffic == STEPS[1]
 
 
+def _quantity(value: str) -> float:
+    """A Kubernetes resource quantity ("250m", "1", "512Mi", "1Gi") as a number."""
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    for suffix, factor in units.items():
+        if value.endswith(suffix):
+            return float(value[: -len(suffix)]) * factor
+    return float(value)
+
+
 @pytest.mark.parametrize("key", sorted(DEPLOYMENTS))
 def test_seldon_deployment_matches_the_crd(key: str) -> None:
     deployment = DEPLOYMENTS[key]
@@ -136,10 +145,14 @@ def test_seldon_deployment_matches_the_crd(key: str) -> None:
         assert predictor["graph"]["type"] == "MODEL"
         assert predictor["graph"]["name"] == container["name"]
         assert predictor["graph"]["modelUri"] == f"s3://churn-models/{version}"
-        assert container["resources"]["requests"] and container["resources"]["limits"]
+        resources = container["resources"]
+        for kind in ("cpu", "memory"):  # a limit below its request is rejected by Kubernetes
+            assert _quantity(resources["requests"][kind]) <= _quantity(resources["limits"][kind])
         hpa = predictor["componentSpecs"][0]["hpaSpec"]
-        assert 1 <= hpa["minReplicas"] < hpa["maxReplicas"]
-        assert hpa["metrics"][0]["resource"]["name"] == "cpu"
+        assert predictor["replicas"] == hpa["minReplicas"], "start at the autoscaling floor"
+        assert hpa["maxReplicas"] > hpa["minReplicas"], "the autoscaler has room to scale"
+        # CPU utilisation targets are relative to the request, so the request must be set.
+        assert hpa["metrics"][0]["resource"]["name"] == "cpu" and "cpu" in resources["requests"]
     if deployment.strategy == "shadow":
         assert predictors["v2"]["shadow"] is True and "traffic" not in predictors["v2"]
         assert predictors["v1"]["traffic"] == 100
