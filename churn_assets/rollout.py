@@ -176,10 +176,8 @@ class RolloutPolicy:
             "max_auc_drop",
             "alpha",
         ):
-            if hasattr(rollout, name):
-                values[name] = getattr(rollout, name)
-        if hasattr(rollout, "min_step_minutes"):
-            values["min_step_seconds"] = float(rollout.min_step_minutes) * 60.0
+            values[name] = getattr(rollout, name)
+        values["min_step_seconds"] = float(rollout.min_step_minutes) * 60.0
         values.update(overrides)
         return cls(**values)
 
@@ -380,6 +378,30 @@ def _stay(
     figures: dict[str, float],
 ) -> Decision:
     return Decision(action, state, traffic_share(state, policy), tuple(reasons), figures)
+
+
+def _advance(
+    state: RolloutState,
+    phase: Phase,
+    step_index: int,
+    traffic: float,
+    now: float,
+    reasons: list[str],
+    figures: dict[str, float],
+) -> Decision:
+    """The same champion and challenger, one phase or canary step further."""
+    return _transition(
+        state,
+        "advance",
+        now=now,
+        reasons=reasons,
+        figures=figures,
+        phase=phase,
+        champion=state.champion,
+        challenger=state.challenger,
+        step_index=step_index,
+        traffic=traffic,
+    )
 
 
 def _rollback(
@@ -595,31 +617,10 @@ def _decide_shadow(
         return _promote(state, "switch", now, reasons, figures)
     if policy.strategy == "blue_green":
         reasons.append(f"green {state.challenger} ready; the next passing decision switches")
-        return _transition(
-            state,
-            "advance",
-            now=now,
-            reasons=reasons,
-            figures=figures,
-            phase=Phase.BLUE_GREEN_READY,
-            champion=state.champion,
-            challenger=state.challenger,
-            traffic=0.0,
-        )
+        return _advance(state, Phase.BLUE_GREEN_READY, -1, 0.0, now, reasons, figures)
     first = policy.canary_steps[0]
     reasons.append(f"starting canary step 1/{len(policy.canary_steps)} at {first:.0%} traffic")
-    return _transition(
-        state,
-        "advance",
-        now=now,
-        reasons=reasons,
-        figures=figures,
-        phase=Phase.CANARY,
-        champion=state.champion,
-        challenger=state.challenger,
-        step_index=0,
-        traffic=first,
-    )
+    return _advance(state, Phase.CANARY, 0, first, now, reasons, figures)
 
 
 def _decide_canary(
@@ -731,18 +732,7 @@ def _decide_canary(
         return _promote(state, "promote", now, reasons, figures)
     nxt = steps[index + 1]
     reasons.append(f"advancing to step {index + 2}/{len(steps)} at {nxt:.0%} traffic")
-    return _transition(
-        state,
-        "advance",
-        now=now,
-        reasons=reasons,
-        figures=figures,
-        phase=Phase.CANARY,
-        champion=state.champion,
-        challenger=state.challenger,
-        step_index=index + 1,
-        traffic=nxt,
-    )
+    return _advance(state, Phase.CANARY, index + 1, nxt, now, reasons, figures)
 
 
 def decide(

@@ -311,11 +311,7 @@ def live_performance(
     """Ground truth joined to landed predictions: realised ROC-AUC, precision/recall and
     calibration per version and arm over time, and a label-free estimate where labels are
     pending."""
-    from churn_assets.performance import (
-        estimated_performance,
-        join_outcomes,
-        realised_performance,
-    )
+    from churn_assets.performance import join_outcomes, performance_report
 
     settings = platform.settings()
     with connect(settings.warehouse_path) as con:
@@ -340,11 +336,7 @@ def live_performance(
         horizon_days=settings.training.horizon_days,
         as_of=as_of.to_pydatetime(),
     )
-    realised = realised_performance(joined).assign(kind="realised")
-    estimated = estimated_performance(joined).assign(kind="estimated")
-    table = pd.concat([realised, estimated], ignore_index=True).assign(
-        computed_at=datetime.now(UTC)
-    )
+    table = performance_report(joined).assign(computed_at=datetime.now(UTC))
     rows = _append_history(settings, "performance_history", table)
     overall = table.loc[table["period"].astype(str) == "all"]
     publish_monitoring_section(

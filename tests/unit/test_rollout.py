@@ -292,9 +292,17 @@ def test_policy_from_settings():
     assert policy.min_shadow_requests == settings.rollout.min_shadow_requests
     assert policy.min_auc == settings.retraining.performance_threshold
     assert policy.min_step_seconds == 60.0
+    plain = RolloutPolicy.from_settings(settings)
+    assert plain.min_step_seconds == settings.rollout.min_step_minutes * 60
+    assert (plain.strategy, plain.max_error_rate, plain.alpha) == (
+        settings.rollout.strategy,
+        settings.rollout.max_error_rate,
+        settings.rollout.alpha,
+    )
+    # Settings themselves refuse decreasing steps; the policy checks them again on its own.
     bad = SimpleNamespace(
-        rollout=SimpleNamespace(canary_steps=[0.5, 0.2], min_shadow_requests=10),
-        retraining=SimpleNamespace(performance_threshold=0.75),
+        rollout=SimpleNamespace(**(settings.rollout.model_dump() | {"canary_steps": [0.5, 0.2]})),
+        retraining=settings.retraining,
     )
     with pytest.raises(RolloutError, match="strictly increasing"):
         RolloutPolicy.from_settings(bad)
