@@ -27,8 +27,10 @@ from churn_assets.training import (
     TrainingSet,
     XGBoostParams,
     best_f1_threshold,
+    build_training_set,
     data_fingerprint,
     evaluate,
+    landed_frames,
     predict_booster,
     search_xgboost,
     snapshot_window,
@@ -41,9 +43,11 @@ __all__ = [
     "Candidate",
     "GateResult",
     "evaluate_gates",
+    "landed_data_fingerprint",
     "load_candidate",
     "stage_candidate",
     "train_candidate",
+    "training_set_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,47 @@ CANDIDATE_FILE = "candidate.json"
 class Candidate:
     model: ScoringModel
     report: dict[str, Any]  # metrics, baseline, champion comparison, window, fingerprint
+
+
+def training_set_for(settings: Settings, events: pd.DataFrame, feedback: pd.DataFrame):
+    """The point-in-time training set of landed ``events`` and ``feedback`` under the
+    training settings (what the ``training_set`` asset stores)."""
+    cfg = settings.training
+    return build_training_set(
+        events,
+        feedback,
+        horizon_days=cfg.horizon_days,
+        step_days=cfg.snapshot_step_days,
+        label_grace_days=cfg.label_grace_days,
+    )
+
+
+def landed_data_fingerprint(settings: Settings) -> str:
+    """The ``data_fingerprint`` a training run would record for the data landed now, computed
+    from the published read models (never the live warehouse), so `churn up` can tell whether
+    a registered version was already trained on exactly this data."""
+    import duckdb
+
+    from churn_assets.warehouse import ReadModelMissing, read_model_path
+
+    paths = {
+        name: read_model_path(settings.read_models_dir, name)
+        for name in ("landed_customer_events", "landed_feedback")
+    }
+    for name, path in paths.items():
+        if not path.is_file():
+            raise ReadModelMissing(f"read model {name!r} has not been published yet ({path})")
+    events_path, feedback_path = (p.as_posix().replace("'", "''") for p in paths.values())
+    con = duckdb.connect()
+    try:
+        events, feedback = landed_frames(
+            con,
+            events=f"read_parquet('{events_path}')",
+            feedback=f"read_parquet('{feedback_path}')",
+        )
+    finally:
+        con.close()
+    return data_fingerprint(training_set_for(settings, events, feedback).frame)
 
 
 def _params(settings: Settings) -> XGBoostParams:

@@ -1,12 +1,8 @@
 """The ``churn`` command line: broker, topics, simulator, landing, status and the whole platform."""
 
-import contextlib
 import logging
 import os
-import secrets
-import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,24 +10,13 @@ from typing import Any
 
 import click
 
-from churn_assets.config import REPO_ROOT, ConfigError, Settings, load_settings
+from churn_assets.cli_common import embedded_broker, fail, settings_of
 
 __all__ = ["main"]
 
 
-def _settings(ctx: click.Context) -> Settings:
-    settings = ctx.obj.get("settings")
-    if settings is None:
-        try:
-            settings = load_settings(ctx.obj["config_path"])
-        except ConfigError as exc:
-            raise click.ClickException(str(exc)) from None
-        ctx.obj["settings"] = settings
-    return settings
-
-
-def _fail(exc: Exception) -> click.ClickException:
-    return click.ClickException(str(exc))
+_settings = settings_of
+_fail = fail
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,20 +47,7 @@ def broker() -> None:
     """Start, stop and inspect the embedded Kafka-compatible broker (Tansu)."""
 
 
-def _embedded(settings: Settings, port: int | None = None):
-    from churn_assets.broker import EmbeddedBroker
-
-    if not settings.kafka.uses_embedded_broker:
-        raise click.ClickException(
-            f"kafka.bootstrap_servers is set ({settings.kafka.bootstrap_servers}); the embedded "
-            "broker is only used when it is null"
-        )
-    embedded = settings.kafka.embedded
-    return EmbeddedBroker(
-        settings.run_dir,
-        port=embedded.port if port is None else port,
-        startup_timeout_s=embedded.startup_timeout_s,
-    )
+_embedded = embedded_broker
 
 
 @broker.command("start")
@@ -176,39 +148,21 @@ def topics_create(ctx: click.Context) -> None:
 @click.pass_context
 def simulate(ctx: click.Context, **options: Any) -> None:
     """Produce a simulated customer base to churn.customers and outcomes to ml.feedback."""
-    from churn_assets.kafka import ensure_topics, make_producer
-    from churn_assets.simulator import SimulationConfig, Simulator, produce_simulation
+    from churn_assets.cli_up import produce_demo, simulation_config
 
     settings = _settings(ctx)
-    defaults = settings.simulator
-    config = SimulationConfig(
-        seed=defaults.seed if options["seed"] is None else options["seed"],
-        customers=options["customers"] or defaults.customers,
-        days=options["days"] or defaults.days,
-        start_date=defaults.start_date,
-        scenario=options["scenario"] or defaults.scenario,
-        scenario_start_day=defaults.scenario_start_day
-        if options["scenario_start_day"] is None
-        else options["scenario_start_day"],
+    config = simulation_config(
+        settings,
+        seed=options["seed"],
+        customers=options["customers"],
+        days=options["days"],
+        scenario=options["scenario"],
+        scenario_start_day=options["scenario_start_day"],
     )
     try:
-        ensure_topics(settings)
-        producer = make_producer(settings)
+        produce_demo(settings, config, rate=options["rate"])
     except Exception as exc:
         raise _fail(exc) from None
-    started = time.monotonic()
-    with click.progressbar(length=config.days, label="simulating days", file=sys.stderr) as bar:
-        summary = produce_simulation(
-            producer, Simulator(config), rate=options["rate"], on_day=lambda _d, _n: bar.update(1)
-        )
-    elapsed = time.monotonic() - started
-    total = summary.customer_events + summary.feedback_events
-    click.echo(
-        f"produced {summary.customer_events} customer events and {summary.feedback_events} "
-        f"outcomes ({summary.churned} churned) in {elapsed:.1f}s "
-        f"({total / elapsed:,.0f} events/s); "
-        f"scenario={config.scenario}; best achievable 30-day AUC={summary.best_auc_30d:.3f}"
-    )
 
 
 # -- landing ---------------------------------------------------------------------------------------
@@ -407,229 +361,12 @@ def dashboard(ctx: click.Context, port: int | None, address: str) -> None:
     os.execve(command[0], command, env)
 
 
-# -- the whole platform ----------------------------------------------------------------------------
-
-
-def _dagster_home(settings: Settings) -> Path:
-    home = settings.data_dir / "dagster_home"
-    home.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(REPO_ROOT / "config" / "dagster.yaml", home / "dagster.yaml")
-    return home
-
-
-def _dagster_env(settings: Settings, config_path: Path | None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["DAGSTER_HOME"] = str(_dagster_home(settings))
-    if config_path is not None:
-        env["CHURN_CONFIG"] = str(config_path.resolve())
-    return env
-
-
-@main.command()
-@click.option(
-    "--simulate/--no-simulate",
-    default=True,
-    show_default=True,
-    help="Produce the simulator's demo data first.",
-)
-@click.option(
-    "--train/--no-train",
-    default=True,
-    show_default=True,
-    help="Train, gate and register a model after landing (Dagster training_job).",
-)
-@click.option(
-    "--serve/--no-serve",
-    default=True,
-    show_default=True,
-    help=(
-        "Then run serving (if a model was trained), the dashboard and Dagster (UI and daemon) "
-        "until Ctrl-C (off: land, train and exit)."
-    ),
-)
-@click.pass_context
-def up(ctx: click.Context, simulate: bool, train: bool, serve: bool) -> None:
-    """Run the platform on its embedded defaults: broker, topics, demo data, landing, a trained
-    and registered model, then serving, the Panel dashboard and Dagster (UI and daemon).
-
-    Serving starts only when this command trained a model (not with --no-train). Ctrl-C stops
-    everything this command started, the broker included. With --no-serve the command lands
-    (and trains) and exits, leaving the broker running (`churn broker stop` ends it).
-    """
-    settings = _settings(ctx)
-    started_broker = False
-    if settings.kafka.uses_embedded_broker:
-        from churn_assets.broker import BrokerError, read_state
-
-        started_broker = read_state(settings.run_dir) is None
-        try:
-            state = _embedded(settings).start()
-        except BrokerError as exc:
-            raise _fail(exc) from None
-        click.echo(f"[1/5] broker ready on {state.bootstrap_servers}")
-    keep_broker = False
-    try:
-        _run_platform(ctx, settings, simulate=simulate, train=train, serve=serve)
-        keep_broker = not serve
-    finally:
-        if started_broker and not keep_broker:
-            _embedded(settings).stop()
-            click.echo("broker stopped")
-
-
-def _run_platform(
-    ctx: click.Context, settings: Settings, *, simulate: bool, train: bool, serve: bool
-) -> None:
-    ctx.invoke(topics_create)
-    click.echo("[2/5] topics ready")
-    if simulate:
-        ctx.invoke(simulate_cmd)
-    click.echo("[3/5] landing the data topics through Dagster")
-    env = _dagster_env(settings, ctx.obj["config_path"])
-    if not env.get("CHURN_ADMIN_TOKEN"):
-        # The closed loop (rollout_decision -> serving admin API) needs a shared admin token;
-        # without one from the environment, the children share a random one for this session.
-        env["CHURN_ADMIN_TOKEN"] = secrets.token_urlsafe(32)
-        click.echo(
-            "CHURN_ADMIN_TOKEN is not set: serving, Dagster and the dashboard share a random "
-            "admin token for this session (set it yourself to call the admin API directly)"
-        )
-    dagster_bin = str(Path(sys.executable).with_name("dagster"))
-    landing = subprocess.run(
-        [
-            dagster_bin,
-            "asset",
-            "materialize",
-            "-m",
-            "churn_assets.definitions",
-            "--select",
-            "group:landing",
-        ],
-        env=env,
-        cwd=REPO_ROOT,
-    )
-    if landing.returncode != 0:
-        raise click.ClickException(
-            f"the Dagster landing run failed (exit code {landing.returncode}); see its log above"
-        )
-    ctx.invoke(status)
-    if train:
-        click.echo("[4/5] training, gating and registering a model (Dagster training_job)")
-        training = subprocess.run(
-            [dagster_bin, "job", "execute", "-m", "churn_assets.definitions", "-j", "training_job"],
-            env=env,
-            cwd=REPO_ROOT,
-        )
-        if training.returncode != 0:
-            raise click.ClickException(
-                f"the Dagster training run failed (exit code {training.returncode}); a blocked "
-                "quality gate or too little data shows in its log above"
-            )
-        ctx.invoke(models_list)
-    if not serve:
-        return
-    children: list[subprocess.Popen[bytes]] = []
-    try:
-        if train:
-            serving = settings.serving
-            children.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "churn_assets.cli", *_config_args(ctx), "serve"],
-                    env=env,
-                    cwd=REPO_ROOT,
-                    start_new_session=True,
-                )
-            )
-            click.echo(
-                f"[5/5] serving: http://{serving.host}:{serving.http_port} (REST, /docs) and "
-                f"{serving.host}:{serving.grpc_port} (gRPC)"
-            )
-        children.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "churn_assets.cli", *_config_args(ctx), "dashboard"],
-                env=env,
-                cwd=REPO_ROOT,
-                start_new_session=True,
-            )
-        )
-        click.echo(f"[5/5] dashboard: http://127.0.0.1:{settings.dashboard.port}/app")
-        port = settings.dagster.webserver_port
-        children.append(
-            subprocess.Popen(
-                [
-                    dagster_bin,
-                    "dev",
-                    "-w",
-                    str(REPO_ROOT / "workspace.yaml"),
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    str(port),
-                ],
-                env=env,
-                cwd=REPO_ROOT,
-                start_new_session=True,
-            )
-        )
-        click.echo(f"[5/5] Dagster UI on http://127.0.0.1:{port} (Ctrl-C stops the platform)")
-        _wait_for_interrupt_or_exit(children)
-    finally:
-        for child in children:
-            _stop_group(child)
-
-
-def _config_args(ctx: click.Context) -> list[str]:
-    path = ctx.obj["config_path"]
-    return ["--config", str(Path(path).resolve())] if path is not None else []
-
-
-def _stop_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the child's process group, wait, then SIGKILL whatever of the group is left
-    (a leader can exit while its own children are still shutting down)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=10)
-
-
-def _wait_for_interrupt_or_exit(processes: list[subprocess.Popen[bytes]]) -> None:
-    """Block until Ctrl-C/SIGTERM, or until one of ``processes`` exits on its own."""
-
-    def _raise(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _raise)
-    try:
-        while all(p.poll() is None for p in processes):
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        return
-    exited = next(p for p in processes if p.poll() is not None)
-    raise click.ClickException(
-        f"{' '.join(map(str, exited.args[:4]))} exited with code {exited.returncode}; "
-        "stopping the platform"
-    )
-
-
-simulate_cmd = simulate
-
-
 def _register_subcommands() -> None:
     from churn_assets.cli_models import models
     from churn_assets.cli_rollout import retrain, rollout, traffic
+    from churn_assets.cli_up import up
 
+    main.add_command(up)
     main.add_command(models)
     main.add_command(retrain)
     main.add_command(rollout)
@@ -637,7 +374,6 @@ def _register_subcommands() -> None:
 
 
 _register_subcommands()
-models_list = main.commands["models"].commands["list"]
 
 
 if __name__ == "__main__":

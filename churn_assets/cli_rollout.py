@@ -37,7 +37,7 @@ def retrain(ctx: click.Context, reason: str) -> None:
     the Dagster UI beside the sensor-launched ones. It ignores retraining.enabled, which only
     stops the automatic triggers.
     """
-    from churn_assets.cli import _dagster_env
+    from churn_assets.cli_up import dagster_env
 
     settings = _load(ctx)
     if settings.rollout.target == "local" and not os.environ.get("CHURN_ADMIN_TOKEN"):
@@ -48,7 +48,7 @@ def retrain(ctx: click.Context, reason: str) -> None:
             "value here), or launch retraining_job from the Dagster UI's launchpad"
         )
     config_path = ctx.obj.get("config_path")
-    env = _dagster_env(settings, Path(config_path) if config_path else None)
+    env = dagster_env(settings, Path(config_path) if config_path else None)
     tags = json.dumps({"churn/retraining_reason": reason})
     dagster_bin = str(Path(sys.executable).with_name("dagster"))
     command = [
@@ -83,15 +83,38 @@ def rollout() -> None:
 @click.pass_context
 def rollout_status(ctx: click.Context, last: int, as_json: bool) -> None:
     """The rollout's phase and its last decisions with their reasons (from the read models)."""
-    from churn_assets.rollout_control import AUDIT_TABLE, read_rollout_state
+    from churn_assets.registry import ModelRegistry
+    from churn_assets.rollout_control import AUDIT_TABLE, active_challenger, read_rollout_state
     from churn_assets.warehouse import ReadModelMissing, load_read_model
 
     settings = _load(ctx)
     state = read_rollout_state(settings.read_models_dir)
+    aliases = ModelRegistry(settings.registry_dir).aliases()
+    pending = active_challenger(state, aliases)
+    if pending is not None and (state is None or state.get("challenger") != pending):
+        # Registered as challenger, no decision about it yet: the rollout sensor starts it.
+        pending_state = {
+            "phase": "pending",
+            "champion": aliases.get("champion"),
+            "challenger": pending,
+            "previous": state,
+        }
+        message = (
+            f"phase pending: challenger {pending} is registered and waits for its first rollout "
+            f"decision (champion {aliases.get('champion')}); the rollout_sensor starts its "
+            "shadow once Dagster runs (`churn up`)"
+        )
+        if state is None:
+            if as_json:
+                click.echo(json.dumps({"state": pending_state, "decisions": []}, indent=1))
+            else:
+                click.echo(message)
+            return
     if state is None:
         raise click.ClickException(
-            "no rollout decision recorded yet: the rollout_decision asset publishes its state "
-            "after the first retraining_job or rollout_job run"
+            "no rollout yet: no challenger is registered and no rollout decision was recorded "
+            f"(champion {aliases.get('champion') or 'none'}); `churn retrain` trains a "
+            "challenger and starts its rollout"
         )
     try:
         decisions = load_read_model(settings.read_models_dir, AUDIT_TABLE).tail(last)
@@ -110,12 +133,18 @@ def rollout_status(ctx: click.Context, last: int, as_json: bool) -> None:
     ]
     if as_json:
         public = {k: v for k, v in state.items() if k != "history"}
+        if pending is not None and state.get("challenger") != pending:
+            public = pending_state | {"previous": public}
         click.echo(json.dumps({"state": public, "decisions": rows}, indent=1, default=str))
         return
-    click.echo(
-        f"phase {state['phase']}: champion {state['champion']}, "
-        f"challenger {state.get('challenger') or 'none'} (updated {state.get('updated_at')})"
-    )
+    if pending is not None and state.get("challenger") != pending:
+        click.echo(message)
+        click.echo(f"before it: phase {state['phase']} (updated {state.get('updated_at')})")
+    else:
+        click.echo(
+            f"phase {state['phase']}: champion {state['champion']}, "
+            f"challenger {state.get('challenger') or 'none'} (updated {state.get('updated_at')})"
+        )
     for row in rows:
         click.echo(
             f"{row['decided_at']}  {row['action']:<12} {row['phase']:<28} "

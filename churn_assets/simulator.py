@@ -14,7 +14,10 @@ Scenarios switch on at ``scenario_start_day``:
 * ``outlier_burst``: for three days, 5 % of events carry extreme (but valid) values.
 """
 
+import functools
+import hashlib
 import heapq
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -147,6 +150,44 @@ class SimulationConfig:
             raise ValueError(f"scenario {self.scenario!r} is not one of {SCENARIOS}")
         if self.customers < 1 or self.days < 1:
             raise ValueError("customers and days must be at least 1")
+
+    @functools.cached_property
+    def id_prefix(self) -> str:
+        """What every message id of this simulation starts with (after ``ev-``/``fb-``).
+
+        Landing is idempotent by message id, so two different simulations must never share
+        ids: the prefix is the seed plus a digest of everything else that shapes the events.
+        The product's default base (10,000 customers, 90 days from 2026-01-01, no scenario)
+        keeps the bare seed, the ids earlier releases landed, so a restart on their warehouse
+        recognises its data.
+        """
+        shape = {
+            "customers": self.customers,
+            "days": self.days,
+            "start_date": self.start_date.isoformat(),
+            "scenario": self.scenario,
+            "scenario_start_day": self.scenario_start_day if self.scenario != "none" else None,
+            "activity_rate": self.activity_rate,
+            "arrival_rate": self.arrival_rate,
+            "mean_report_delay_days": self.mean_report_delay_days,
+        }
+        if shape == _DEFAULT_SHAPE:
+            return f"{self.seed}-"
+        digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.seed}-{digest}-"
+
+
+# The product's default simulation (config/config.yaml), whose ids carry only the seed.
+_DEFAULT_SHAPE = {
+    "customers": 10_000,
+    "days": 90,
+    "start_date": "2026-01-01",
+    "scenario": "none",
+    "scenario_start_day": None,
+    "activity_rate": 0.35,
+    "arrival_rate": 0.003,
+    "mean_report_delay_days": 5.0,
+}
 
 
 @dataclass
@@ -335,7 +376,7 @@ class Simulator:
             at = day_start + timedelta(seconds=float(seconds[i]))
             payload = {
                 "schema_version": 1,
-                "event_id": f"ev-{cfg.seed}-{self._next_id()}",
+                "event_id": f"ev-{cfg.id_prefix}{self._next_id()}",
                 "customer_id": f"C{int(number):07d}",
                 "event_time": at,
                 "customer_tenure": int(features["customer_tenure"][i]),
@@ -392,7 +433,7 @@ class Simulator:
     ):
         payload = {
             "schema_version": 1,
-            "event_id": f"fb-{self.config.seed}-{self._next_id()}",
+            "event_id": f"fb-{self.config.id_prefix}{self._next_id()}",
             "customer_id": f"C{number:07d}",
             "request_id": None,
             "churned": churned,

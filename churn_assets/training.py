@@ -40,6 +40,7 @@ __all__ = [
     "assert_point_in_time",
     "build_training_set",
     "data_fingerprint",
+    "landed_frames",
     "evaluate",
     "expected_calibration_error",
     "LogisticBaseline",
@@ -256,6 +257,33 @@ def assert_point_in_time(
     ]
     if leaking:
         raise LeakageError(f"features {leaking} use information from after {as_of}")
+
+
+_LANDED_EVENTS_COLUMNS = (
+    "customer_id, event_time, customer_tenure, monthly_charges, total_charges, contract_type, "
+    "payment_method, internet_service, support_tickets, login_frequency"
+)
+_LANDED_FEEDBACK_COLUMNS = "customer_id, request_id, churned, outcome_time, observed_at"
+
+
+def landed_frames(
+    con: Any,
+    *,
+    events: str = "landed_customer_events",
+    feedback: str = "landed_feedback",
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The landed customer events and outcomes that training reads, from the warehouse tables
+    (the default) or from any DuckDB relation with their columns, such as
+    ``read_parquet('<read model>')`` (trusted relation names, never user input)."""
+    events_frame = con.execute(f"SELECT {_LANDED_EVENTS_COLUMNS} FROM {events}").df()
+    feedback_frame = con.execute(f"SELECT {_LANDED_FEEDBACK_COLUMNS} FROM {feedback}").df()
+    for frame, columns in (
+        (events_frame, ["event_time"]),
+        (feedback_frame, ["outcome_time", "observed_at"]),
+    ):
+        for column in columns:
+            frame[column] = pd.to_datetime(frame[column], utc=True)
+    return events_frame, feedback_frame
 
 
 def data_fingerprint(frame: pd.DataFrame) -> str:

@@ -16,6 +16,7 @@ from churn_assets.candidate import (
     parity_gate,
     stage_candidate,
     train_candidate,
+    training_set_for,
 )
 from churn_assets.config import Settings
 from churn_assets.explain import ShapExplainer
@@ -29,7 +30,7 @@ from churn_assets.training import (
     TrainingError,
     TrainingSet,
     assert_point_in_time,
-    build_training_set,
+    landed_frames,
 )
 from churn_assets.warehouse import connect, ensure_schema, publish_read_model
 
@@ -44,25 +45,11 @@ __all__ = [
     "training_set",
 ]
 
-EVENTS_SQL = """
-SELECT customer_id, event_time, customer_tenure, monthly_charges, total_charges, contract_type,
-       payment_method, internet_service, support_tickets, login_frequency
-FROM landed_customer_events
-"""
-FEEDBACK_SQL = """
-SELECT customer_id, request_id, churned, outcome_time, observed_at FROM landed_feedback
-"""
-
 
 def _load_landed(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
     with connect(settings.warehouse_path) as con:
         ensure_schema(con)
-        events = con.execute(EVENTS_SQL).df()
-        feedback = con.execute(FEEDBACK_SQL).df()
-    for frame, columns in ((events, ["event_time"]), (feedback, ["outcome_time", "observed_at"])):
-        for column in columns:
-            frame[column] = pd.to_datetime(frame[column], utc=True)
-    return events, feedback
+        return landed_frames(con)
 
 
 def _replace_table(settings: Settings, table: str, frame: pd.DataFrame) -> int:
@@ -104,14 +91,7 @@ def customer_features(
 
 def _training_set(settings: Settings) -> TrainingSet:
     events, feedback = _load_landed(settings)
-    cfg = settings.training
-    return build_training_set(
-        events,
-        feedback,
-        horizon_days=cfg.horizon_days,
-        step_days=cfg.snapshot_step_days,
-        label_grace_days=cfg.label_grace_days,
-    )
+    return training_set_for(settings, events, feedback)
 
 
 @dg.asset(

@@ -4,11 +4,9 @@ and the Dagster UI."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -17,37 +15,14 @@ from churn_assets.config import load_settings
 from churn_assets.registry import ModelRegistry
 from churn_assets.schemas import FEATURE_NAMES
 from churn_assets.warehouse import load_read_model
+from tests.integration.platform_helpers import (
+    READY_LINE,
+    free_port,
+    graphql,
+    processes_with_env,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def processes_with_env(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if marker.encode() in (entry / "environ").read_bytes():
-                found.append(int(entry.name))
-        except (FileNotFoundError, PermissionError, ProcessLookupError):
-            continue
-    return found
-
-
-def graphql(port: int, query: str) -> dict:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/graphql",
-        data=json.dumps({"query": query}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.load(response)["data"]
 
 
 def test_up_runs_the_platform_and_ctrl_c_stops_everything(churn_cli, settings_path, tmp_path):
@@ -73,19 +48,19 @@ def test_up_runs_the_platform_and_ctrl_c_stops_everything(churn_cli, settings_pa
         )
     settings = load_settings(settings_path)
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 480
         ready = False
         while time.monotonic() < deadline and process.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2):
-                    ready = True
-                    break
-            except OSError:
-                time.sleep(1)
+            # `churn up` prints its "ready" line only once serving, Dagster and the dashboard
+            # answer.
+            if READY_LINE in log_path.read_text():
+                ready = True
+                break
+            time.sleep(1)
         assert ready, log_path.read_text()[-4000:]
 
         output = log_path.read_text()
-        assert "[1/5] broker ready" in output
+        assert "[1/8] broker ready" in output
         assert "produced" in output and "customer events" in output
         customers = load_read_model(settings.read_models_dir, "landed_customer_events")
         feedback = load_read_model(settings.read_models_dir, "landed_feedback")
@@ -133,7 +108,9 @@ def test_up_runs_the_platform_and_ctrl_c_stops_everything(churn_cli, settings_pa
             except OSError:
                 assert time.monotonic() < deadline, log_path.read_text()[-4000:]
                 time.sleep(1)
-        assert f"dashboard: http://127.0.0.1:{dashboard_port}/app" in log_path.read_text()
+        assert (
+            f"[8/8] dashboard ready: http://127.0.0.1:{dashboard_port}/app" in log_path.read_text()
+        )
 
         # The manual retraining trigger: a run in the platform's instance, a challenger in
         # shadow in the live server.

@@ -77,7 +77,7 @@ def bash(code: str) -> list[str]:
 # Substring of a block -> what its output must show. Every key must match a block, so a guide
 # edit that drops one of these steps fails here rather than silently testing less.
 EXPECTED_OUTPUT = {
-    "churn up --no-serve": ["[1/5] broker ready", "[2/5] topics ready", "[4/5] training", "v1"],
+    "churn up --no-serve": ["[1/8] broker ready", "[2/8] topics ready", "[5/8] training", "v1"],
     "/predict": [],  # checked as JSON below
     "/explain": ['"method":"shap"'],
     "churn status": ["landed_customer_events", "last landed offsets"],

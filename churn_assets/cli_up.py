@@ -1,0 +1,636 @@
+"""``churn up``: the whole platform on its embedded defaults, and safe to run again.
+
+A start does the README's eight steps. On a data directory that already holds the work, it does
+not redo it: the simulation is produced only when the warehouse does not hold it yet (a marker
+written after its landing, checked against the landed read models), training is skipped when a
+registered version was trained on exactly the landed data (same ``data_fingerprint``) or while a
+rollout is pending or in progress, and serving always starts from the registry's champion and
+challenger, so a rollout resumes where its last decision left it. Every skipped step says why in
+one line; every service's URL is printed only once it answers; Ctrl-C or SIGTERM stops
+everything this command started.
+"""
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from churn_assets.cli_common import embedded_broker, fail, settings_of
+from churn_assets.config import REPO_ROOT, Settings
+
+__all__ = ["dagster_env", "produce_demo", "simulation_config", "up"]
+
+STEPS = 8
+SIMULATION_MARKER = "simulation.json"
+# How long each service may take to answer after it was started (2-core machines are slow).
+READY_TIMEOUT_S = {"serving": 240.0, "dagster": 300.0, "dashboard": 180.0}
+# Stopping: children get SIGTERM (Dagster runs SIGINT, which they record as a cancelled run)
+# and this long to exit before SIGKILL; the broker is stopped after them.
+STOP_GRACE_S = 10.0
+# The churn process never turns these into tracebacks: a stop request is a normal end.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequested(Exception):
+    """Ctrl-C or SIGTERM arrived; everything started so far is stopped, then the command ends."""
+
+
+def _step(number: int, text: str) -> None:
+    click.echo(f"[{number}/{STEPS}] {text}")
+
+
+# -- Dagster environment ---------------------------------------------------------------------------
+
+
+def _dagster_home(settings: Settings) -> Path:
+    home = settings.data_dir / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(REPO_ROOT / "config" / "dagster.yaml", home / "dagster.yaml")
+    return home
+
+
+def dagster_env(settings: Settings, config_path: Path | None) -> dict[str, str]:
+    """The environment of the platform's Dagster processes: its instance (``DAGSTER_HOME`` under
+    the data directory) and the config file."""
+    env = dict(os.environ)
+    env["DAGSTER_HOME"] = str(_dagster_home(settings))
+    if config_path is not None:
+        env["CHURN_CONFIG"] = str(config_path.resolve())
+    return env
+
+
+def reap_interrupted_runs(settings: Settings) -> list[str]:
+    """Mark the platform instance's runs that a stop or crash left "started" as canceled and
+    free their concurrency-pool slots; returns one line per run.
+
+    Called before this command starts any Dagster process, so no live process owns such a run.
+    Left alone, a dead run keeps the ``duckdb_warehouse`` pool's only slot and looks "in
+    flight" to the sensors, which would then never launch another rollout or retraining.
+    Queued runs stay queued: the daemon launches them.
+    """
+    import dagster as dg
+
+    home = _dagster_home(settings)
+    dead = [
+        dg.DagsterRunStatus.NOT_STARTED,
+        dg.DagsterRunStatus.STARTING,
+        dg.DagsterRunStatus.STARTED,
+        dg.DagsterRunStatus.CANCELING,
+    ]
+    reaped = []
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        for run in instance.get_runs(filters=dg.RunsFilter(statuses=dead)):
+            instance.report_run_canceled(
+                run,
+                message="interrupted by the platform's last stop; marked canceled by `churn up`",
+            )
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+            reaped.append(f"{run.job_name} run {run.run_id[:8]} ({run.status.value})")
+    return reaped
+
+
+# -- demo data -------------------------------------------------------------------------------------
+
+
+def simulation_config(settings: Settings, **overrides: Any):
+    """The simulator's configuration: ``simulator.*`` with non-None ``overrides`` applied."""
+    from churn_assets.simulator import SimulationConfig
+
+    values = settings.simulator.model_dump() | {k: v for k, v in overrides.items() if v is not None}
+    return SimulationConfig(**values)
+
+
+def produce_demo(settings: Settings, config: Any, *, rate: float = 0.0):
+    """Produce one simulation to the broker with a progress bar; returns its summary."""
+    from churn_assets.kafka import ensure_topics, make_producer
+    from churn_assets.simulator import Simulator, produce_simulation
+
+    ensure_topics(settings)
+    producer = make_producer(settings)
+    started = time.monotonic()
+    with click.progressbar(length=config.days, label="simulating days", file=sys.stderr) as bar:
+        summary = produce_simulation(
+            producer, Simulator(config), rate=rate, on_day=lambda _d, _n: bar.update(1)
+        )
+    elapsed = time.monotonic() - started
+    total = summary.customer_events + summary.feedback_events
+    click.echo(
+        f"produced {summary.customer_events} customer events and {summary.feedback_events} "
+        f"outcomes ({summary.churned} churned) in {elapsed:.1f}s "
+        f"({total / elapsed:,.0f} events/s); "
+        f"scenario={config.scenario}; best achievable 30-day AUC={summary.best_auc_30d:.3f}"
+    )
+    return summary
+
+
+@dataclass(frozen=True)
+class SimulationRecord:
+    """What ``simulation.json`` (in the data directory) says a landed simulation was."""
+
+    config: dict[str, Any]
+    id_prefix: str
+    customer_events: int
+    feedback_events: int
+    landed_at: str
+
+
+def _config_record(config: Any) -> dict[str, Any]:
+    record = asdict(config)
+    record["start_date"] = config.start_date.isoformat()
+    return record
+
+
+def _read_simulation_record(settings: Settings) -> SimulationRecord | None:
+    path = settings.data_dir / SIMULATION_MARKER
+    if not path.is_file():
+        return None
+    try:
+        return SimulationRecord(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise click.ClickException(
+            f"{path} is corrupt ({exc}); delete it and `churn up` produces the simulation again "
+            "(landing skips every message already landed)"
+        ) from None
+
+
+def _write_simulation_record(settings: Settings, config: Any, summary: Any) -> None:
+    path = settings.data_dir / SIMULATION_MARKER
+    record = SimulationRecord(
+        config=_config_record(config),
+        id_prefix=config.id_prefix,
+        customer_events=summary.customer_events,
+        feedback_events=summary.feedback_events,
+        landed_at=datetime.now(UTC).isoformat(),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(asdict(record), indent=1))
+    os.replace(tmp, path)
+
+
+def _landed_ids(settings: Settings, table: str, prefix: str) -> int:
+    """Distinct landed message ids starting with ``prefix``, from the table's read model."""
+    import duckdb
+
+    from churn_assets.warehouse import read_model_path
+
+    path = read_model_path(settings.read_models_dir, table)
+    if not path.is_file():
+        return 0
+    con = duckdb.connect()
+    try:
+        rows = con.execute(
+            "SELECT count(DISTINCT event_id) FROM read_parquet(?) WHERE starts_with(event_id, ?)",
+            [str(path), prefix],
+        ).fetchall()
+    finally:
+        con.close()
+    return int(rows[0][0])
+
+
+def simulation_landed(settings: Settings, config: Any) -> str | None:
+    """Why the warehouse already holds this simulation (a one-line summary), or None."""
+    record = _read_simulation_record(settings)
+    if record is None or record.config != _config_record(config):
+        return None
+    events = _landed_ids(settings, "landed_customer_events", f"ev-{record.id_prefix}")
+    outcomes = _landed_ids(settings, "landed_feedback", f"fb-{record.id_prefix}")
+    if events < record.customer_events or outcomes < record.feedback_events:
+        return None
+    return (
+        f"{record.customer_events:,} events and {record.feedback_events:,} outcomes of seed "
+        f"{config.seed} ({config.customers:,} customers, {config.days} days, scenario "
+        f"{config.scenario}), landed {record.landed_at[:19]}"
+    )
+
+
+# -- training --------------------------------------------------------------------------------------
+
+
+def training_skip_reason(settings: Settings) -> str | None:
+    """Why start-up training would redo finished work or be refused, or None to train."""
+    from churn_assets.candidate import landed_data_fingerprint
+    from churn_assets.registry import ModelRegistry
+    from churn_assets.rollout_control import read_rollout_state, rollout_in_progress
+    from churn_assets.training import TrainingError
+    from churn_assets.warehouse import ReadModelMissing
+
+    rolling = rollout_in_progress(settings)
+    if rolling is not None:
+        state = read_rollout_state(settings.read_models_dir)
+        if state is not None and state.get("challenger") == rolling:
+            how = f"in progress (phase {state['phase']})"
+        else:
+            how = "pending (registered as challenger, no rollout decision yet)"
+        return (
+            f"a rollout of {rolling} is {how}; it continues once Dagster runs "
+            "(`churn rollout status`), and a new challenger would replace the one being judged"
+        )
+    registry = ModelRegistry(settings.registry_dir)
+    versions = registry.versions()
+    if not versions:
+        return None
+    try:
+        fingerprint = landed_data_fingerprint(settings)
+    except (ReadModelMissing, TrainingError):
+        return None  # training itself reports what is missing
+    aliases = {version: alias for alias, version in registry.aliases().items()}
+    for version in reversed(versions):
+        if version.metadata.get("data_fingerprint") == fingerprint:
+            role = f" ({aliases[version.version]})" if version.version in aliases else ""
+            return (
+                f"{version.version}{role} was trained on exactly this data (fingerprint "
+                f"{fingerprint[:12]}); `churn retrain` trains again on purpose"
+            )
+    return None
+
+
+# -- child processes -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _stop_signals_raise() -> Iterator[None]:
+    """Ctrl-C and SIGTERM raise :class:`StopRequested` in the main thread while inside."""
+
+    def _raise(signum: int, _frame: Any) -> None:
+        _ignore_stop_signals()
+        name = signal.Signals(signum).name
+        click.echo(f"{name} received: stopping what this command started")
+        raise StopRequested(name)
+
+    previous = {sig: signal.signal(sig, _raise) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _ignore_stop_signals() -> None:
+    """Once stopping has begun, a second Ctrl-C must not cut the clean-up short."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    # Its own session: a terminal's Ctrl-C reaches only `churn up`, which stops children in order.
+    return subprocess.Popen(command, env=env, cwd=REPO_ROOT, start_new_session=True)
+
+
+def _group_alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_children(
+    children: list[subprocess.Popen[bytes]],
+    *,
+    sig: int = signal.SIGTERM,
+    grace_s: float = STOP_GRACE_S,
+) -> None:
+    """Signal every child's process group at once, wait up to ``grace_s`` for all of them, then
+    SIGKILL what is left (a leader can exit while its own children still shut down)."""
+    for child in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, sig)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        for child in children:
+            child.poll()
+        if not any(_group_alive(child.pid) for child in children):
+            break
+        time.sleep(0.1)
+    for child in children:
+        if _group_alive(child.pid):
+            click.echo(
+                f"{' '.join(map(str, child.args[:3]))} (pid {child.pid}) did not stop within "
+                f"{grace_s:.0f}s; killed"
+            )
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=5)
+
+
+def _run_dagster(command: list[str], env: dict[str, str]) -> int:
+    """A Dagster CLI run in the foreground; a stop request cancels it (SIGINT, which Dagster
+    records as a cancelled run) before it propagates."""
+    process = _spawn(command, env)
+    try:
+        return process.wait()
+    except StopRequested:
+        _ignore_stop_signals()
+        stop_children([process], sig=signal.SIGINT)
+        raise
+
+
+# -- readiness -------------------------------------------------------------------------------------
+
+
+def _http_ok(url: str, *, data: bytes | None = None, timeout_s: float = 3.0) -> bytes | None:
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    request = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.read() if response.status == 200 else None
+    except (OSError, urllib.error.HTTPError, ValueError):
+        return None
+
+
+def _dagster_loaded(base: str) -> bool:
+    """The webserver answers and every code location in its workspace has loaded."""
+    query = json.dumps(
+        {"query": "{ workspaceOrError { ... on Workspace { locationEntries { loadStatus } } } }"}
+    ).encode()
+    body = _http_ok(f"{base}/graphql", data=query)
+    if body is None:
+        return False
+    try:
+        entries = json.loads(body)["data"]["workspaceOrError"]["locationEntries"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return bool(entries) and all(entry["loadStatus"] == "LOADED" for entry in entries)
+
+
+@dataclass
+class Service:
+    step: int
+    name: str
+    process: subprocess.Popen[bytes]
+    probe: Callable[[], bool]
+    announce: str
+
+
+def _await_ready(service: Service, others: list[Service]) -> None:
+    """Block until ``service`` answers; a child that exits or a timeout is an error."""
+    deadline = time.monotonic() + READY_TIMEOUT_S[service.name]
+    while not service.probe():
+        for candidate in (service, *others):
+            code = candidate.process.poll()
+            if code is not None:
+                raise click.ClickException(
+                    f"{candidate.name} exited with code {code} before it was ready; its log is "
+                    "above; stopping the platform"
+                )
+        if time.monotonic() > deadline:
+            raise click.ClickException(
+                f"{service.name} did not answer within {READY_TIMEOUT_S[service.name]:.0f}s "
+                "(its log is above); stopping the platform"
+            )
+        time.sleep(0.5)
+    _step(service.step, service.announce)
+
+
+def _wait_until_stopped_or_exit(services: list[Service]) -> None:
+    """Block until a stop request, or until a service exits on its own (an error)."""
+    while True:
+        for service in services:
+            code = service.process.poll()
+            if code is not None:
+                raise click.ClickException(
+                    f"{service.name} exited with code {code}; its log is above; stopping the "
+                    "platform"
+                )
+        time.sleep(0.5)
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+
+@click.command()
+@click.option(
+    "--simulate/--no-simulate",
+    default=True,
+    show_default=True,
+    help="Produce the simulator's demo data, unless the warehouse already holds it.",
+)
+@click.option(
+    "--train/--no-train",
+    default=True,
+    show_default=True,
+    help="Train, gate and register a model after landing (Dagster training_job), unless a "
+    "registered version was trained on the same data or a rollout is pending or in progress.",
+)
+@click.option(
+    "--serve/--no-serve",
+    default=True,
+    show_default=True,
+    help="Then run serving (when the registry has a champion), Dagster (UI and daemon) and the "
+    "dashboard until Ctrl-C (off: land, train and exit, leaving the broker running).",
+)
+@click.pass_context
+def up(ctx: click.Context, simulate: bool, train: bool, serve: bool) -> None:
+    """Run the platform on its embedded defaults: broker, topics, demo data, landing, a trained
+    and registered model, then serving, Dagster (UI and daemon) and the Panel dashboard.
+
+    Safe to run again on the same data: finished work (the simulation, a model trained on the
+    same data) is skipped with the reason, and serving starts from the registry's champion and
+    challenger, so a rollout in progress continues. Each service's URL is printed once it
+    answers, then a final "ready" line. Ctrl-C or SIGTERM stops everything this command
+    started, the broker included. With --no-serve the command lands (and trains) and exits,
+    leaving the broker running (`churn broker stop` ends it).
+    """
+    ctx.obj["started"] = time.monotonic()
+    settings = settings_of(ctx)
+    started_broker = False
+    keep_broker = False
+    try:
+        with _stop_signals_raise():
+            if settings.kafka.uses_embedded_broker:
+                from churn_assets.broker import BrokerError, read_state
+
+                started_broker = read_state(settings.run_dir) is None
+                try:
+                    state = embedded_broker(settings).start()
+                except BrokerError as exc:
+                    raise fail(exc) from None
+                _step(1, f"broker ready on {state.bootstrap_servers}")
+            else:
+                _step(1, f"external broker {settings.kafka.bootstrap_servers}")
+            _run_platform(ctx, settings, simulate=simulate, train=train, serve=serve)
+            keep_broker = not serve
+    except StopRequested:
+        stopped_by_request = True
+    else:
+        stopped_by_request = False
+    finally:
+        _ignore_stop_signals()
+        if started_broker and not keep_broker:
+            embedded_broker(settings).stop()
+            click.echo("broker stopped")
+    if stopped_by_request:
+        click.echo("stopped")
+        if not ctx.obj.get("ready"):
+            ctx.exit(130)  # interrupted before the platform was ready
+
+
+def _run_platform(
+    ctx: click.Context, settings: Settings, *, simulate: bool, train: bool, serve: bool
+) -> None:
+    root = ctx.find_root().command
+    assert isinstance(root, click.Group)
+    ctx.invoke(root.commands["topics"].commands["create"])  # type: ignore[attr-defined]
+    _step(2, "topics ready")
+    produced = None
+    config = simulation_config(settings)
+    if not simulate:
+        _step(3, "simulation skipped (--no-simulate)")
+    elif (held := simulation_landed(settings, config)) is not None:
+        _step(3, f"simulation skipped: the warehouse already holds it ({held})")
+    else:
+        _step(3, f"simulating {config.customers:,} customers over {config.days} days")
+        produced = produce_demo(settings, config)
+    env = dagster_env(settings, ctx.obj["config_path"])
+    if not env.get("CHURN_ADMIN_TOKEN"):
+        # The closed loop (rollout_decision -> serving admin API) needs a shared admin token;
+        # without one from the environment, the children share a random one for this session.
+        env["CHURN_ADMIN_TOKEN"] = secrets.token_urlsafe(32)
+        click.echo(
+            "CHURN_ADMIN_TOKEN is not set: serving, Dagster and the dashboard share a random "
+            "admin token for this session (set it yourself to call the admin API directly)"
+        )
+    dagster_bin = str(Path(sys.executable).with_name("dagster"))
+    for run in reap_interrupted_runs(settings):
+        click.echo(f"marked {run}, interrupted by the last stop, as canceled")
+    _step(4, "landing the data topics through Dagster")
+    code = _run_dagster(
+        [dagster_bin, "asset", "materialize", "-m", "churn_assets.definitions"]
+        + ["--select", "group:landing"],
+        env,
+    )
+    if code != 0:
+        raise click.ClickException(
+            f"the Dagster landing run failed (exit code {code}); its error is in the log above. "
+            "Nothing landed in a failed batch is lost: `churn up` again resumes from the stored "
+            "offsets (`churn status` shows them)"
+        )
+    if produced is not None:
+        _write_simulation_record(settings, config, produced)
+    ctx.invoke(root.commands["status"])
+    _train(ctx, settings, env, dagster_bin, train=train)
+    if not serve:
+        return
+    _serve(ctx, settings, env, dagster_bin)
+
+
+def _train(
+    ctx: click.Context, settings: Settings, env: dict[str, str], dagster_bin: str, *, train: bool
+) -> None:
+    from churn_assets.registry import ModelRegistry
+
+    root = ctx.find_root().command
+    models_list = root.commands["models"].commands["list"]  # type: ignore[attr-defined]
+    skip = "--no-train" if not train else training_skip_reason(settings)
+    if skip is not None:
+        _step(5, f"training skipped: {skip}")
+        ctx.invoke(models_list)
+        return
+    _step(5, "training, gating and registering a model (Dagster training_job)")
+    code = _run_dagster(
+        [dagster_bin, "job", "execute", "-m", "churn_assets.definitions", "-j", "training_job"],
+        env,
+    )
+    champion = ModelRegistry(settings.registry_dir).aliases().get("champion")
+    if code != 0:
+        cause = (
+            f"the Dagster training run failed (exit code {code}): the failed step and its error "
+            "(a blocked quality gate names the gate and the figure) are in the log above"
+        )
+        if champion is None:
+            raise click.ClickException(
+                f"{cause}. No model is registered, so there is nothing to serve; fix the cause "
+                "(e.g. land more data: `churn simulate`, `churn land`), then run `churn up` again"
+            )
+        click.echo(f"WARNING: {cause}; serving continues with the registered champion {champion}")
+    ctx.invoke(models_list)
+
+
+def _serve(ctx: click.Context, settings: Settings, env: dict[str, str], dagster_bin: str) -> None:
+    from churn_assets.registry import ModelRegistry
+    from churn_assets.rollout_control import serving_url
+    from dashboards.serve import panel_command
+
+    cli = [sys.executable, "-m", "churn_assets.cli", *_config_args(ctx)]
+    champion = ModelRegistry(settings.registry_dir).aliases().get("champion")
+    services: list[Service] = []
+    try:
+        if champion is None:
+            _step(6, "serving skipped: the registry has no champion (train one: `churn up`)")
+        else:
+            base = serving_url(settings)
+            services.append(
+                Service(
+                    6,
+                    "serving",
+                    _spawn([*cli, "serve"], env),
+                    lambda: _http_ok(f"{base}/v2/health/ready") is not None,
+                    f"serving ready: {base} (REST, /docs) and "
+                    f"{settings.serving.host}:{settings.serving.grpc_port} (gRPC)",
+                )
+            )
+        port = settings.dagster.webserver_port
+        dagster_url = f"http://127.0.0.1:{port}"
+        services.append(
+            Service(
+                7,
+                "dagster",
+                _spawn(
+                    [dagster_bin, "dev", "-w", str(REPO_ROOT / "workspace.yaml")]
+                    + ["-h", "127.0.0.1", "-p", str(port)],
+                    env,
+                ),
+                lambda: _dagster_loaded(dagster_url),
+                f"Dagster UI and daemon ready: {dagster_url} (sensors land, monitor, retrain "
+                "and roll out)",
+            )
+        )
+        dashboard_url = f"http://127.0.0.1:{settings.dashboard.port}"
+        services.append(
+            Service(
+                8,
+                "dashboard",
+                _spawn(panel_command(settings.dashboard.port), env),
+                lambda: _http_ok(f"{dashboard_url}/liveness") is not None,
+                f"dashboard ready: {dashboard_url}/app",
+            )
+        )
+        for service in services:
+            _await_ready(service, services)
+        urls = [
+            *([f"serving {serving_url(settings)}"] if champion else []),
+            f"Dagster {dagster_url}",
+            f"dashboard {dashboard_url}/app",
+        ]
+        elapsed = time.monotonic() - ctx.obj["started"]
+        click.echo(f"ready in {elapsed:.0f}s: {', '.join(urls)} (Ctrl-C stops the platform)")
+        ctx.obj["ready"] = True
+        _wait_until_stopped_or_exit(services)
+    finally:
+        _ignore_stop_signals()
+        if services:
+            click.echo("stopping serving, Dagster and the dashboard")
+            stop_children([service.process for service in services])
+
+
+def _config_args(ctx: click.Context) -> list[str]:
+    path = ctx.obj["config_path"]
+    return ["--config", str(Path(path).resolve())] if path is not None else []
