@@ -24,7 +24,15 @@ from churn_assets.registry import ModelRegistry, RegistryError
 from churn_assets.schemas import FEATURE_NAMES, CustomerFeatures, PredictionEvent
 from serving.errors import InvalidInput, NotFound, ServingError, Unavailable
 from serving.metrics import ServingMetrics
-from serving.router import RouterError, RouterState, RouterStore, promote, rollback, route
+from serving.router import (
+    RouterError,
+    RouterState,
+    RouterStore,
+    promote,
+    reconcile,
+    rollback,
+    route,
+)
 
 __all__ = [
     "MAX_BATCH",
@@ -141,11 +149,7 @@ class ServingPlane:
     def _initial_state(self) -> RouterState:
         stored = self.store.load()
         if stored is not None:
-            log.info("router state restored: %s", stored)
-            for version in (stored.champion, stored.challenger):
-                if version:
-                    self._get(version)
-            return stored
+            return self._restored_state(stored)
         aliases = self.registry.aliases()
         champion = aliases.get("champion")
         if champion is None:
@@ -164,6 +168,41 @@ class ServingPlane:
             if version:
                 self._get(version)
         return self.store.save(state, action="init", actor="system", detail={})
+
+    def _restored_state(self, stored: RouterState) -> RouterState:
+        """The stored state, reconciled with the registry's aliases (see :func:`reconcile`): a
+        rollout resumes where it was unless the registry moved on while serving was down."""
+        aliases = self.registry.aliases()
+        state, changes = reconcile(stored, aliases.get("champion"), aliases.get("challenger"))
+        if "champion" not in aliases:
+            log.warning("the registry has no champion alias; serving the stored router state")
+        for version in (state.champion, state.challenger):
+            if version:
+                self._get(version)
+        if not changes:
+            log.info("router state restored: %s", stored)
+            return stored
+        log.info(
+            "router state restored and reconciled with the registry aliases: %s; now %s",
+            "; ".join(changes),
+            state,
+        )
+        return self.store.save(
+            state,
+            action="reconcile",
+            actor="system",
+            detail={
+                "changes": list(changes),
+                "registry": {alias: aliases.get(alias) for alias in ("champion", "challenger")},
+                "stored": {
+                    "strategy": stored.strategy,
+                    "champion": stored.champion,
+                    "challenger": stored.challenger,
+                    "canary_weight": stored.canary_weight,
+                    "previous_champions": list(stored.previous_champions),
+                },
+            },
+        )
 
     def _get(self, version: str) -> _Loaded:
         with self._lock:

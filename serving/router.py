@@ -29,6 +29,7 @@ __all__ = [
     "RouterStore",
     "route",
     "bucket",
+    "reconcile",
 ]
 
 Strategy = Literal["shadow", "canary", "blue_green"]
@@ -166,6 +167,61 @@ def rollback(state: RouterState) -> RouterState:
             strategy="shadow" if state.strategy == "canary" else state.strategy,
         )
     raise RouterError("there is no previous champion to roll back to and no canary to stop")
+
+
+def reconcile(
+    state: RouterState, champion: str | None, challenger: str | None
+) -> tuple[RouterState, tuple[str, ...]]:
+    """``state`` (restored at start-up) brought in line with the registry's aliases, and what
+    changed, one phrase per change; no changes means ``state`` is served exactly as stored.
+
+    The registry says which versions serve (its aliases move while serving is down: a training
+    run registers a challenger, ``churn models promote`` / ``rollback`` move the champion); the
+    router state says how traffic is split. So:
+
+    * A different registry champion wins. If it is one of ``previous_champions``, the registry
+      rolled back to it: the champions after it are dropped from the history, as the router's
+      own rollback pops them. Otherwise it was promoted: the stored champion is kept on
+      ``previous_champions`` for a rollback, as the router's promote records it.
+    * A challenger that is new, different or serving under a new champion is served in shadow
+      with no canary weight: it gets no traffic until the rollout's next decision starts it.
+    * A challenger whose alias is gone is dropped, and with it any canary weight.
+    * Without a registry champion there is nothing to reconcile against: the state stands.
+    """
+    if champion is None:
+        return state, ()
+    changes: list[str] = []
+    reconciled = state
+    if champion != state.champion:
+        history = state.previous_champions
+        if champion in history:
+            kept = history[: len(history) - 1 - history[::-1].index(champion)]
+            reconciled = replace(reconciled, champion=champion, previous_champions=kept)
+            changes.append(f"champion {state.champion} -> {champion} (rolled back in the registry)")
+        else:
+            reconciled = replace(
+                reconciled, champion=champion, previous_champions=(*history, state.champion)
+            )
+            changes.append(
+                f"champion {state.champion} -> {champion} (promoted in the registry; "
+                f"{state.champion} kept for rollback)"
+            )
+    wanted = None if challenger == champion else challenger
+    if wanted is None and state.challenger is not None:
+        if state.challenger != champion:
+            changes.append(f"challenger {state.challenger} dropped (no challenger alias)")
+        reconciled = replace(reconciled, challenger=None)
+        if reconciled.strategy == "canary":
+            reconciled = replace(reconciled, strategy="shadow", canary_weight=0.0)
+    elif wanted is not None and (wanted != state.challenger or champion != state.champion):
+        reconciled = replace(reconciled, challenger=wanted, strategy="shadow", canary_weight=0.0)
+        changes.append(
+            f"challenger {wanted} served in shadow, no traffic (was {state.challenger or 'none'})"
+        )
+    if reconciled.strategy != state.strategy:
+        weight = f" at {state.canary_weight:g}" if state.strategy == "canary" else ""
+        changes.append(f"strategy {state.strategy}{weight} -> {reconciled.strategy}")
+    return reconciled.validate(), tuple(changes)
 
 
 __all__ += ["promote", "rollback"]

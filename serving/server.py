@@ -2,15 +2,21 @@
 convenience endpoints, Prometheus metrics and OpenAPI docs on the same REST port.
 
 ``create_server(settings)`` builds everything without starting it; ``run(settings)`` serves until
-SIGINT/SIGTERM. Model repository load/unload is off on REST and needs the admin token on gRPC.
+SIGINT/SIGTERM/SIGQUIT, then stops gracefully and releases everything it made (Kafka producers,
+threads, the anchors worker, MLServer's temporary model repository folder) on every exit path.
+Model repository load/unload is off on REST and needs the admin token on gRPC.
 """
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import os
+import signal
+import socket
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,6 +25,7 @@ import mlserver.grpc.utils as mlserver_grpc_utils
 from fastapi.exceptions import RequestValidationError
 from mlserver import MLServer
 from mlserver.grpc.model_repository import ModelRepositoryServicer
+from mlserver.server import HANDLED_SIGNALS as MLSERVER_SIGNALS
 from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.settings import Settings as MLServerSettings
 
@@ -34,6 +41,7 @@ __all__ = ["ADMIN_TOKEN_ENV", "ServingProcess", "create_server", "run"]
 
 log = logging.getLogger(__name__)
 ADMIN_TOKEN_ENV = "CHURN_ADMIN_TOKEN"
+CLOSE_FLUSH_S = 2.0
 
 # Field-level validation errors are HTTP 422; MLServer maps 422 to gRPC FAILED_PRECONDITION,
 # but for bad input the right gRPC code is INVALID_ARGUMENT.
@@ -69,16 +77,46 @@ def _guarded_repository_servicer(token: str | None) -> type[ModelRepositoryServi
 
 @dataclass
 class ServingProcess:
+    """One serving process, built and not started: :meth:`serve` runs it until it stops,
+    :meth:`close` releases everything :func:`create_server` made (call it on every exit path)."""
+
     server: MLServer
     plane: ServingPlane
     models: list[ModelSettings]
+    repository_root: Path
+    listening: asyncio.Event
+    resources: contextlib.ExitStack = field(repr=False)
 
-    async def serve(self) -> None:
-        await self.server.start(self.models)
+    async def serve(self, stop: asyncio.Event | None = None) -> None:
+        """Serve until MLServer stops, or until ``stop`` is set: then stop it once, gracefully
+        (in-flight requests finish; gRPC gets MLServer's 5 s grace)."""
+        serving = asyncio.ensure_future(self.server.start(self.models))
+        if stop is None:
+            await serving
+            return
+        stopper = asyncio.ensure_future(self._stop_when(stop))
+        try:
+            await serving
+        finally:
+            stopper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stopper
+
+    async def _stop_when(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        # MLServer.stop needs the REST and gRPC servers to exist: they are built when serving
+        # starts, before the REST app's start-up event, so a stop asked for during start-up
+        # waits for it.
+        await self.listening.wait()
+        # SIGTERM whatever the signal was: uvicorn has already seen the signal itself, and a
+        # second SIGINT would make it force its exit instead of letting requests finish.
+        await self.server.stop(sig=signal.SIGTERM)
 
     def close(self) -> None:
-        self.plane.close()
-        install_plane(None)
+        """Close the feedback producer (bounded flush), remove MLServer's model repository
+        folder, uninstall the plane and close it (shadow pool, anchors worker, Kafka mirror).
+        Idempotent."""
+        self.resources.close()
 
 
 def _model_settings(plane: ServingPlane) -> list[ModelSettings]:
@@ -99,45 +137,73 @@ def _model_settings(plane: ServingPlane) -> list[ModelSettings]:
 
 
 def create_server(settings: Settings, *, with_mirror: bool = True) -> ServingProcess:
-    """MLServer with our runtimes and endpoints, wired to one plane; nothing started yet."""
-    metrics = ServingMetrics()
-    mirror = PredictionMirror(settings, metrics) if with_mirror else None
-    plane = ServingPlane(settings, metrics=metrics, mirror=mirror)
-    install_plane(plane)
-    token = os.environ.get(ADMIN_TOKEN_ENV) or None
-    if token is None:
-        log.warning("%s is not set: admin endpoints will refuse every call", ADMIN_TOKEN_ENV)
+    """MLServer with our runtimes and endpoints, wired to one plane; nothing started yet.
 
-    repository_root = tempfile.mkdtemp(prefix="churn-serving-")
-    mlserver_settings = MLServerSettings(
-        host=settings.serving.host,
-        http_port=settings.serving.http_port,
-        grpc_port=settings.serving.grpc_port,
-        parallel_workers=0,
-        metrics_endpoint=None,
-        debug=False,
-        load_models_at_startup=False,
-        model_repository_root=repository_root,
-    )
-    mlserver_grpc_server.ModelRepositoryServicer = _guarded_repository_servicer(token)
-    server = MLServer(mlserver_settings)
-    app = server._rest_server._app  # MLServer 1.7 keeps its FastAPI app here (pinned version)
-    app.router.routes = [
-        route
-        for route in app.router.routes
-        if not getattr(route, "path", "").startswith("/v2/repository")
-    ]
-    feedback_producer = _feedback_producer(settings)
-    app.include_router(create_router(plane, token, feedback_producer))
-    app.add_exception_handler(ServingError, serving_error_handler)
-    app.add_exception_handler(RequestValidationError, validation_error_handler)
-    app.title = "churn-platform serving"
-    app.description = (
-        "Open Inference (V2) protocol for `churn-router`, `churn` (per version) and "
-        "`churn-explainer`, plus the product's endpoints. Admin endpoints need "
-        "`Authorization: Bearer $CHURN_ADMIN_TOKEN`."
-    )
-    return ServingProcess(server=server, plane=plane, models=_model_settings(plane))
+    Call it inside the running event loop that will serve: MLServer installs its signal
+    handlers on that loop (:func:`run` replaces them). Whatever fails here releases what was
+    already made; afterwards :meth:`ServingProcess.close` does.
+    """
+    resources = contextlib.ExitStack()
+    try:
+        metrics = ServingMetrics()
+        mirror = PredictionMirror(settings, metrics) if with_mirror else None
+        if mirror is not None:
+            resources.callback(mirror.close)
+        plane = ServingPlane(settings, metrics=metrics, mirror=mirror)
+        resources.callback(plane.close)
+        install_plane(plane)
+        resources.callback(install_plane, None)
+        token = os.environ.get(ADMIN_TOKEN_ENV) or None
+        if token is None:
+            log.warning("%s is not set: admin endpoints will refuse every call", ADMIN_TOKEN_ENV)
+
+        # Our models are loaded from ModelSettings at start; MLServer's repository (reached only
+        # through the guarded gRPC API) gets an empty private folder, removed on close.
+        repository = tempfile.TemporaryDirectory(prefix="churn-serving-")
+        resources.callback(repository.cleanup)
+        mlserver_settings = MLServerSettings(
+            host=settings.serving.host,
+            http_port=settings.serving.http_port,
+            grpc_port=settings.serving.grpc_port,
+            parallel_workers=0,
+            metrics_endpoint=None,
+            debug=False,
+            load_models_at_startup=False,
+            model_repository_root=repository.name,
+        )
+        mlserver_grpc_server.ModelRepositoryServicer = _guarded_repository_servicer(token)
+        server = MLServer(mlserver_settings)
+        app = server._rest_server._app  # MLServer 1.7 keeps its FastAPI app here (pinned version)
+        app.router.routes = [
+            route
+            for route in app.router.routes
+            if not getattr(route, "path", "").startswith("/v2/repository")
+        ]
+        feedback_producer = _feedback_producer(settings)
+        if feedback_producer is not None:
+            resources.callback(_close_producer, feedback_producer, "feedback")
+        app.include_router(create_router(plane, token, feedback_producer))
+        app.add_exception_handler(ServingError, serving_error_handler)
+        app.add_exception_handler(RequestValidationError, validation_error_handler)
+        app.title = "churn-platform serving"
+        app.description = (
+            "Open Inference (V2) protocol for `churn-router`, `churn` (per version) and "
+            "`churn-explainer`, plus the product's endpoints. Admin endpoints need "
+            "`Authorization: Bearer $CHURN_ADMIN_TOKEN`."
+        )
+        listening = asyncio.Event()
+        app.add_event_handler("startup", listening.set)
+        return ServingProcess(
+            server=server,
+            plane=plane,
+            models=_model_settings(plane),
+            repository_root=Path(repository.name),
+            listening=listening,
+            resources=resources.pop_all(),
+        )
+    except BaseException:
+        resources.close()
+        raise
 
 
 def _feedback_producer(settings: Settings) -> Any:
@@ -151,13 +217,74 @@ def _feedback_producer(settings: Settings) -> Any:
         return None
 
 
-def run(settings: Settings) -> None:
-    """Serve until SIGINT/SIGTERM."""
+def _close_producer(producer: Any, name: str) -> None:
+    """Flush for at most ``CLOSE_FLUSH_S``, then purge and close: a stop never hangs on Kafka.
 
-    async def main() -> None:
-        # MLServer installs its signal handlers on the loop that is current when it is built,
-        # so it must be built inside the running loop.
-        process = create_server(settings)
+    Whatever is still queued belongs to requests already answered 503 ("retry"), so dropping it
+    loses nothing a caller was told was accepted, and delivering it late could duplicate the
+    caller's retry.
+    """
+    remaining = producer.flush(CLOSE_FLUSH_S)
+    if remaining:
+        log.warning("%s producer: %d undelivered events dropped at stop", name, remaining)
+        producer.purge(in_queue=True, in_flight=True, blocking=False)
+        producer.flush(CLOSE_FLUSH_S)
+    producer.close()
+
+
+def _check_ports_free(settings: Settings) -> None:
+    """Fail with a one-line message when a port is taken: uvicorn would exit the whole process
+    from inside the event loop (no clean-up), and gRPC would share a port with SO_REUSEPORT."""
+    host = settings.serving.host
+    for key, port in (
+        ("serving.http_port", settings.serving.http_port),
+        ("serving.grpc_port", settings.serving.grpc_port),
+    ):
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise ServingError(
+                    f"{key} {port} on {host} is not free ({exc.strerror}): stop what listens "
+                    "there or choose another port (--http-port / --grpc-port)",
+                    503,
+                ) from None
+
+
+class _StopSignals:
+    """SIGINT, SIGTERM and SIGQUIT ask the serving process to stop, once.
+
+    MLServer's own handlers start a new ``MLServer.stop`` for every signal they see, uvicorn
+    raises each signal it captured again once it has stopped, and a signal that arrives while
+    the servers are still being built makes MLServer's stop fail. These handlers only set
+    ``requested``; :meth:`ServingProcess.serve` stops the server once it is listening.
+    """
+
+    def __init__(self) -> None:
+        self.requested = asyncio.Event()
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in MLSERVER_SIGNALS:
+            loop.add_signal_handler(sig, self._received, sig)
+
+    def _received(self, sig: int) -> None:
+        if not self.requested.is_set():
+            log.info("%s received: stopping", signal.Signals(sig).name)
+            self.requested.set()
+
+
+async def _serve(settings: Settings) -> None:
+    stop = _StopSignals()
+    stop.install()
+    _check_ports_free(settings)
+    process = create_server(settings)
+    try:
+        stop.install()  # MLServer(...) put its own handlers on the loop: take them back
         log.info(
             "serving on http://%s:%d (REST) and %s:%d (gRPC)",
             settings.serving.host,
@@ -165,9 +292,14 @@ def run(settings: Settings) -> None:
             settings.serving.host,
             settings.serving.grpc_port,
         )
-        try:
-            await process.serve()
-        finally:
-            process.close()
+        await process.serve(stop.requested)
+    finally:
+        process.close()
+    if not stop.requested.is_set():
+        raise ServingError("serving stopped by itself; the log above says why", 500)
+    log.info("serving stopped")
 
-    asyncio.run(main())
+
+def run(settings: Settings) -> None:
+    """Serve until SIGINT, SIGTERM or SIGQUIT, then stop gracefully and release everything."""
+    asyncio.run(_serve(settings))

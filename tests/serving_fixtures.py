@@ -67,12 +67,15 @@ def start_server(
     token: str | None = ADMIN_TOKEN,
     timeout_s: float = 90,
     ports: tuple[int, int] | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> RunningServer:
-    """``churn serve`` on ``ports`` (HTTP, gRPC; default: two free ones), ready to answer."""
+    """``churn serve`` on ``ports`` (HTTP, gRPC; default: two free ones), ready to answer;
+    ``extra_env`` is added to its environment (e.g. its own ``TMPDIR``)."""
     http_port, grpc_port = ports or (free_port(), free_port())
     env = {k: v for k, v in os.environ.items() if k != "CHURN_ADMIN_TOKEN"}
     if token:
         env["CHURN_ADMIN_TOKEN"] = token
+    env.update(extra_env or {})
     with log_path.open("a") as log:
         process = subprocess.Popen(
             [
