@@ -204,6 +204,11 @@ class ServingPlane:
             },
         )
 
+    def load(self, version: str) -> None:
+        """Load ``version`` now (artefacts verified) unless it is loaded already;
+        :class:`NotFound` says why it cannot be."""
+        self._get(version)
+
     def _get(self, version: str) -> _Loaded:
         with self._lock:
             loaded = self._models.get(version)

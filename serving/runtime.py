@@ -107,7 +107,7 @@ class VersionRuntime(MLModel):
     """One registered version (``parameters.version``), scored directly."""
 
     async def load(self) -> bool:
-        _plane()._get(self.version or "")
+        _plane().load(self.version or "")
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:

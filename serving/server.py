@@ -85,6 +85,7 @@ class ServingProcess:
     models: list[ModelSettings]
     repository_root: Path
     listening: asyncio.Event
+    shutting_down: asyncio.Event
     resources: contextlib.ExitStack = field(repr=False)
 
     async def serve(self, stop: asyncio.Event | None = None) -> None:
@@ -120,7 +121,12 @@ class ServingProcess:
 
 
 def _model_settings(plane: ServingPlane) -> list[ModelSettings]:
+    """The V2 models; every registered version is loaded here first, so a version that cannot
+    be loaded (a damaged artefact) fails the start with one line instead of MLServer stopping
+    itself after it began serving."""
     versions = [v.version for v in plane.registry.versions()]
+    for version in versions:
+        plane.load(version)
     models = [
         ModelSettings(name="churn-router", implementation=RouterRuntime),
         ModelSettings(name="churn-explainer", implementation=ExplainerRuntime),
@@ -191,14 +197,16 @@ def create_server(settings: Settings, *, with_mirror: bool = True) -> ServingPro
             "`churn-explainer`, plus the product's endpoints. Admin endpoints need "
             "`Authorization: Bearer $CHURN_ADMIN_TOKEN`."
         )
-        listening = asyncio.Event()
+        listening, shutting_down = asyncio.Event(), asyncio.Event()
         app.add_event_handler("startup", listening.set)
+        app.add_event_handler("shutdown", shutting_down.set)
         return ServingProcess(
             server=server,
             plane=plane,
             models=_model_settings(plane),
             repository_root=Path(repository.name),
             listening=listening,
+            shutting_down=shutting_down,
             resources=resources.pop_all(),
         )
     except BaseException:
@@ -258,24 +266,33 @@ def _check_ports_free(settings: Settings) -> None:
 class _StopSignals:
     """SIGINT, SIGTERM and SIGQUIT ask the serving process to stop, once.
 
-    MLServer's own handlers start a new ``MLServer.stop`` for every signal they see, uvicorn
-    raises each signal it captured again once it has stopped, and a signal that arrives while
-    the servers are still being built makes MLServer's stop fail. These handlers only set
-    ``requested``; :meth:`ServingProcess.serve` stops the server once it is listening.
+    MLServer's own handlers start a new ``MLServer.stop`` for every signal they see, a signal
+    that arrives while the servers are still being built makes that stop fail, and uvicorn
+    raises every signal it captured again once it has stopped, including the SIGINT that
+    MLServer's stop hands it when MLServer stops by itself. These handlers only set
+    ``requested`` (:meth:`ServingProcess.serve` stops the server once it is listening), and
+    ignore signals raised after the server began shutting down by itself.
     """
 
     def __init__(self) -> None:
         self.requested = asyncio.Event()
+        self._process: ServingProcess | None = None
 
-    def install(self) -> None:
+    def install(self, process: ServingProcess | None = None) -> None:
+        self._process = process
         loop = asyncio.get_running_loop()
         for sig in MLSERVER_SIGNALS:
             loop.add_signal_handler(sig, self._received, sig)
 
     def _received(self, sig: int) -> None:
-        if not self.requested.is_set():
-            log.info("%s received: stopping", signal.Signals(sig).name)
-            self.requested.set()
+        name = signal.Signals(sig).name
+        if self.requested.is_set():
+            return
+        if self._process is not None and self._process.shutting_down.is_set():
+            log.debug("%s while serving was already stopping by itself: ignored", name)
+            return
+        log.info("%s received: stopping", name)
+        self.requested.set()
 
 
 async def _serve(settings: Settings) -> None:
@@ -284,7 +301,7 @@ async def _serve(settings: Settings) -> None:
     _check_ports_free(settings)
     process = create_server(settings)
     try:
-        stop.install()  # MLServer(...) put its own handlers on the loop: take them back
+        stop.install(process)  # MLServer(...) put its own handlers on the loop: take them back
         log.info(
             "serving on http://%s:%d (REST) and %s:%d (gRPC)",
             settings.serving.host,
