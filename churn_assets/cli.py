@@ -220,7 +220,8 @@ def land(ctx: click.Context, topic_names: tuple[str, ...], max_messages: int | N
 @main.command()
 @click.pass_context
 def status(ctx: click.Context) -> None:
-    """Broker, topics with message counts, landed row counts and stored offsets."""
+    """Broker, topics with message counts, landed row counts, replays, dead letters and stored
+    offsets."""
     import duckdb
 
     from churn_assets.broker import read_state
@@ -252,19 +253,48 @@ def status(ctx: click.Context) -> None:
     click.echo(f"landed (published read models in {read_models}):")
     con = duckdb.connect()
     try:
-        for table in LANDING_TABLES.values():
+        # Valid messages whose own id had landed already (a re-produced message, or the same
+        # message in a restarted broker's new log), summed over the log epochs.
+        replays = read_model_path(read_models, "landing_replays")
+        replayed: dict[str, int] = {}
+        if replays.exists():
+            replayed = {
+                topic: int(count)
+                for topic, count in con.execute(
+                    "SELECT topic, sum(replayed) FROM read_parquet(?) GROUP BY topic",
+                    [str(replays)],
+                ).fetchall()
+            }
+        for topic, table in LANDING_TABLES.items():
             path = read_model_path(read_models, table)
             if path.exists():
                 rows = con.execute("SELECT count(*) FROM read_parquet(?)", [str(path)]).fetchall()[
                     0
                 ]
-                click.echo(f"  {table:24} {rows[0] if rows else 0:>9} rows")
+                click.echo(
+                    f"  {table:24} {rows[0] if rows else 0:>9} rows, "
+                    f"replayed (not inserted): {replayed.get(topic, 0)}"
+                )
             else:
                 click.echo(f"  {table:24} not landed yet")
         dlq = read_model_path(read_models, "dead_letters")
         if dlq.exists():
-            rows = con.execute("SELECT count(*) FROM read_parquet(?)", [str(dlq)]).fetchall()[0]
-            click.echo(f"  {'dead_letters':24} {rows[0] if rows else 0:>9} rows")
+            columns = {
+                d[0]
+                for d in con.execute(
+                    "SELECT * FROM read_parquet(?) LIMIT 0", [str(dlq)]
+                ).description
+            }
+            # Published before the outbox: every dead letter counts as unconfirmed.
+            unconfirmed = "published_at IS NULL" if "published_at" in columns else "true"
+            total, pending = con.execute(
+                f"SELECT count(*), count(*) FILTER (WHERE {unconfirmed}) FROM read_parquet(?)",
+                [str(dlq)],
+            ).fetchall()[0]
+            click.echo(
+                f"  {'dead_letters':24} {total:>9} rows, "
+                f"not yet confirmed on churn.dead-letter: {pending}"
+            )
         offsets = read_model_path(read_models, "landing_offsets")
         if offsets.exists():
             click.echo("last landed offsets (next offset to read):")

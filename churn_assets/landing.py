@@ -10,16 +10,28 @@ How a drain works (ARCHITECTURE.md §4):
 2. Consume in batches bounded by count and time, until every partition reports EOF (or the drain's
    time budget runs out).
 3. For each batch, check that the broker still serves the same log, then in ONE DuckDB
-   transaction: insert valid rows keyed by (epoch, topic, partition, offset) with
-   ``ON CONFLICT DO NOTHING``, insert invalid ones into ``dead_letters`` with the reason, and move
-   the epoch's ``landing_offsets`` past the batch. Commit.
-4. After the DuckDB commit: mirror dead letters to the dead-letter topic and commit the offsets to
-   the Kafka consumer group, for lag visibility only.
+   transaction: insert valid rows keyed by (epoch, topic, partition, offset), unique by their
+   message's own id (``BUSINESS_KEYS``): the batch is deduplicated by id (the lowest partition,
+   then offset, wins) and inserted with ``ON CONFLICT (<id>) DO NOTHING``, and the valid messages
+   not inserted are counted as replays in ``landing_replays``; insert invalid ones into
+   ``dead_letters`` with the reason and ``published_at`` NULL; mark the dead letters whose
+   delivery to the dead-letter topic was confirmed since the last batch as published; move the
+   epoch's ``landing_offsets`` past the batch. Commit.
+4. After the DuckDB commit: produce the batch's dead letters to the dead-letter topic (delivery
+   reports collect the confirmed ones) and commit the offsets to the Kafka consumer group, for
+   lag visibility only.
 
-A crash anywhere loses nothing and duplicates nothing: before the DuckDB commit the batch is simply
-consumed again; after it, the stored offsets skip it.
+Before draining, a run republishes its topic's dead letters that were never confirmed (any epoch);
+at the end it waits (bounded) for the outstanding deliveries, marks them and reports how many are
+still pending. So the dead-letter topic holds every dead letter at least once (after a crash, some
+twice, under the same key ``topic/partition/offset@epoch``).
+
+A crash anywhere loses nothing and duplicates nothing in the warehouse: before the DuckDB commit
+the batch is simply consumed again; after it, the stored offsets skip it. The same message in a new
+log (a restarted broker) or produced twice is a replay: counted, never a second row.
 """
 
+import functools
 import logging
 import os
 import signal
@@ -32,7 +44,14 @@ from typing import Any
 import duckdb
 import orjson
 import pyarrow as pa
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 
 from churn_assets.config import Settings
@@ -46,6 +65,7 @@ from churn_assets.schemas import (
     encode_message,
 )
 from churn_assets.warehouse import (
+    BUSINESS_KEYS,
     LANDING_TABLES,
     LEGACY_EPOCH,
     connect,
@@ -58,6 +78,7 @@ __all__ = [
     "LandingError",
     "LandingReport",
     "Lander",
+    "dead_letter_key",
     "latest_epoch",
     "publish_landing_read_models",
     "stored_offsets",
@@ -79,6 +100,11 @@ MESSAGE_ID_COLUMNS = {
 }
 # Bound on reading the few messages that decide whether legacy offsets belong to the broker's log.
 LEGACY_CHECK_TIMEOUT_S = 60.0
+# Bound on waiting, at the end of a run, for the dead-letter topic to confirm outstanding
+# deliveries; what is still unconfirmed then stays unpublished and the next run republishes it.
+DLQ_FLUSH_TIMEOUT_S = 10.0
+# Bound on waiting for room in the producer's local queue before leaving a dead letter unsent.
+DLQ_QUEUE_TIMEOUT_S = 10.0
 
 
 class LandingError(RuntimeError):
@@ -94,6 +120,18 @@ class LandingReport:
     kafka_epoch: str = ""
     rows_landed: int = 0
     dead_lettered: int = 0
+    # Valid messages not inserted because their message id had landed already (from this or an
+    # earlier log) or came earlier in the same batch.
+    replayed: int = 0
+    # ``replayed`` of every run and epoch of this topic, as stored in ``landing_replays``.
+    replayed_total: int = 0
+    # Dead letters of earlier runs whose delivery to the dead-letter topic was never confirmed,
+    # produced again at the start of this run.
+    dead_letters_republished: int = 0
+    # Dead letters whose delivery this run confirmed and marked published.
+    dead_letters_published: int = 0
+    # This topic's dead letters still unconfirmed at the end of the run (the next run retries).
+    dead_letters_pending: int = 0
     batches: int = 0
     offset_ranges: dict[int, tuple[int, int]] = field(default_factory=dict)
     reached_eof: bool = False
@@ -104,7 +142,8 @@ class LandingReport:
 
     @property
     def messages(self) -> int:
-        return self.rows_landed + self.dead_lettered
+        """Messages consumed: landed, dead-lettered or replayed."""
+        return self.rows_landed + self.dead_lettered + self.replayed
 
     def describe_ranges(self) -> str:
         return (
@@ -129,6 +168,106 @@ def latest_epoch(con: duckdb.DuckDBPyConnection, topic: str) -> str | None:
         "SELECT arg_max(kafka_epoch, updated_at) FROM landing_offsets WHERE topic = ?", [topic]
     ).fetchall()
     return rows[0][0] if rows else None
+
+
+def dead_letter_key(epoch: str, topic: str, partition: int, offset: int) -> str:
+    """The dead-letter topic's message key: one per dead letter, repeated by a republish."""
+    return f"{topic}/{partition}/{offset}@{epoch}"
+
+
+# A dead letter's identity in the warehouse: (kafka_epoch, kafka_topic, kafka_partition,
+# kafka_offset).
+_Coordinates = tuple[str, str, int, int]
+
+
+class _DeadLetterOutbox:
+    """Dead letters on their way to the dead-letter topic: an outbox in the warehouse.
+
+    The warehouse row is the record, written with ``published_at`` NULL in the batch's
+    transaction. It is produced after the commit; its delivery report (served by ``poll``) adds
+    its coordinates to ``delivered``, and ``mark_published`` records those in a later
+    transaction. A failed or missing delivery report leaves the row unpublished, so a later run
+    produces it again: at least once, never silently lost.
+    """
+
+    def __init__(self, producer: Producer) -> None:
+        self.producer = producer
+        self.delivered: list[_Coordinates] = []
+        self.failures = 0
+        self.last_error: str | None = None
+        self.unsent = 0
+
+    def _on_delivery(self, coordinates: _Coordinates, error: KafkaError | None, _message) -> None:
+        if error is None:
+            self.delivered.append(coordinates)
+        else:
+            self.failures += 1
+            self.last_error = str(error)
+
+    def send(self, row: dict[str, Any]) -> None:
+        coordinates = (
+            row["kafka_epoch"],
+            row["kafka_topic"],
+            row["kafka_partition"],
+            row["kafka_offset"],
+        )
+        letter = DeadLetter(
+            source_topic=row["kafka_topic"],
+            source_partition=row["kafka_partition"],
+            source_offset=row["kafka_offset"],
+            reason=row["reason"],
+            raw_value=row["raw_value"],
+            dead_lettered_at=row["landed_at"],
+        )
+        value = encode_message(Topics.DEAD_LETTER, letter)
+        deadline = time.monotonic() + DLQ_QUEUE_TIMEOUT_S
+        while True:
+            try:
+                self.producer.produce(
+                    Topics.DEAD_LETTER,
+                    key=dead_letter_key(*coordinates).encode(),
+                    value=value,
+                    on_delivery=functools.partial(self._on_delivery, coordinates),
+                )
+                break
+            except BufferError:
+                if time.monotonic() > deadline:
+                    self.unsent += 1  # stays unpublished; the next run sends it
+                    return
+                self.producer.poll(0.1)
+        self.producer.poll(0)
+
+    def mark_published(self, con: duckdb.DuckDBPyConnection, now: datetime) -> tuple[int, int]:
+        """Inside the caller's transaction: set ``published_at`` of the confirmed dead letters.
+
+        Returns (confirmations taken, rows marked); call ``forget(taken)`` after the commit.
+        """
+        self.producer.poll(0)
+        taken = len(self.delivered)
+        if not taken:
+            return 0, 0
+        epochs, topics, partitions, offsets = zip(*self.delivered[:taken], strict=True)
+        delivered = pa.table(  # noqa: F841 - read by DuckDB below
+            {
+                "kafka_epoch": pa.array(epochs, pa.string()),
+                "kafka_topic": pa.array(topics, pa.string()),
+                "kafka_partition": pa.array(partitions, pa.int32()),
+                "kafka_offset": pa.array(offsets, pa.int64()),
+            }
+        )
+        marked = con.execute(
+            "UPDATE dead_letters SET published_at = ? FROM delivered AS d "
+            "WHERE dead_letters.kafka_epoch = d.kafka_epoch "
+            "AND dead_letters.kafka_topic = d.kafka_topic "
+            "AND dead_letters.kafka_partition = d.kafka_partition "
+            "AND dead_letters.kafka_offset = d.kafka_offset "
+            "AND dead_letters.published_at IS NULL",
+            [now],
+        ).fetchall()[0][0]
+        return taken, int(marked)
+
+    def forget(self, taken: int) -> None:
+        del self.delivered[:taken]
 
 
 def _parse_fault(spec: str | None) -> tuple[str, int] | None:
@@ -182,7 +321,7 @@ class Lander:
             ensure_schema(con)
             positions = self._positions(con, log_now)
             consumer = make_consumer(self.settings, **{"fetch.wait.max.ms": 100})
-            dlq_producer = None
+            outbox = _DeadLetterOutbox(make_producer(self.settings, **{"linger.ms": 5}))
             try:
                 consumer.assign(
                     [
@@ -190,16 +329,88 @@ class Lander:
                         for p in partitions
                     ]
                 )
-                dlq_producer = make_producer(self.settings, **{"linger.ms": 5})
                 self._log_now, self._admin = log_now, admin
-                self._drain(con, consumer, dlq_producer, set(partitions), report, started)
+                self._republish_dead_letters(con, outbox, report)
+                self._drain(con, consumer, outbox, set(partitions), report, started)
             finally:
                 consumer.close()
-                if dlq_producer is not None:
-                    dlq_producer.flush(10)
+                self._settle_dead_letters(con, outbox, report)
+            report.replayed_total = int(
+                con.execute(
+                    "SELECT coalesce(sum(replayed), 0) FROM landing_replays WHERE topic = ?",
+                    [self.topic],
+                ).fetchall()[0][0]
+            )
             report.published = publish_landing_read_models(con, self.settings, self.topic)
         report.duration_s = time.monotonic() - started
         return report
+
+    def _republish_dead_letters(
+        self, con: duckdb.DuckDBPyConnection, outbox: _DeadLetterOutbox, report: LandingReport
+    ) -> None:
+        """Produce this topic's dead letters (any epoch) whose delivery was never confirmed."""
+        cursor = con.execute(
+            "SELECT kafka_epoch, kafka_topic, kafka_partition, kafka_offset, reason, raw_value, "
+            "landed_at FROM dead_letters WHERE kafka_topic = ? AND published_at IS NULL "
+            "ORDER BY landed_at, kafka_epoch, kafka_partition, kafka_offset",
+            [self.topic],
+        )
+        columns = [d[0] for d in cursor.description]
+        rows = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+        if not rows:
+            return
+        log.warning(
+            "%s: republishing %d dead letters whose delivery to %s was never confirmed (a crash "
+            "or an unreachable topic in an earlier run); consumers dedupe by key",
+            self.topic,
+            len(rows),
+            Topics.DEAD_LETTER,
+        )
+        for row in rows:
+            outbox.send(row)
+        report.dead_letters_republished = len(rows)
+
+    def _mark_dead_letters_published(
+        self, con: duckdb.DuckDBPyConnection, outbox: _DeadLetterOutbox, report: LandingReport
+    ) -> None:
+        """Record the confirmed deliveries in a transaction of their own."""
+        con.begin()
+        try:
+            taken, marked = outbox.mark_published(con, datetime.now(UTC))
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+        outbox.forget(taken)
+        report.dead_letters_published += marked
+
+    def _settle_dead_letters(
+        self, con: duckdb.DuckDBPyConnection, outbox: _DeadLetterOutbox, report: LandingReport
+    ) -> None:
+        """Wait (bounded) for outstanding deliveries, record them, and count what is pending."""
+        outstanding = outbox.producer.flush(DLQ_FLUSH_TIMEOUT_S)
+        self._mark_dead_letters_published(con, outbox, report)
+        report.dead_letters_pending = int(
+            con.execute(
+                "SELECT count(*) FROM dead_letters WHERE kafka_topic = ? AND published_at IS NULL",
+                [self.topic],
+            ).fetchall()[0][0]
+        )
+        if report.dead_letters_pending:
+            log.warning(
+                "%s: %d dead letters are not confirmed on %s yet (%d deliveries failed, last "
+                "error: %s; %d still in flight after %.0fs; %d not sent); they stay in the "
+                "warehouse unpublished and the next landing run of %s republishes them",
+                self.topic,
+                report.dead_letters_pending,
+                Topics.DEAD_LETTER,
+                outbox.failures,
+                outbox.last_error or "none",
+                outstanding,
+                DLQ_FLUSH_TIMEOUT_S,
+                outbox.unsent,
+                self.topic,
+            )
 
     def _positions(self, con: duckdb.DuckDBPyConnection, log_now: TopicLog) -> dict[int, int]:
         """Where to read each partition of the broker's log; opens the epoch if it is new.
@@ -357,7 +568,7 @@ class Lander:
                 "beginning"
             )
 
-    def _drain(self, con, consumer, dlq_producer, partitions: set[int], report, started) -> None:
+    def _drain(self, con, consumer, outbox, partitions: set[int], report, started) -> None:
         limits = self.settings.landing
         at_eof: set[int] = set()
         while True:
@@ -381,7 +592,7 @@ class Lander:
                     else:
                         raise LandingError(f"consuming {self.topic} failed: {error}")
             if batch:
-                self._land_batch(con, consumer, dlq_producer, batch, report)
+                self._land_batch(con, consumer, outbox, batch, report)
                 if self.on_batch is not None:
                     self.on_batch(report)
             if at_eof == partitions:
@@ -398,7 +609,7 @@ class Lander:
                 )
                 return
 
-    def _land_batch(self, con, consumer, dlq_producer, batch: list[Message], report) -> None:
+    def _land_batch(self, con, consumer, outbox, batch: list[Message], report) -> None:
         now = datetime.now(UTC)
         rows: list[dict[str, Any]] = []
         row_partitions: list[int] = []
@@ -442,8 +653,11 @@ class Lander:
 
         self._check_same_log()
         batch_number = report.batches + 1
+        inserted = 0
+        key = ", ".join(BUSINESS_KEYS[self.table])
         con.begin()
         try:
+            taken, marked = outbox.mark_published(con, now)
             if rows:
                 landed = pa.Table.from_pylist(rows)
                 landed = (
@@ -456,10 +670,24 @@ class Lander:
                     )
                 )
                 columns = ", ".join(landed.column_names)
-                con.execute(
+                # Within the batch the lowest (partition, offset) of an id wins; against the
+                # table the row landed first wins. The conflict target is the business key:
+                # DuckDB 2.0 makes a target-less ON CONFLICT over two unique indexes quadratic,
+                # and a primary-key conflict (rows past the stored offsets) must not pass quietly.
+                inserted = con.execute(
                     f"INSERT INTO {self.table} ({columns}) SELECT {columns} FROM landed "
-                    "ON CONFLICT DO NOTHING"
-                )
+                    f"QUALIFY row_number() OVER (PARTITION BY {key} "
+                    "ORDER BY kafka_partition, kafka_offset) = 1 "
+                    f"ON CONFLICT ({key}) DO NOTHING"
+                ).fetchall()[0][0]
+                if inserted < len(rows):
+                    con.execute(
+                        "INSERT INTO landing_replays (kafka_epoch, topic, replayed, updated_at) "
+                        "VALUES (?, ?, ?, ?) ON CONFLICT (kafka_epoch, topic) DO UPDATE SET "
+                        "replayed = landing_replays.replayed + excluded.replayed, "
+                        "updated_at = excluded.updated_at",
+                        [epoch, self.topic, len(rows) - inserted, now],
+                    )
             if dead:
                 dead_rows = pa.Table.from_pylist(dead)  # noqa: F841 - read by DuckDB below
                 columns = ", ".join(dead_rows.column_names)
@@ -477,16 +705,26 @@ class Lander:
             )
             self._maybe_fault("in_transaction", batch_number)
             con.commit()
+        except duckdb.ConstraintException as exc:
+            con.rollback()
+            raise LandingError(
+                f"landing a batch of {self.topic} into {self.table} broke a constraint ({exc}); "
+                "the warehouse holds rows at Kafka coordinates past its stored offsets; the batch "
+                "was not committed"
+            ) from exc
         except BaseException:
             con.rollback()
             raise
         self._maybe_fault("after_db_commit", batch_number)
 
+        outbox.forget(taken)
+        report.dead_letters_published += marked
         report.batches = batch_number
-        report.rows_landed += len(rows)
+        report.rows_landed += inserted
+        report.replayed += len(rows) - inserted
         report.dead_lettered += len(dead)
         for row in dead:
-            self._mirror_dead_letter(dlq_producer, row)
+            outbox.send(row)
         try:
             # The epoch as commit metadata lets lag readers ignore another log's offsets.
             consumer.commit(
@@ -502,24 +740,6 @@ class Lander:
             log.warning(
                 "committing %s offsets to Kafka failed (lag view only): %s", self.topic, exc
             )
-
-    def _mirror_dead_letter(self, producer, row: dict[str, Any]) -> None:
-        letter = DeadLetter(
-            source_topic=row["kafka_topic"],
-            source_partition=row["kafka_partition"],
-            source_offset=row["kafka_offset"],
-            reason=row["reason"],
-            raw_value=row["raw_value"],
-            dead_lettered_at=row["landed_at"],
-        )
-        key = (
-            f"{row['kafka_topic']}/{row['kafka_partition']}/{row['kafka_offset']}"
-            f"@{row['kafka_epoch']}"
-        ).encode()
-        producer.produce(
-            Topics.DEAD_LETTER, key=key, value=encode_message(Topics.DEAD_LETTER, letter)
-        )
-        producer.poll(0)
 
     def _maybe_fault(self, point: str, batch_number: int) -> None:
         if self._fault == (point, batch_number):
@@ -543,13 +763,19 @@ ORDER BY o.topic, o.kafka_partition
         "SELECT * FROM dead_letters "
         "ORDER BY landed_at, kafka_epoch, kafka_topic, kafka_partition, kafka_offset"
     ),
+    # Replays per topic and epoch: valid messages whose id had landed already.
+    "landing_replays": (
+        "SELECT topic, kafka_epoch, replayed, updated_at FROM landing_replays "
+        "ORDER BY topic, updated_at, kafka_epoch"
+    ),
 }
 
 
 def publish_landing_read_models(
     con: duckdb.DuckDBPyConnection, settings: Settings, topic: str
 ) -> dict[str, int]:
-    """Publish the topic's landing table, the offsets and the DLQ as Parquet read models."""
+    """Publish the topic's landing table, the offsets, the DLQ and the replay counts as Parquet
+    read models (the landing table first)."""
     table = LANDING_TABLES[topic]
     queries = {
         table: (

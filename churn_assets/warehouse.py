@@ -8,6 +8,7 @@ file, then rename), so a reader never meets DuckDB's single-writer file lock.
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,29 +16,43 @@ import duckdb
 import pandas as pd
 
 __all__ = [
+    "BUSINESS_KEYS",
     "LANDING_TABLES",
     "LEGACY_EPOCH",
     "SCHEMA_SQL",
     "TABLE_DDL",
     "WarehouseMigrationError",
+    "business_key_index",
     "connect",
     "ensure_schema",
     "publish_read_model",
     "read_model_path",
     "load_read_model",
+    "remove_stale_temp_files",
     "ReadModelMissing",
 ]
 
 log = logging.getLogger(__name__)
 
-# topic -> landing table. Every landed row keeps its Kafka coordinates as the primary key, so a
-# replayed message is a no-op (INSERT ... ON CONFLICT DO NOTHING). The coordinates include the log
-# epoch (``kafka_epoch``: the cluster id, and the topic id where the broker has one), because
-# offsets start again from 0 in a new log: a restarted embedded broker or a recreated topic.
+# topic -> landing table. Every landed row keeps its Kafka coordinates as the primary key. The
+# coordinates include the log epoch (``kafka_epoch``: the cluster id, and the topic id where the
+# broker has one), because offsets start again from 0 in a new log: a restarted embedded broker or
+# a recreated topic. Rows are also unique by their message's own id (``BUSINESS_KEYS``).
 LANDING_TABLES = {
     "churn.customers": "landed_customer_events",
     "ml.predictions": "landed_predictions",
     "ml.feedback": "landed_feedback",
+}
+
+# landing table -> the message's own identity (its business key). Offsets make landing exactly-once
+# within one Kafka log; this key makes it exactly-once across logs: a message produced again (into
+# a restarted broker's new log, or into the same log) is a replay, counted in ``landing_replays``
+# and not inserted. A unique index (``business_key_index``) holds it. A prediction is one arm's
+# answer of one model version to one request, so one request id appears once per arm and version.
+BUSINESS_KEYS = {
+    "landed_customer_events": ("event_id",),
+    "landed_predictions": ("request_id", "arm", "model_version"),
+    "landed_feedback": ("event_id",),
 }
 
 # The epoch of rows and offsets landed before epochs were recorded (see ``ensure_schema``); also
@@ -119,11 +134,36 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     raw_value VARCHAR,
     reason VARCHAR NOT NULL,
     landed_at TIMESTAMPTZ NOT NULL,
+    published_at TIMESTAMPTZ,
     PRIMARY KEY (kafka_epoch, kafka_topic, kafka_partition, kafka_offset)
+);""",
+    # Valid messages that were not inserted because their business key had landed already (or
+    # came earlier in the same batch), per topic and log epoch; moved in the batch's transaction.
+    "landing_replays": """
+CREATE TABLE IF NOT EXISTS landing_replays (
+    kafka_epoch VARCHAR NOT NULL,
+    topic VARCHAR NOT NULL,
+    replayed BIGINT NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (kafka_epoch, topic)
 );""",
 }
 
 SCHEMA_SQL = "\n".join(TABLE_DDL.values()) + "\n"
+
+# A dead process's temporary read-model file: ``.<name>.<pid>.tmp`` (publish_read_model and the
+# JSON read models beside it write one, then rename it into place).
+_TEMP_FILE = re.compile(r"^\..+\.(\d+)\.tmp$")
+
+
+def business_key_index(table: str) -> str:
+    """The name of the unique index on ``table``'s business key."""
+    return f"{table}_business_key"
+
+
+def _business_key_ddl(table: str) -> str:
+    columns = ", ".join(BUSINESS_KEYS[table])
+    return f"CREATE UNIQUE INDEX IF NOT EXISTS {business_key_index(table)} ON {table} ({columns})"
 
 
 @contextlib.contextmanager
@@ -202,10 +242,102 @@ def _migrate_to_epochs(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
+def _indexes(con: duckdb.DuckDBPyConnection) -> set[str]:
+    rows = con.execute(
+        "SELECT index_name FROM duckdb_indexes() "
+        "WHERE database_name = current_database() AND schema_name = 'main'"
+    ).fetchall()
+    return {row[0] for row in rows}
+
+
+def _migrate_to_business_keys(con: duckdb.DuckDBPyConnection) -> None:
+    """Give landed tables their business-key unique index, and dead letters their outbox column.
+
+    Landed tables without the index may hold one message several times (landed from two logs, or
+    produced twice): each keeps its first landed row (earliest ``landed_at``, then epoch,
+    partition, offset). DuckDB cannot build a unique index over rows deleted in the same
+    transaction, so a table with rows is rebuilt (renamed, recreated with the index, the first
+    rows copied, the old one dropped). ``dead_letters`` without ``published_at`` gets the column;
+    its rows count as unpublished, so the next landing run of their topic republishes them (at
+    least once: a consumer of ``churn.dead-letter`` dedupes by key). One transaction for all of
+    it; a warehouse that has both already is left alone.
+    """
+    indexes = _indexes(con)
+    missing = [t for t in BUSINESS_KEYS if business_key_index(t) not in indexes]
+    outbox = "published_at" not in _columns(con, "dead_letters")
+    if not missing and not outbox:
+        return
+    removed: dict[str, int] = {}
+    kept: dict[str, int] = {}
+    unpublished = 0
+    con.begin()
+    try:
+        for table in missing:
+            before = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
+            if before == 0:
+                con.execute(_business_key_ddl(table))
+                continue
+            columns = _columns(con, table)
+            old = f"{table}__pre_business_key"
+            con.execute(f"ALTER TABLE {table} RENAME TO {old}")
+            con.execute(TABLE_DDL[table])
+            unknown = set(columns) - set(_columns(con, table))
+            if unknown:
+                raise WarehouseMigrationError(
+                    f"table {table} has columns {sorted(unknown)} that the current schema does "
+                    "not know; cannot give it a business-key index (nothing was changed)"
+                )
+            con.execute(_business_key_ddl(table))
+            listed = ", ".join(columns)
+            key = ", ".join(BUSINESS_KEYS[table])
+            con.execute(
+                f"INSERT INTO {table} ({listed}) SELECT {listed} FROM {old} "
+                f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY landed_at, kafka_epoch, "
+                "kafka_partition, kafka_offset) = 1"
+            )
+            after = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
+            distinct = con.execute(f"SELECT count(DISTINCT ({key})) FROM {old}").fetchall()[0][0]
+            if after != distinct:
+                raise WarehouseMigrationError(
+                    f"deduplicating {table} kept {after} rows for {distinct} distinct business "
+                    "keys; rolled back"
+                )
+            con.execute(f"DROP TABLE {old}")
+            removed[table] = int(before - after)
+            kept[table] = int(after)
+        if outbox:
+            con.execute("ALTER TABLE dead_letters ADD COLUMN published_at TIMESTAMPTZ")
+            unpublished = con.execute("SELECT count(*) FROM dead_letters").fetchall()[0][0]
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
+    if kept:
+        log.warning(
+            "migrated the warehouse to business-key idempotency: removed %d duplicate rows "
+            "(keeping each message's first landed row): %s",
+            sum(removed.values()),
+            ", ".join(f"{t}: {removed[t]} removed, {kept[t]} kept" for t in kept),
+        )
+    if unpublished:
+        log.warning(
+            "dead_letters has a published_at column now; its %d existing dead letters count as "
+            "unpublished and are republished to the dead-letter topic once by the next landing "
+            "run of their topic (consumers dedupe by key)",
+            unpublished,
+        )
+
+
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
-    """Create the landing tables, migrating a warehouse created before log epochs first."""
+    """Create the landing tables, migrating an older warehouse first.
+
+    Migrations, each idempotent: tables from before log epochs get ``kafka_epoch``; landed tables
+    get their business-key unique index (deduplicated first); ``dead_letters`` gets
+    ``published_at``.
+    """
     _migrate_to_epochs(con)
     con.execute(SCHEMA_SQL)
+    _migrate_to_business_keys(con)
 
 
 def read_model_path(read_models_dir: Path, name: str) -> Path:
@@ -234,14 +366,56 @@ def load_read_model(read_models_dir: Path, name: str) -> pd.DataFrame:
         con.close()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temp_files(read_models_dir: Path) -> list[Path]:
+    """Remove the ``.<name>.<pid>.tmp`` files that dead processes left in ``read_models_dir``.
+
+    A publisher killed between writing its temporary file and renaming it leaves the file
+    behind. Only files whose pid is not a live process (in this PID namespace) are removed, so a
+    live publisher's file is never touched; a pid reused by another process keeps its file until
+    a later sweep. Returns the removed paths.
+    """
+    removed: list[Path] = []
+    if not read_models_dir.is_dir():
+        return removed
+    for path in read_models_dir.iterdir():
+        match = _TEMP_FILE.match(path.name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another sweeper was first
+            path.unlink()
+            removed.append(path)
+    if removed:
+        log.info(
+            "removed %d temporary read-model files left by dead processes: %s",
+            len(removed),
+            ", ".join(p.name for p in removed),
+        )
+    return removed
+
+
 def publish_read_model(
     con: duckdb.DuckDBPyConnection, read_models_dir: Path, name: str, query: str
 ) -> tuple[Path, int]:
     """Write ``query``'s result to ``<read_models_dir>/<name>.parquet`` atomically.
 
     ``query`` is a trusted SQL constant (never user input). Returns the path and row count.
+    Temporary files that dead publishers left in the folder are swept first.
     """
     read_models_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(read_models_dir)
     final = read_model_path(read_models_dir, name)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     con.execute(f"COPY ({query}) TO '{tmp.as_posix()}' (FORMAT parquet)")

@@ -20,7 +20,12 @@ def _metadata(report: LandingReport, counts: dict[str, int], table: str) -> dict
     return {
         "rows_landed": dg.MetadataValue.int(report.rows_landed),
         "kafka_epoch": dg.MetadataValue.text(report.kafka_epoch or "none"),
+        "replayed": dg.MetadataValue.int(report.replayed),
+        "replayed_total": dg.MetadataValue.int(report.replayed_total),
         "dead_lettered": dg.MetadataValue.int(report.dead_lettered),
+        "dead_letters_republished": dg.MetadataValue.int(report.dead_letters_republished),
+        "dead_letters_published": dg.MetadataValue.int(report.dead_letters_published),
+        "dead_letters_pending": dg.MetadataValue.int(report.dead_letters_pending),
         "batches": dg.MetadataValue.int(report.batches),
         "offset_ranges": dg.MetadataValue.text(report.describe_ranges()),
         "reached_end_of_topic": dg.MetadataValue.bool(report.reached_eof),
@@ -42,7 +47,9 @@ def _build_landing_asset(topic: str) -> dg.AssetsDefinition:
         description=(
             f"Messages of Kafka topic `{topic}`, validated against their schema and landed into "
             f"DuckDB table `{table}` with an exactly-once effect (offsets stored in the same "
-            "transaction; invalid messages go to `dead_letters` with the reason)."
+            "transaction; a message whose own id has landed already is counted as a replay, "
+            "not inserted; invalid messages go to `dead_letters` with the reason and, at least "
+            "once, to the dead-letter topic)."
         ),
         metadata={"kafka_topic": topic, "table": table},
     )
@@ -54,15 +61,20 @@ def _build_landing_asset(topic: str) -> dg.AssetsDefinition:
         def progress(report: LandingReport) -> None:
             context.log.info(
                 f"{topic}: batch {report.batches}: {report.rows_landed} rows landed, "
-                f"{report.dead_lettered} dead-lettered so far"
+                f"{report.replayed} replayed, {report.dead_lettered} dead-lettered so far"
             )
 
         report = Lander(settings, topic, on_batch=progress).run()
         counts = report.published
         context.log.info(
-            f"{topic}: landed {report.rows_landed} rows, {report.dead_lettered} dead letters, "
-            f"offsets {report.describe_ranges()}"
+            f"{topic}: landed {report.rows_landed} rows, {report.replayed} replayed (not "
+            f"inserted), {report.dead_lettered} dead letters, offsets {report.describe_ranges()}"
         )
+        if report.dead_letters_pending:
+            context.log.warning(
+                f"{topic}: {report.dead_letters_pending} dead letters are not confirmed on the "
+                "dead-letter topic yet; the next landing run republishes them"
+            )
         return dg.MaterializeResult(metadata=_metadata(report, counts, table))
 
     return _landing

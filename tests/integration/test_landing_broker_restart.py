@@ -3,25 +3,23 @@
 Offsets start again from 0 in a new log. Landing keys offsets and rows by the log's epoch (the
 broker's cluster id and the topic id), so nothing of the new log is skipped, nothing of the old
 one is overwritten, and a partition whose new log is shorter than the old offset never stalls.
+Distinct messages of the new log land; a message whose own id landed from the old log is a replay
+(counted, not inserted; more in test_landing_replays.py).
 """
 
 import logging
 import os
-import time
 from pathlib import Path
 
 import duckdb
 import pytest
-from confluent_kafka import KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from churn_assets.broker import EmbeddedBroker, read_state
+from churn_assets.broker import read_state
 from churn_assets.config import Settings
 from churn_assets.kafka import (
     client_config,
-    ensure_topics,
     has_new_data,
-    make_consumer,
     make_producer,
     topic_log,
 )
@@ -41,6 +39,8 @@ from tests.integration.landing_helpers import (
     landed_event_ids,
     produce_customer_events,
     produce_payloads,
+    read_topic_keys,
+    restart_broker,
     simulated_customer_events,
 )
 
@@ -58,38 +58,10 @@ def settings_path(tmp_path: Path) -> Path:
     )
 
 
-def restart_broker(settings: Settings, port: int = 0) -> None:
-    broker = EmbeddedBroker(settings.run_dir, port=port)
-    broker.stop()
-    broker.start()
-    ensure_topics(settings)
-
-
 def produce_poison(settings: Settings) -> None:
     producer = make_producer(settings)
     producer.produce(Topics.CUSTOMERS, partition=0, key=b"bad", value=POISON)
     assert producer.flush(30) == 0
-
-
-def dead_letter_keys(settings: Settings) -> list[str]:
-    consumer = make_consumer(settings, group_id=f"dlq-reader-{time.time_ns()}")
-    keys: list[str] = []
-    try:
-        consumer.assign([TopicPartition(Topics.DEAD_LETTER, p, 0) for p in (0, 1, 2)])
-        at_eof: set[int] = set()
-        deadline = time.monotonic() + 30
-        while len(at_eof) < 3 and time.monotonic() < deadline:
-            for message in consumer.consume(100, 0.2):
-                if message.error() is None:
-                    keys.append(message.key().decode())
-                elif message.error().code() == KafkaError._PARTITION_EOF:
-                    at_eof.add(message.partition())
-                else:
-                    raise AssertionError(message.error())
-    finally:
-        consumer.close()
-    assert len(at_eof) == 3, "the dead-letter topic was not read to its end"
-    return keys
 
 
 def epochs_of(settings: Settings, table: str) -> dict[str, int]:
@@ -110,7 +82,8 @@ def test_restarted_broker_is_landed_from_its_beginning(broker_settings, before, 
     first_epoch = topic_log(settings, Topics.CUSTOMERS).epoch
     assert first_epoch.startswith(read_state(settings.run_dir).cluster_id + "/")
     produce_poison(settings)  # p0 offset 0 of the first log
-    produced = produce_customer_events(settings, before, seed=1)
+    payloads = simulated_customer_events(before, seed=1)
+    produced = produce_payloads(settings, payloads)
     first = Lander(settings, Topics.CUSTOMERS).run()
     assert (first.rows_landed, first.dead_lettered, first.reached_eof) == (before, 1, True)
     assert first.kafka_epoch == first_epoch
@@ -121,12 +94,15 @@ def test_restarted_broker_is_landed_from_its_beginning(broker_settings, before, 
     assert has_new_data(settings, Topics.CUSTOMERS) == {}  # the new log is empty
     produce_poison(settings)  # p0 offset 0 again, in the new log
     produced += produce_customer_events(settings, after, seed=2)
+    # Some messages of the first log, produced again into the new one: the same ids.
+    again = produce_payloads(settings, payloads[:25])
     assert set(has_new_data(settings, Topics.CUSTOMERS)) == {0, 1, 2}
 
     second = Lander(settings, Topics.CUSTOMERS).run()
     # Reaching EOF is what a stalled partition (stored offset past the new log's end) never does.
     assert second.reached_eof
     assert (second.rows_landed, second.dead_lettered) == (after, 1)
+    assert (second.replayed, second.replayed_total) == (len(again), len(again))
     assert second.kafka_epoch == second_epoch
     assert min(lo for lo, _ in second.offset_ranges.values()) == 0
 
@@ -142,15 +118,19 @@ def test_restarted_broker_is_landed_from_its_beginning(broker_settings, before, 
     customers = offsets[offsets["topic"] == Topics.CUSTOMERS]
     assert set(customers["kafka_epoch"]) == {second_epoch}
     assert sorted(customers["kafka_partition"]) == [0, 1, 2]
-    assert customers["next_offset"].sum() == after + 1
+    assert customers["next_offset"].sum() == after + 1 + len(again)
     published = load_read_model(settings.read_models_dir, "landed_customer_events")
     assert len(published) == before + after and published["event_id"].is_unique
     assert not has_new_data(settings, Topics.CUSTOMERS)  # the group commit reached the new log
-    # The dead-letter mirror's key names the epoch, so a consumer deduping by key keeps both.
-    assert dead_letter_keys(settings) == [f"{Topics.CUSTOMERS}/0/0@{second_epoch}"]
+    # The dead-letter mirror's key names the epoch, so a consumer deduping by key keeps both. (A
+    # dead letter has no message id: the same bad bytes in a new log are a new dead letter.)
+    assert read_topic_keys(settings, Topics.DEAD_LETTER) == [
+        f"{Topics.CUSTOMERS}/0/0@{second_epoch}"
+    ]
 
-    again = Lander(settings, Topics.CUSTOMERS).run()
-    assert (again.rows_landed, again.dead_lettered, again.reached_eof) == (0, 0, True)
+    third = Lander(settings, Topics.CUSTOMERS).run()
+    assert (third.rows_landed, third.dead_lettered, third.replayed) == (0, 0, 0)
+    assert third.reached_eof
     assert check_exactly_once(produced, landed_event_ids(settings)).exactly_once
     assert epochs_of(settings, "dead_letters") == {first_epoch: 1, second_epoch: 1}
 
@@ -312,17 +292,22 @@ def test_an_old_warehouse_is_migrated_in_place_keeping_every_row(tmp_path, caplo
 
     with caplog.at_level(logging.WARNING, logger="churn_assets.warehouse"), connect(path) as con:
         ensure_schema(con)
-        after = {t: table_rows(con, t) for t in tables}
+        # Dead letters also got the outbox column: unpublished (NULL), so republished once.
+        after = {
+            t: table_rows(con, t, "* EXCLUDE (published_at)" if t == "dead_letters" else "*")
+            for t in tables
+        }
+        assert table_rows(con, "dead_letters", "published_at") == [(None,)]
         epochs = {t: table_rows(con, t, "DISTINCT kafka_epoch") for t in tables}
         # The epoch is part of every key now: the same coordinates in another log are new rows.
         con.execute(
             "INSERT INTO dead_letters VALUES "
-            "('e2', 'churn.customers', 0, 2, 'bad', 'x', 'r', '2026-02-01 00:00:00+00')"
+            "('e2', 'churn.customers', 0, 2, 'bad', 'x', 'r', '2026-02-01 00:00:00+00', NULL)"
         )
         with pytest.raises(duckdb.ConstraintException):
             con.execute(
                 "INSERT INTO dead_letters VALUES "
-                "(?, 'churn.customers', 0, 2, 'bad', 'x', 'r', '2026-02-01 00:00:00+00')",
+                "(?, 'churn.customers', 0, 2, 'bad', 'x', 'r', '2026-02-01 00:00:00+00', NULL)",
                 [LEGACY_EPOCH],
             )
         con.execute(
@@ -366,10 +351,14 @@ def make_legacy(settings: Settings) -> None:
     try:
         con.execute(OLD_SCHEMA_SQL)
         con.execute(f"ATTACH '{live.as_posix()}' AS live (READ_ONLY)")
-        for table in ("landing_offsets", *LANDING_TABLES.values(), "dead_letters"):
+        for table in ("landing_offsets", *LANDING_TABLES.values()):
             con.execute(
                 f"INSERT INTO {table} BY NAME SELECT * EXCLUDE (kafka_epoch) FROM live.{table}"
             )
+        con.execute(
+            "INSERT INTO dead_letters BY NAME "
+            "SELECT * EXCLUDE (kafka_epoch, published_at) FROM live.dead_letters"
+        )
     finally:
         con.close()
     os.replace(legacy, live)
@@ -386,6 +375,8 @@ def test_legacy_offsets_that_continue_on_the_running_broker_are_kept(broker_sett
     produced += produce_customer_events(settings, 150, seed=2)
     report = Lander(settings, Topics.CUSTOMERS).run()
     assert (report.rows_landed, report.dead_lettered, report.reached_eof) == (150, 0, True)
+    # The old layout had no outbox column: its dead letter counts as unpublished, sent once more.
+    assert (report.dead_letters_republished, report.dead_letters_pending) == (1, 0)
     assert check_exactly_once(produced, landed_event_ids(settings)).exactly_once
     assert epochs_of(settings, "landed_customer_events") == {
         LEGACY_EPOCH: 400,
@@ -409,5 +400,6 @@ def test_legacy_offsets_of_a_lost_broker_are_not_reused(broker_settings, before,
     produced += produce_customer_events(settings, after, seed=2)
     report = Lander(settings, Topics.CUSTOMERS).run()
     assert (report.rows_landed, report.dead_lettered, report.reached_eof) == (after, 1, True)
+    assert report.replayed == 0
     assert check_exactly_once(produced, landed_event_ids(settings)).exactly_once
     assert epochs_of(settings, "dead_letters") == {LEGACY_EPOCH: 1, report.kafka_epoch: 1}

@@ -1,43 +1,14 @@
 """Half of 1,000 records are malformed or invalid: good ones land, bad ones go to the DLQ."""
 
-import orjson
 import pytest
 
 from churn_assets.kafka import make_producer, scan_topic
 from churn_assets.landing import Lander
 from churn_assets.schemas import Topics, encode_message
 from churn_assets.warehouse import connect
-from tests.integration.landing_helpers import simulated_customer_events
+from tests.integration.landing_helpers import corruptions, simulated_customer_events
 
 pytestmark = pytest.mark.integration
-
-
-def corruptions(payload: dict) -> list[tuple[bytes | None, str]]:
-    """(raw value, expected reason fragment) for each kind of bad message."""
-
-    def changed(**changes):
-        return orjson.dumps({**payload, **changes})
-
-    missing = {k: v for k, v in payload.items() if k != "support_tickets"}
-    return [
-        (b"\x00\xffnot json at all", "not valid JSON"),
-        (b'{"truncated": ', "not valid JSON"),
-        (b"[1, 2, 3]", "expected a JSON object"),
-        (None, "empty message"),
-        (changed(monthly_charges="a lot"), "monthly_charges"),
-        (changed(schema_version=9), "unsupported schema_version 9"),
-        (changed(favourite_colour="teal"), "favourite_colour: Extra inputs are not permitted"),
-        (orjson.dumps(missing), "support_tickets: Field required"),
-        (changed(customer_tenure=-4), "customer_tenure"),
-        (changed(contract_type="lifetime"), "contract_type"),
-        (changed(event_time="2026-01-01 10:00"), "timezone"),
-        (
-            encode_message(Topics.CUSTOMERS, payload).replace(
-                b'"login_frequency":', b'"login_frequency":NaN,"x":'
-            ),
-            "not valid JSON",
-        ),
-    ]
 
 
 def test_bad_records_go_to_the_dlq_without_blocking_the_partition(broker_settings):

@@ -9,6 +9,7 @@ import pytest
 
 from churn_assets.landing import FAULT_ENV_VAR
 from churn_assets.schemas import Topics
+from churn_assets.warehouse import connect
 from tests.integration.landing_helpers import (
     check_exactly_once,
     landed_event_ids,
@@ -89,7 +90,11 @@ def test_repeated_kills_including_external_sigkill(broker_settings, churn_cli):
 
 
 def test_checker_catches_a_double_delivery(broker_settings, churn_cli):
-    """Negative control: a message delivered twice on the broker shows up as a duplicate."""
+    """Negative control: the checker reports a message landed twice, and a lost one.
+
+    A message delivered twice on the broker no longer lands twice (its id makes it a replay),
+    so the second copy is counted and the duplicate is handed to the checker directly.
+    """
     payloads = simulated_customer_events(300)
     produced = produce_payloads(broker_settings, payloads)
     # Deliver one event a second time, at a new offset, as a non-idempotent producer might.
@@ -97,11 +102,17 @@ def test_checker_catches_a_double_delivery(broker_settings, churn_cli):
     produce_payloads(broker_settings, [payloads[42]])
 
     assert run_lander(churn_cli).returncode == 0
-    result = check_exactly_once(produced, landed_event_ids(broker_settings))
+    landed = landed_event_ids(broker_settings)
+    assert check_exactly_once(produced, landed).exactly_once
+    with connect(broker_settings.warehouse_path, read_only=True) as con:
+        replays = con.execute("SELECT topic, replayed FROM landing_replays").fetchall()
+    assert replays == [(Topics.CUSTOMERS, 1)]
+
+    result = check_exactly_once(produced, [*landed, duplicate_id])
     assert not result.exactly_once
     assert result.duplicates == {duplicate_id: 2}
     assert not result.missing
 
     # And a lost message is caught too.
-    result = check_exactly_once([*produced, "never-landed"], landed_event_ids(broker_settings))
+    result = check_exactly_once([*produced, "never-landed"], landed)
     assert result.missing == {"never-landed"}
