@@ -40,7 +40,7 @@ SIMULATION_MARKER = "simulation.json"
 READY_TIMEOUT_S = {"serving": 240.0, "dagster": 300.0, "dashboard": 180.0}
 # Stopping: children get SIGTERM (Dagster runs SIGINT, which they record as a cancelled run)
 # and this long to exit before SIGKILL; the broker is stopped after them.
-STOP_GRACE_S = 10.0
+STOP_GRACE_S = 8.0
 # The churn process never turns these into tracebacks: a stop request is a normal end.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -307,17 +307,21 @@ def stop_children(
     sig: int = signal.SIGTERM,
     grace_s: float = STOP_GRACE_S,
 ) -> None:
-    """Signal every child's process group at once, wait up to ``grace_s`` for all of them, then
-    SIGKILL what is left (a leader can exit while its own children still shut down)."""
+    """Stop children in order: ``sig`` to each leader (``dagster dev`` then shuts its webserver,
+    daemon and code server down in order, which a signal to the whole group would race), then
+    SIGTERM to whatever the leaders left in their groups (a run worker), then, once ``grace_s``
+    is over, SIGKILL with a line saying so."""
+    deadline = time.monotonic() + grace_s
     for child in children:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, sig)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        for child in children:
-            child.poll()
-        if not any(_group_alive(child.pid) for child in children):
-            break
+            os.kill(child.pid, sig)
+    while time.monotonic() < deadline and any(child.poll() is None for child in children):
+        time.sleep(0.1)
+    for child in children:
+        if _group_alive(child.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGTERM)
+    while time.monotonic() < deadline and any(_group_alive(child.pid) for child in children):
         time.sleep(0.1)
     for child in children:
         if _group_alive(child.pid):

@@ -16,6 +16,7 @@ no temporary directory left. The start-up times are printed (`-s`) for the recor
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -23,11 +24,17 @@ from pathlib import Path
 
 import pytest
 
+from churn_assets.broker import read_state
 from churn_assets.config import load_settings
 from churn_assets.registry import ModelRegistry
 from churn_assets.rollout_control import AUDIT_TABLE, read_rollout_state
 from churn_assets.warehouse import load_read_model
-from tests.integration.platform_helpers import PlatformRun, free_port, get_json
+from tests.integration.platform_helpers import (
+    PlatformRun,
+    free_port,
+    get_json,
+    processes_with_env,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -213,3 +220,59 @@ def test_three_starts_on_the_same_data(config_factory, tmp_path):
     ]
     assert len(set(trained_on)) == len(trained_on), "a model was trained twice on the same data"
     print("\n" + "\n".join(f"{name}: {seconds:.1f} s" for name, seconds in timings.items()))
+
+
+def test_sigterm_during_landing_stops_the_run_and_the_broker(config_factory, tmp_path):
+    """A stop request in the middle of start-up: the Dagster landing run is cancelled (not left
+    "started"), the broker is stopped, nothing is left behind; the next start lands the rest."""
+    settings_path = config_factory(
+        simulator={"customers": 2000},
+        landing={"batch_max_messages": 500, "batch_max_seconds": 1.0},
+    )
+    settings = load_settings(settings_path)
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = {**os.environ, "CHURN_TEST_RUN": str(tmp_path), "TMPDIR": str(tmpdir)}
+    cli = [sys.executable, "-m", "churn_assets.cli", "--config", str(settings_path)]
+    run = PlatformRun.start([*cli, "up", "--no-train", "--no-serve"], env, tmp_path / "up.log")
+    try:
+        wait_for(lambda: "[4/8] landing" in run.output(), 300, "the landing step", run)
+        # Let the landing run get going: the first batch committed.
+        wait_for(
+            lambda: settings.warehouse_path.exists() and "STEP_START" in run.output(),
+            120,
+            "the landing run's first step",
+            run,
+        )
+        run.process.send_signal(signal.SIGTERM)
+        code = run.process.wait(timeout=30)
+        assert code == 130, run.output()[-3000:]  # interrupted before the platform was ready
+        out = run.output()
+        assert "SIGTERM received: stopping" in out and "broker stopped" in out
+        assert "Traceback" not in out.split("SIGTERM received", 1)[1]
+        assert processes_with_env(run.marker) == []
+        assert read_state(settings.run_dir) is None
+    finally:
+        run.kill()
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(settings.data_dir / "dagster_home")) as instance:
+        statuses = {r.status for r in instance.get_runs()}
+    assert statuses <= {
+        dg.DagsterRunStatus.CANCELED,
+        dg.DagsterRunStatus.FAILURE,
+        dg.DagsterRunStatus.SUCCESS,
+    }, statuses
+
+    # The next start lands what the interrupted one did not, each message once.
+    again = subprocess.run(
+        [*cli, "up", "--no-train", "--no-serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    subprocess.run([*cli, "broker", "stop"], env=env, capture_output=True, timeout=60)
+    events = load_read_model(settings.read_models_dir, "landed_customer_events")
+    assert len(events) == events["event_id"].nunique() > 0

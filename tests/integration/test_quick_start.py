@@ -84,6 +84,10 @@ EXPECTED_OUTPUT = {
     "churn models list": ["champion"],
     "/router/metrics": ['"champion":"v1"', "predictions_total{"],
     "churn broker stop": ["stopped"],
+    "nothing is produced, landed or trained twice": [
+        "[3/8] simulation skipped: the warehouse already holds it",
+        "[5/8] training skipped: v1 (champion) was trained on exactly this data",
+    ],
 }
 
 
