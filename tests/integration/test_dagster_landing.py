@@ -11,7 +11,11 @@ from churn_assets.resources import PlatformResource
 from churn_assets.schemas import DATA_TOPICS, Topics
 from churn_assets.warehouse import load_read_model
 from sensors.landing import kafka_landing_sensor
-from tests.integration.landing_helpers import produce_customer_events
+from tests.integration.landing_helpers import (
+    produce_customer_events,
+    produce_payloads,
+    simulated_customer_events,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -31,6 +35,8 @@ def test_definitions_load_with_landing_assets_sensor_and_pool():
 
 def test_materialize_lands_and_reports_metadata(broker_settings, settings_path):
     produced = produce_customer_events(broker_settings, 1_500)
+    # 100 of them produced a second time: replays, counted and not landed.
+    produce_payloads(broker_settings, simulated_customer_events(1_500)[:100])
     result = dg.materialize(
         landing_assets, resources={"platform": PlatformResource(config_path=str(settings_path))}
     )
@@ -41,7 +47,9 @@ def test_materialize_lands_and_reports_metadata(broker_settings, settings_path):
     }
     customers = events["landed_customer_events"]
     assert customers["rows_landed"].value == 1_500
+    assert (customers["replayed"].value, customers["replayed_total"].value) == (100, 100)
     assert customers["dead_lettered"].value == 0
+    assert customers["dead_letters_pending"].value == 0
     assert customers["dagster/row_count"].value == 1_500
     assert customers["reached_end_of_topic"].value is True
     assert "p0: 0.." in customers["offset_ranges"].value
