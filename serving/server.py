@@ -100,8 +100,7 @@ class ServingProcess:
             await serving
         finally:
             stopper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await stopper
+            await asyncio.wait({stopper})  # never raises, so a cancellation of ours stays ours
 
     async def _stop_when(self, stop: asyncio.Event) -> None:
         await stop.wait()
