@@ -709,8 +709,8 @@ class Lander:
             con.rollback()
             raise LandingError(
                 f"landing a batch of {self.topic} into {self.table} broke a constraint ({exc}); "
-                "the warehouse holds rows at Kafka coordinates past its stored offsets; the batch "
-                "was not committed"
+                "a primary-key conflict means the warehouse holds other rows at Kafka coordinates "
+                "past its stored offsets; the batch was not committed"
             ) from exc
         except BaseException:
             con.rollback()

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from churn_assets.kafka import make_producer, topic_log
-from churn_assets.landing import Lander
+from churn_assets.landing import Lander, LandingError
 from churn_assets.schemas import Topics, encode_message
 from churn_assets.warehouse import connect, load_read_model
 from tests.integration.landing_helpers import (
@@ -189,3 +189,31 @@ def test_a_prediction_is_one_arm_s_answer_of_one_model_version(broker_settings):
         ).fetchall()
     assert landed == sorted((a["request_id"], a["arm"], a["model_version"]) for a in answers)
     assert stored_replays(settings) == {(Topics.PREDICTIONS, report.kafka_epoch): 2}
+
+
+def test_rows_past_the_stored_offsets_stop_landing_instead_of_passing_quietly(broker_settings):
+    """The same coordinates re-read are replays; other rows at them mean offsets and rows
+    disagree, which is refused (nothing committed) rather than skipped."""
+    settings = broker_settings
+    produce_payloads(settings, simulated_customer_events(30, seed=71))
+    first = Lander(settings, Topics.CUSTOMERS).run()
+    assert first.rows_landed == 30
+    with connect(settings.warehouse_path) as con:
+        # Offsets moved back: re-reading the same messages only counts replays.
+        con.execute("UPDATE landing_offsets SET next_offset = 0")
+    again = Lander(settings, Topics.CUSTOMERS).run()
+    assert (again.rows_landed, again.replayed) == (0, 30)
+
+    with connect(settings.warehouse_path) as con:
+        con.execute("UPDATE landing_offsets SET next_offset = 0")
+        # A different message at a landed message's coordinates.
+        con.execute(
+            "UPDATE landed_customer_events SET event_id = 'ev-tampered' WHERE kafka_offset = 0 "
+            "AND kafka_partition = (SELECT min(kafka_partition) FROM landed_customer_events)"
+        )
+        before = con.execute("SELECT * FROM landed_customer_events ORDER BY ALL").fetchall()
+    with pytest.raises(LandingError, match="primary-key conflict"):
+        Lander(settings, Topics.CUSTOMERS).run()
+    with connect(settings.warehouse_path, read_only=True) as con:
+        assert con.execute("SELECT * FROM landed_customer_events ORDER BY ALL").fetchall() == before
+        assert stored_replays(settings) == {(Topics.CUSTOMERS, first.kafka_epoch): 30}
