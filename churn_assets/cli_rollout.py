@@ -91,31 +91,30 @@ def rollout_status(ctx: click.Context, last: int, as_json: bool) -> None:
     state = read_rollout_state(settings.read_models_dir)
     aliases = ModelRegistry(settings.registry_dir).aliases()
     pending = active_challenger(state, aliases)
-    if pending is not None and (state is None or state.get("challenger") != pending):
-        # Registered as challenger, no decision about it yet: the rollout sensor starts it.
-        pending_state = {
-            "phase": "pending",
-            "champion": aliases.get("champion"),
-            "challenger": pending,
-            "previous": state,
-        }
-        message = (
-            f"phase pending: challenger {pending} is registered and waits for its first rollout "
-            f"decision (champion {aliases.get('champion')}); the rollout_sensor starts its "
-            "shadow once Dagster runs (`churn up`)"
-        )
-        if state is None:
-            if as_json:
-                click.echo(json.dumps({"state": pending_state, "decisions": []}, indent=1))
-            else:
-                click.echo(message)
-            return
+    if pending is not None and state is not None and state.get("challenger") == pending:
+        pending = None  # the challenger of the recorded rollout: not pending, in progress
+    pending_state = {
+        "phase": "pending",
+        "champion": aliases.get("champion"),
+        "challenger": pending,
+    }
+    pending_line = (
+        f"phase pending: challenger {pending} is registered and waits for its first rollout "
+        f"decision (champion {aliases.get('champion')}); the rollout_sensor starts its shadow "
+        "once Dagster runs (`churn up`)"
+    )
     if state is None:
-        raise click.ClickException(
-            "no rollout yet: no challenger is registered and no rollout decision was recorded "
-            f"(champion {aliases.get('champion') or 'none'}); `churn retrain` trains a "
-            "challenger and starts its rollout"
-        )
+        if pending is None:
+            raise click.ClickException(
+                "no rollout yet: no challenger is registered and no rollout decision was "
+                f"recorded (champion {aliases.get('champion') or 'none'}); `churn retrain` "
+                "trains a challenger and starts its rollout"
+            )
+        if as_json:
+            click.echo(json.dumps({"state": pending_state, "decisions": []}, indent=1))
+        else:
+            click.echo(pending_line)
+        return
     try:
         decisions = load_read_model(settings.read_models_dir, AUDIT_TABLE).tail(last)
     except ReadModelMissing as exc:
@@ -133,12 +132,12 @@ def rollout_status(ctx: click.Context, last: int, as_json: bool) -> None:
     ]
     if as_json:
         public = {k: v for k, v in state.items() if k != "history"}
-        if pending is not None and state.get("challenger") != pending:
+        if pending is not None:
             public = pending_state | {"previous": public}
         click.echo(json.dumps({"state": public, "decisions": rows}, indent=1, default=str))
         return
-    if pending is not None and state.get("challenger") != pending:
-        click.echo(message)
+    if pending is not None:
+        click.echo(pending_line)
         click.echo(f"before it: phase {state['phase']} (updated {state.get('updated_at')})")
     else:
         click.echo(
