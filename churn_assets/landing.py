@@ -71,6 +71,7 @@ from churn_assets.warehouse import (
     connect,
     ensure_schema,
     publish_read_model,
+    remove_stale_temp_files,
 )
 
 __all__ = [
@@ -269,6 +270,13 @@ class _DeadLetterOutbox:
     def forget(self, taken: int) -> None:
         del self.delivered[:taken]
 
+    def drop_undelivered(self) -> None:
+        """Purge what Kafka has not confirmed (it stays unpublished in the warehouse, and the
+        next run sends it again) and serve the purge reports, so the producer holds no callback
+        of this outbox and goes away with the run instead of delivering behind its back."""
+        self.producer.purge()
+        self.producer.flush(0)
+
 
 def _parse_fault(spec: str | None) -> tuple[str, int] | None:
     if not spec:
@@ -313,6 +321,9 @@ class Lander:
         """Drain the topic to EOF (bounded by ``landing.drain_max_seconds``), then publish the
         read models on the same connection, so no other process ever needs the live file."""
         started = time.monotonic()
+        # Temporary read-model files of killed publishers go first, whether or not this run
+        # gets as far as publishing.
+        remove_stale_temp_files(self.settings.read_models_dir)
         admin = AdminClient(client_config(self.settings))
         log_now = topic_log(self.settings, self.topic, admin=admin)
         report = LandingReport(topic=self.topic, kafka_epoch=log_now.epoch)
@@ -389,6 +400,9 @@ class Lander:
     ) -> None:
         """Wait (bounded) for outstanding deliveries, record them, and count what is pending."""
         outstanding = outbox.producer.flush(DLQ_FLUSH_TIMEOUT_S)
+        failures, last_error = outbox.failures, outbox.last_error
+        if outstanding:
+            outbox.drop_undelivered()
         self._mark_dead_letters_published(con, outbox, report)
         report.dead_letters_pending = int(
             con.execute(
@@ -404,8 +418,8 @@ class Lander:
                 self.topic,
                 report.dead_letters_pending,
                 Topics.DEAD_LETTER,
-                outbox.failures,
-                outbox.last_error or "none",
+                failures,
+                last_error or "none",
                 outstanding,
                 DLQ_FLUSH_TIMEOUT_S,
                 outbox.unsent,
