@@ -9,6 +9,7 @@ every bad message is in ``dead_letters`` exactly once and on ``churn.dead-letter
 a replay, and no temporary file of a dead process is left in the read-models folder.
 """
 
+import logging
 import os
 import random
 import signal
@@ -35,6 +36,7 @@ from tests.integration.landing_helpers import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+log = logging.getLogger(__name__)
 
 SEED = 20260611
 VALID = 2_000
@@ -210,9 +212,14 @@ def test_dead_letters_survive_random_sigkills(broker_settings, churn_cli, tmp_pa
     consumed = read_topic_keys(settings, Topics.DEAD_LETTER)
     check = check_at_least_once(expected, consumed)
     assert check.complete, (check.missing, check.unexpected)
-    print(
-        f"{kills} kills ({outcomes}); {temp_files_seen} temp files seen after kills; "
-        f"{len(consumed)} dead-letter messages for {len(expected)} dead letters"
+    log.info(
+        "%d kills (%s); %d temp files seen after kills; %d dead-letter messages for %d dead "
+        "letters",
+        kills,
+        outcomes,
+        temp_files_seen,
+        len(consumed),
+        len(expected),
     )
 
     # Negative control: the same check, on the topic minus one dead letter, names it missing.
