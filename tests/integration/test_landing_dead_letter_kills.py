@@ -99,13 +99,15 @@ def lander_env(fault: str | None = None) -> dict[str, str]:
     return env
 
 
-def kill_after_batches(churn_cli, log: Path, batches: int, delay_s: float) -> tuple[int, int]:
+def kill_after_batches(
+    churn_cli, stderr_path: Path, batches: int, delay_s: float
+) -> tuple[int, int]:
     """Start a lander, SIGKILL it ``delay_s`` after it reports its ``batches``-th batch."""
-    with log.open("w") as err:
+    with stderr_path.open("w") as err:
         process = subprocess.Popen([*churn_cli, *LAND], stderr=err, env=lander_env())
     deadline = time.monotonic() + 90
     while process.poll() is None and time.monotonic() < deadline:
-        if log.read_text().count("rows landed") >= batches:
+        if stderr_path.read_text().count("rows landed") >= batches:
             time.sleep(delay_s)
             break
         time.sleep(0.005)
@@ -154,8 +156,8 @@ def test_dead_letters_survive_random_sigkills(broker_settings, churn_cli, tmp_pa
             continue
         if rng.random() < 0.7:
             batches, delay = rng.randint(1, 6), rng.uniform(0.0, 0.05)
-            log = tmp_path / f"lander-{number}.log"
-            pid, returncode = kill_after_batches(churn_cli, log, batches, delay)
+            stderr_log = tmp_path / f"lander-{number}.log"
+            pid, returncode = kill_after_batches(churn_cli, stderr_log, batches, delay)
             outcomes.append((f"after batch {batches} + {delay:.3f}s", returncode))
         else:
             delay = rng.uniform(0.3, 3.0)
