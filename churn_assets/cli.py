@@ -197,7 +197,7 @@ def land(ctx: click.Context, topic_names: tuple[str, ...], max_messages: int | N
         def progress(report, topic=topic) -> None:
             click.echo(
                 f"  {topic}: batch {report.batches}, {report.rows_landed} rows landed, "
-                f"{report.dead_lettered} dead-lettered",
+                f"{report.dead_lettered} dead-lettered, {report.replayed} replayed",
                 err=True,
             )
 
@@ -207,11 +207,18 @@ def land(ctx: click.Context, topic_names: tuple[str, ...], max_messages: int | N
         except Exception as exc:
             raise _fail(exc) from None
         click.echo(
-            f"{topic}: landed {report.rows_landed}, dead-lettered {report.dead_lettered} in "
+            f"{topic}: landed {report.rows_landed}, dead-lettered {report.dead_lettered}, "
+            f"replayed (already landed, not inserted) {report.replayed} in "
             f"{report.batches} batches ({report.duration_s:.1f}s); "
             f"offsets {report.describe_ranges()}; "
             f"table now {counts[next(iter(counts))]} rows"
         )
+        if report.dead_letters_pending:
+            click.echo(
+                f"  {report.dead_letters_pending} dead letters not yet confirmed on "
+                "churn.dead-letter; the next landing run publishes them again",
+                err=True,
+            )
 
 
 # -- status ----------------------------------------------------------------------------------------
