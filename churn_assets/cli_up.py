@@ -218,7 +218,73 @@ def simulation_landed(settings: Settings, config: Any) -> str | None:
     )
 
 
+def _unlanded_topics(settings: Settings) -> list[str]:
+    """Data topics with messages past the landing group's committed offsets (what the landing
+    sensor asks about): on a restarted embedded broker, none."""
+    from churn_assets.kafka import has_new_data
+    from churn_assets.schemas import DATA_TOPICS
+
+    return [topic for topic in DATA_TOPICS if has_new_data(settings, topic)]
+
+
 # -- training --------------------------------------------------------------------------------------
+
+
+FINGERPRINT_CACHE = "landed_fingerprint.json"
+
+
+def _landed_state(settings: Settings) -> dict[str, Any]:
+    """What the training-set fingerprint depends on, cheaply: rows and the newest landing time
+    of the landed events and outcomes (landing only ever adds rows), and the label settings."""
+    import duckdb
+
+    from churn_assets.warehouse import read_model_path
+
+    state: dict[str, Any] = {
+        "training": settings.training.model_dump(
+            include={"horizon_days", "snapshot_step_days", "label_grace_days"}
+        )
+    }
+    con = duckdb.connect()
+    try:
+        for table in ("landed_customer_events", "landed_feedback"):
+            path = read_model_path(settings.read_models_dir, table)
+            if not path.is_file():
+                return {}
+            rows, newest = con.execute(
+                "SELECT count(*), max(landed_at)::VARCHAR FROM read_parquet(?)", [str(path)]
+            ).fetchall()[0]
+            state[table] = [int(rows), newest]
+    finally:
+        con.close()
+    return state
+
+
+def _cached_fingerprint(settings: Settings, compute: Callable[[Settings], str]) -> str:
+    """``compute(settings)``, reused while the landed data is unchanged (a restart with nothing
+    new to land skips rebuilding the training set, a few seconds on the default data)."""
+    path = settings.data_dir / FINGERPRINT_CACHE
+    state = _landed_state(settings)
+    if state and path.is_file():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            cached = json.loads(path.read_text())
+            if cached["landed"] == state:
+                return str(cached["fingerprint"])
+    fingerprint = compute(settings)
+    _remember_fingerprint(settings, fingerprint, state)
+    return fingerprint
+
+
+def _remember_fingerprint(
+    settings: Settings, fingerprint: str, state: dict[str, Any] | None = None
+) -> None:
+    state = _landed_state(settings) if state is None else state
+    if not state:
+        return
+    path = settings.data_dir / FINGERPRINT_CACHE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"landed": state, "fingerprint": fingerprint}, indent=1))
+    os.replace(tmp, path)
 
 
 def training_skip_reason(settings: Settings) -> str | None:
@@ -245,7 +311,7 @@ def training_skip_reason(settings: Settings) -> str | None:
     if not versions:
         return None
     try:
-        fingerprint = landed_data_fingerprint(settings)
+        fingerprint = _cached_fingerprint(settings, landed_data_fingerprint)
     except (ReadModelMissing, TrainingError):
         return None  # training itself reports what is missing
     aliases = {version: alias for alias, version in registry.aliases().items()}
@@ -515,18 +581,25 @@ def _run_platform(
     dagster_bin = str(Path(sys.executable).with_name("dagster"))
     for run in reap_interrupted_runs(settings):
         click.echo(f"marked {run}, interrupted by the last stop, as canceled")
-    _step(4, "landing the data topics through Dagster")
-    code = _run_dagster(
-        [dagster_bin, "asset", "materialize", "-m", "churn_assets.definitions"]
-        + ["--select", "group:landing"],
-        env,
-    )
-    if code != 0:
-        raise click.ClickException(
-            f"the Dagster landing run failed (exit code {code}); its error is in the log above. "
-            "Nothing landed in a failed batch is lost: `churn up` again resumes from the stored "
-            "offsets (`churn status` shows them)"
+    if produced is None and not _unlanded_topics(settings):
+        _step(
+            4,
+            "landing skipped: the data topics hold nothing past what is landed (the landing "
+            "sensor lands what arrives from now on)",
         )
+    else:
+        _step(4, "landing the data topics through Dagster")
+        code = _run_dagster(
+            [dagster_bin, "asset", "materialize", "-m", "churn_assets.definitions"]
+            + ["--select", "group:landing"],
+            env,
+        )
+        if code != 0:
+            raise click.ClickException(
+                f"the Dagster landing run failed (exit code {code}); its error is in the log "
+                "above. Nothing landed in a failed batch is lost: `churn up` again resumes from "
+                "the stored offsets (`churn status` shows them)"
+            )
     if produced is not None:
         _write_simulation_record(settings, config, produced)
     ctx.invoke(root.commands["status"])
@@ -553,7 +626,14 @@ def _train(
         [dagster_bin, "job", "execute", "-m", "churn_assets.definitions", "-j", "training_job"],
         env,
     )
-    champion = ModelRegistry(settings.registry_dir).aliases().get("champion")
+    registry = ModelRegistry(settings.registry_dir)
+    champion = registry.aliases().get("champion")
+    if code == 0 and (versions := registry.versions()):
+        # The run trained on exactly what is landed now (nothing else writes the warehouse
+        # before Dagster starts): the next start need not rebuild the training set to know it.
+        fingerprint = versions[-1].metadata.get("data_fingerprint")
+        if fingerprint:
+            _remember_fingerprint(settings, str(fingerprint))
     if code != 0:
         cause = (
             f"the Dagster training run failed (exit code {code}): the failed step and its error "

@@ -172,3 +172,31 @@ def test_runs_left_started_by_a_crash_are_canceled_and_their_pool_slots_freed(se
         pool = instance.event_log_storage.get_concurrency_info("duckdb_warehouse")
         assert pool.active_slot_count == 0
     assert reap_interrupted_runs(settings) == []
+
+
+def test_the_fingerprint_is_recomputed_only_when_landed_data_changes(settings_path):
+    from churn_assets.cli_up import _cached_fingerprint
+
+    settings = load_settings(settings_path)
+    settings.read_models_dir.mkdir(parents=True)
+    calls: list[int] = []
+
+    def compute(_settings) -> str:
+        calls.append(1)
+        return f"fp{len(calls)}"
+
+    def land(table: str, rows: int) -> None:
+        frame = pd.DataFrame(
+            {"landed_at": pd.date_range("2026-01-01", periods=rows, freq="h", tz="UTC")}
+        )
+        frame.to_parquet(settings.read_models_dir / f"{table}.parquet")
+
+    land("landed_customer_events", 3)
+    land("landed_feedback", 1)
+    assert _cached_fingerprint(settings, compute) == "fp1"
+    assert _cached_fingerprint(settings, compute) == "fp1"  # unchanged: cached
+    land("landed_feedback", 2)
+    assert _cached_fingerprint(settings, compute) == "fp2"  # an outcome landed
+    (settings.data_dir / "landed_fingerprint.json").write_text("not json")
+    assert _cached_fingerprint(settings, compute) == "fp3"  # a corrupt cache is ignored
+    assert len(calls) == 3
