@@ -27,6 +27,7 @@ __all__ = [
     "BrokerError",
     "BrokerState",
     "EmbeddedBroker",
+    "die_with_parent",
     "read_state",
     "resolve_bootstrap",
 ]
@@ -112,10 +113,13 @@ def _port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def _die_with_parent() -> None:
-    """preexec hook: the kernel sends SIGTERM to the broker if its parent dies."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+_LIBC = ctypes.CDLL("libc.so.6", use_errno=True)  # loaded before any fork, not in the child
+
+
+def die_with_parent() -> None:
+    """preexec hook: the kernel sends SIGTERM to the child if its parent dies (even by SIGKILL).
+    It only calls into an already loaded libc, so it is safe in a freshly forked child."""
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class EmbeddedBroker:
@@ -189,7 +193,7 @@ class EmbeddedBroker:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent if tie_to_parent else None,
+                preexec_fn=die_with_parent if tie_to_parent else None,
             )
         state = BrokerState(
             pid=process.pid,

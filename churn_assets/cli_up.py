@@ -11,8 +11,10 @@ everything this command started.
 """
 
 import contextlib
+import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -40,13 +42,19 @@ SIMULATION_MARKER = "simulation.json"
 READY_TIMEOUT_S = {"serving": 240.0, "dagster": 300.0, "dashboard": 180.0}
 # Stopping: children get SIGTERM (Dagster runs SIGINT, which they record as a cancelled run)
 # and this long to exit before SIGKILL; the broker is stopped after them.
-STOP_GRACE_S = 8.0
+STOP_GRACE_S = 6.0
+# At a stop, messages that arrived after the sensor's last landing run are landed before the
+# in-memory broker goes; this bounds how long that may take.
+FINAL_LANDING_S = 3.0
 # The churn process never turns these into tracebacks: a stop request is a normal end.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+LOCK_FILE = "up.lock"
 
 
-class StopRequested(Exception):
-    """Ctrl-C or SIGTERM arrived; everything started so far is stopped, then the command ends."""
+class StopRequested(BaseException):
+    """Ctrl-C, SIGTERM or SIGHUP arrived; everything started so far is stopped, then the command
+    ends. A BaseException, like KeyboardInterrupt, so no ``except Exception`` on the way (a
+    status query, a broker probe) can swallow it."""
 
 
 def _step(number: int, text: str) -> None:
@@ -183,7 +191,7 @@ def _write_simulation_record(settings: Settings, config: Any, summary: Any) -> N
 
 
 def _landed_ids(settings: Settings, table: str, prefix: str) -> int:
-    """Distinct landed message ids starting with ``prefix``, from the table's read model."""
+    """Distinct landed message ids ``<prefix><n>``, from the table's read model."""
     import duckdb
 
     from churn_assets.warehouse import read_model_path
@@ -193,9 +201,12 @@ def _landed_ids(settings: Settings, table: str, prefix: str) -> int:
         return 0
     con = duckdb.connect()
     try:
+        # Exactly this simulation's ids: the default base's prefix "ev-42-" must not count
+        # another seed-42 simulation's "ev-42-<digest>-<n>".
         rows = con.execute(
-            "SELECT count(DISTINCT event_id) FROM read_parquet(?) WHERE starts_with(event_id, ?)",
-            [str(path), prefix],
+            "SELECT count(DISTINCT event_id) FROM read_parquet(?) "
+            "WHERE regexp_full_match(event_id, ?)",
+            [str(path), re.escape(prefix) + r"[0-9]+"],
         ).fetchall()
     finally:
         con.close()
@@ -218,6 +229,16 @@ def simulation_landed(settings: Settings, config: Any) -> str | None:
     )
 
 
+def _landing_published(settings: Settings) -> bool:
+    """Every landing read model is there. A warehouse of an earlier release lacks some (its
+    landing runs published fewer), and a landing run migrates its tables and republishes them,
+    so the first start after an upgrade lands even with nothing new on the topics."""
+    from churn_assets.warehouse import LANDING_TABLES, read_model_path
+
+    names = [*LANDING_TABLES.values(), "landing_offsets", "landing_replays", "dead_letters"]
+    return all(read_model_path(settings.read_models_dir, name).is_file() for name in names)
+
+
 def _unlanded_topics(settings: Settings) -> list[str]:
     """Data topics with messages past the landing group's committed offsets (what the landing
     sensor asks about): on a restarted embedded broker, none."""
@@ -238,12 +259,15 @@ def _landed_state(settings: Settings) -> dict[str, Any]:
     of the landed events and outcomes (landing only ever adds rows), and the label settings."""
     import duckdb
 
+    from churn_assets.registry import current_code_version
     from churn_assets.warehouse import read_model_path
 
     state: dict[str, Any] = {
         "training": settings.training.model_dump(
             include={"horizon_days", "snapshot_step_days", "label_grace_days"}
-        )
+        ),
+        # Another feature or label code builds another training set from the same rows.
+        "code_version": current_code_version(),
     }
     con = duckdb.connect()
     try:
@@ -353,8 +377,13 @@ def _ignore_stop_signals() -> None:
 
 
 def _spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    # Its own session: a terminal's Ctrl-C reaches only `churn up`, which stops children in order.
-    return subprocess.Popen(command, env=env, cwd=REPO_ROOT, start_new_session=True)
+    """A child in its own session (a terminal's Ctrl-C reaches only `churn up`, which stops
+    children in order) that the kernel stops if `churn up` dies without cleaning up."""
+    from churn_assets.broker import die_with_parent
+
+    return subprocess.Popen(
+        command, env=env, cwd=REPO_ROOT, start_new_session=True, preexec_fn=die_with_parent
+    )
 
 
 def _group_alive(pid: int) -> bool:
@@ -521,6 +550,40 @@ def up(ctx: click.Context, simulate: bool, train: bool, serve: bool) -> None:
     """
     ctx.obj["started"] = time.monotonic()
     settings = settings_of(ctx)
+    with _data_dir_lock(settings):
+        _up(ctx, settings, simulate=simulate, train=train, serve=serve)
+
+
+@contextlib.contextmanager
+def _data_dir_lock(settings: Settings) -> Iterator[None]:
+    """One `churn up` per data directory: a second one would reap the first one's live Dagster
+    runs and fight over the warehouse and the ports."""
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    path = settings.run_dir / LOCK_FILE
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise click.ClickException(
+                f"another `churn up` (pid {holder}) runs on this data directory "
+                f"({settings.data_dir}); stop it first (Ctrl-C in its terminal), or point "
+                "storage.data_dir at another folder"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _up(
+    ctx: click.Context, settings: Settings, *, simulate: bool, train: bool, serve: bool
+) -> None:
     started_broker = False
     keep_broker = False
     try:
@@ -530,7 +593,9 @@ def up(ctx: click.Context, simulate: bool, train: bool, serve: bool) -> None:
 
                 started_broker = read_state(settings.run_dir) is None
                 try:
-                    state = embedded_broker(settings).start()
+                    # Serving: the broker dies with this command even if it is killed; without
+                    # serving it is left running for more `churn` commands.
+                    state = embedded_broker(settings).start(tie_to_parent=serve)
                 except BrokerError as exc:
                     raise fail(exc) from None
                 _step(1, f"broker ready on {state.bootstrap_servers}")
@@ -545,12 +610,39 @@ def up(ctx: click.Context, simulate: bool, train: bool, serve: bool) -> None:
     finally:
         _ignore_stop_signals()
         if started_broker and not keep_broker:
-            embedded_broker(settings).stop()
+            if ctx.obj.get("services_started"):
+                _land_the_rest(settings)
+            embedded_broker(settings).stop(timeout_s=3.0)
             click.echo("broker stopped")
     if stopped_by_request:
         click.echo("stopped")
         if not ctx.obj.get("ready"):
             ctx.exit(130)  # interrupted before the platform was ready
+
+
+def _land_the_rest(settings: Settings) -> None:
+    """Before the in-memory broker goes: land what arrived after the landing sensor's last run
+    (the last seconds of predictions and feedback), within :data:`FINAL_LANDING_S`. Dagster is
+    stopped by now, so this process is the warehouse's only writer."""
+    from churn_assets.landing import Lander
+
+    try:
+        topics = _unlanded_topics(settings)
+        if not topics:
+            return
+        budget = settings.landing.model_copy(
+            update={"drain_max_seconds": FINAL_LANDING_S / len(topics)}
+        )
+        quick = settings.model_copy(update={"landing": budget})
+        for topic in topics:
+            report = Lander(quick, topic).run()
+            behind = "" if report.reached_eof else " (more was left: lost with the broker)"
+            click.echo(
+                f"landed {report.rows_landed} {topic} messages that arrived after the last "
+                f"landing run{behind}"
+            )
+    except Exception as exc:  # the stop goes on; what was not landed is named
+        click.echo(f"WARNING: landing the last messages before the broker stops failed: {exc}")
 
 
 def _run_platform(
@@ -581,7 +673,7 @@ def _run_platform(
     dagster_bin = str(Path(sys.executable).with_name("dagster"))
     for run in reap_interrupted_runs(settings):
         click.echo(f"marked {run}, interrupted by the last stop, as canceled")
-    if produced is None and not _unlanded_topics(settings):
+    if produced is None and not _unlanded_topics(settings) and _landing_published(settings):
         _step(
             4,
             "landing skipped: the data topics hold nothing past what is landed (the landing "
@@ -597,8 +689,9 @@ def _run_platform(
         if code != 0:
             raise click.ClickException(
                 f"the Dagster landing run failed (exit code {code}); its error is in the log "
-                "above. Nothing landed in a failed batch is lost: `churn up` again resumes from "
-                "the stored offsets (`churn status` shows them)"
+                "above. Batches commit all or nothing, so nothing is landed twice: after fixing "
+                "the cause, `churn up` again produces the demo data again if it was not all "
+                "landed, and messages already landed count as replays"
             )
     if produced is not None:
         _write_simulation_record(settings, config, produced)
@@ -642,7 +735,8 @@ def _train(
         if champion is None:
             raise click.ClickException(
                 f"{cause}. No model is registered, so there is nothing to serve; fix the cause "
-                "(e.g. land more data: `churn simulate`, `churn land`), then run `churn up` again"
+                "and run `churn up` again (too little data: a larger simulator.customers, e.g. "
+                "CHURN_SIMULATOR__CUSTOMERS=20000 churn up)"
             )
         click.echo(f"WARNING: {cause}; serving continues with the registered champion {champion}")
     ctx.invoke(models_list)
@@ -656,6 +750,7 @@ def _serve(ctx: click.Context, settings: Settings, env: dict[str, str], dagster_
     cli = [sys.executable, "-m", "churn_assets.cli", *_config_args(ctx)]
     champion = ModelRegistry(settings.registry_dir).aliases().get("champion")
     services: list[Service] = []
+    ctx.obj["services_started"] = True
     try:
         if champion is None:
             _step(6, "serving skipped: the registry has no champion (train one: `churn up`)")
@@ -683,8 +778,8 @@ def _serve(ctx: click.Context, settings: Settings, env: dict[str, str], dagster_
                     env,
                 ),
                 lambda: _dagster_loaded(dagster_url),
-                f"Dagster UI and daemon ready: {dagster_url} (sensors land, monitor, retrain "
-                "and roll out)",
+                f"Dagster UI ready: {dagster_url} (its daemon runs the sensors that land, "
+                "monitor, retrain and roll out)",
             )
         )
         dashboard_url = f"http://127.0.0.1:{settings.dashboard.port}"

@@ -446,24 +446,29 @@ class ServingPlane:
         for version in (new_state.champion, new_state.challenger):
             if version:
                 self._get(version)
+        # The registry first: a crash between the two leaves the registry ahead of the saved
+        # router state, which the next start reconciles as the change it was (a promotion
+        # recorded the other way round would read as a rollback made in the registry).
+        self._sync_registry_aliases(new_state)
         with self._lock:
             self.state = self.store.save(new_state, action=action, actor=actor, detail=detail)
             self._publish_weights()
-        self._sync_registry_aliases()
         log.info("router %s by %s: %s", action, actor, self.state)
         return self.state
 
-    def _sync_registry_aliases(self) -> None:
+    def _sync_registry_aliases(self, state: RouterState) -> None:
         try:
             aliases = self.registry.aliases()
-            if aliases.get("champion") != self.state.champion:
-                self.registry.set_alias("champion", self.state.champion)
-            if self.state.challenger and aliases.get("challenger") != self.state.challenger:
-                self.registry.set_alias("challenger", self.state.challenger)
-            if not self.state.challenger and "challenger" in self.registry.aliases():
+            if aliases.get("champion") != state.champion:
+                self.registry.set_alias("champion", state.champion)
+            if state.challenger and aliases.get("challenger") != state.challenger:
+                self.registry.set_alias("challenger", state.challenger)
+            if not state.challenger and "challenger" in self.registry.aliases():
                 self.registry.clear_alias("challenger")
         except RegistryError as exc:
-            raise Unavailable(f"router changed but the registry aliases could not: {exc}") from exc
+            raise Unavailable(
+                f"the registry aliases could not be changed, so the router was not: {exc}"
+            ) from exc
 
     def set_policy(
         self,

@@ -31,7 +31,7 @@ from mlserver.settings import Settings as MLServerSettings
 
 from churn_assets.config import Settings
 from serving.api import create_router, serving_error_handler, validation_error_handler
-from serving.errors import ServingError
+from serving.errors import NotFound, ServingError
 from serving.metrics import ServingMetrics
 from serving.mirror import PredictionMirror
 from serving.plane import ServingPlane
@@ -120,12 +120,26 @@ class ServingProcess:
 
 
 def _model_settings(plane: ServingPlane) -> list[ModelSettings]:
-    """The V2 models; every registered version is loaded here first, so a version that cannot
-    be loaded (a damaged artefact) fails the start with one line instead of MLServer stopping
-    itself after it began serving."""
-    versions = [v.version for v in plane.registry.versions()]
-    for version in versions:
-        plane.load(version)
+    """The V2 models. The versions the router can send traffic to (champion, challenger, the
+    champions a rollback returns to) are loaded here first, so one that cannot be loaded (a
+    damaged artefact) fails the start with one line instead of MLServer stopping itself after
+    it began serving. Any other registered version that cannot be loaded is left out of the V2
+    per-version models with a warning: an old damaged version never keeps the current ones
+    from serving."""
+    state = plane.state
+    routed = {state.champion, state.challenger, *state.previous_champions} - {None}
+    versions = []
+    for version in (v.version for v in plane.registry.versions()):
+        try:
+            plane.load(version)
+        except NotFound as exc:
+            if version in routed:
+                raise
+            log.warning(
+                "version %s is not served over V2 (the router does not use it): %s", version, exc
+            )
+            continue
+        versions.append(version)
     models = [
         ModelSettings(name="churn-router", implementation=RouterRuntime),
         ModelSettings(name="churn-explainer", implementation=ExplainerRuntime),

@@ -178,6 +178,7 @@ def test_three_starts_on_the_same_data(config_factory, tmp_path):
             "v2",
         )
         before_stop = decisions(settings)
+        step_started_at = read_rollout_state(settings.read_models_dir)["step_started_at"]
         timings["second stop"] = second.stop()
         assert no_temp_left(tmpdir) == []
 
@@ -201,6 +202,8 @@ def test_three_starts_on_the_same_data(config_factory, tmp_path):
         assert after.iloc[0]["challenger"] == "v2"
         assert set(after["action"]) <= {"wait", "hold"}, after.to_dict("records")
         assert rollout_phase(settings) == "canary"
+        # The step's clock (min_step_minutes) runs on from where it was, not from the restart.
+        assert read_rollout_state(settings.read_models_dir)["step_started_at"] == step_started_at
         timings["third stop"] = third.stop()
         assert no_temp_left(tmpdir) == []
     finally:
@@ -237,12 +240,9 @@ def test_sigterm_during_landing_stops_the_run_and_the_broker(config_factory, tmp
     run = PlatformRun.start([*cli, "up", "--no-train", "--no-serve"], env, tmp_path / "up.log")
     try:
         wait_for(lambda: "[4/8] landing" in run.output(), 300, "the landing step", run)
-        # Let the landing run get going: the first batch committed.
+        # Let the landing run get going: a few batches committed.
         wait_for(
-            lambda: settings.warehouse_path.exists() and "STEP_START" in run.output(),
-            120,
-            "the landing run's first step",
-            run,
+            lambda: "churn.customers: batch 3:" in run.output(), 120, "three landed batches", run
         )
         run.process.send_signal(signal.SIGTERM)
         code = run.process.wait(timeout=30)
@@ -274,5 +274,13 @@ def test_sigterm_during_landing_stops_the_run_and_the_broker(config_factory, tmp
     )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     subprocess.run([*cli, "broker", "stop"], env=env, capture_output=True, timeout=60)
+    output = again.stdout + again.stderr
+    produced = int(re.search(r"produced (\d+) customer events", output).group(1))
+    landed, replayed = map(
+        int,
+        re.search(r"churn\.customers: landed (\d+) rows, (\d+) replayed", output).groups(),
+    )
+    # What the interrupted run committed is not landed again: it is counted as replayed.
+    assert replayed >= 3 * 500 and landed + replayed == produced
     events = load_read_model(settings.read_models_dir, "landed_customer_events")
-    assert len(events) == events["event_id"].nunique() > 0
+    assert len(events) == events["event_id"].nunique() == produced

@@ -49,6 +49,14 @@ def call(method, url, body=None, token=None):
         return exc.code, json.loads(exc.read())
 
 
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def customers(n, seed=3):
     frame = sample_customers(n, seed=seed)
     rows = frame[["customer_id", *FEATURE_NAMES]].to_dict("records")
@@ -148,12 +156,12 @@ def test_a_failed_start_exits_nonzero_and_leaves_nothing(
     broker_settings, settings_path, trained_registry, tmp_path
 ):
     copy_registry(trained_registry, broker_settings.registry_dir)
-    # A third version, registered but never aliased, whose artefact was damaged later: every
-    # version is served (`churn` v1, v2, v3), so the start fails after the temporary folder
-    # was made.
+    # A third version, registered as the challenger, whose artefact was damaged later: the
+    # router would send it traffic, so the start fails after the temporary folder was made.
     registry = ModelRegistry(broker_settings.registry_dir)
     v2 = registry.get("v2")
     v3 = registry.register({name: registry.read_file("v2", name) for name in v2.files}, {})
+    registry.set_alias("challenger", "v3")
     damaged = v3.path / sorted(v3.files)[0]
     damaged.write_bytes(damaged.read_bytes()[::-1])
     tmpdir = tmp_path / "tmp"
@@ -183,6 +191,21 @@ def test_a_failed_start_exits_nonzero_and_leaves_nothing(
     assert f"Error: serving.http_port {port} on 127.0.0.1 is not free" in result.stderr
     assert "Traceback" not in result.stderr
     assert list(tmpdir.iterdir()) == []
+
+    # The same damaged version, no longer aliased: an old version the router never uses does
+    # not keep the champion and challenger from serving; it is left out of V2 with a warning.
+    registry.set_alias("challenger", "v2")
+    log = tmp_path / "serve-old-damaged.log"
+    server = start_server(settings_path, log, extra_env={"TMPDIR": str(tmpdir)})
+    try:
+        ready = [
+            http_status(f"{server.http}/v2/models/churn/versions/{v}/ready")
+            for v in ("v1", "v2", "v3")
+        ]
+    finally:
+        server.stop()
+    assert ready[:2] == [200, 200] and ready[2] != 200, ready
+    assert "version v3 is not served over V2" in log.read_text()
 
 
 # -- restarting: the registry's aliases win ----------------------------------------------------

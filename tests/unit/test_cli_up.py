@@ -200,3 +200,27 @@ def test_the_fingerprint_is_recomputed_only_when_landed_data_changes(settings_pa
     (settings.data_dir / "landed_fingerprint.json").write_text("not json")
     assert _cached_fingerprint(settings, compute) == "fp3"  # a corrupt cache is ignored
     assert len(calls) == 3
+
+
+def test_training_is_skipped_when_a_version_was_trained_on_the_landed_data(settings_path):
+    from churn_assets.candidate import landed_data_fingerprint
+    from churn_assets.simulator import simulate_frames
+
+    settings = load_settings(settings_path)
+    settings.read_models_dir.mkdir(parents=True)
+    events, outcomes = simulate_frames(SimulationConfig(customers=300, days=75, seed=3))
+    events.assign(landed_at=pd.Timestamp("2026-03-01", tz="UTC")).to_parquet(
+        settings.read_models_dir / "landed_customer_events.parquet"
+    )
+    outcomes.assign(landed_at=pd.Timestamp("2026-03-01", tz="UTC")).to_parquet(
+        settings.read_models_dir / "landed_feedback.parquet"
+    )
+    fingerprint = landed_data_fingerprint(settings)
+    registry = ModelRegistry(settings.registry_dir)
+    register(registry, "trained on other data", "champion")
+    assert training_skip_reason(settings) is None  # new data: train
+    version = registry.register({"model.json": b"{}"}, {"data_fingerprint": fingerprint})
+    assert training_skip_reason(settings) == (
+        f"{version.version} was trained on exactly this data (fingerprint {fingerprint[:12]}); "
+        "`churn retrain` trains again on purpose"
+    )
