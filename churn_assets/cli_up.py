@@ -376,14 +376,59 @@ def _ignore_stop_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def _spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+def _spawn(
+    command: list[str], env: dict[str, str], log_path: Path | None = None
+) -> subprocess.Popen[bytes]:
     """A child in its own session (a terminal's Ctrl-C reaches only `churn up`, which stops
-    children in order) that the kernel stops if `churn up` dies without cleaning up."""
+    children in order) that the kernel stops if `churn up` dies without cleaning up; its output
+    goes to ``log_path`` (appended) when given, else to this terminal."""
     from churn_assets.broker import die_with_parent
 
-    return subprocess.Popen(
-        command, env=env, cwd=REPO_ROOT, start_new_session=True, preexec_fn=die_with_parent
-    )
+    if log_path is None:
+        return subprocess.Popen(
+            command, env=env, cwd=REPO_ROOT, start_new_session=True, preexec_fn=die_with_parent
+        )
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        log.write(f"--- started by churn up at {datetime.now(UTC).isoformat()} ---\n".encode())
+        log.flush()
+        return subprocess.Popen(
+            command,
+            env=env,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    """The last ``lines`` lines of a service's log, indented, for an error message."""
+    try:
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+    except FileNotFoundError:
+        return "  (no log)"
+    return "\n".join(f"  {line}" for line in text)
+
+
+def cancel_runs_in_flight(settings: Settings) -> list[str]:
+    """Mark the platform's started runs as canceling before Dagster is stopped, so an
+    interrupted run is recorded as canceled by the stop, not as an unexpected failure, and the
+    next start has nothing to reap. Queued runs stay queued for the next start."""
+    import dagster as dg
+
+    active = [
+        dg.DagsterRunStatus.NOT_STARTED,
+        dg.DagsterRunStatus.STARTING,
+        dg.DagsterRunStatus.STARTED,
+    ]
+    canceled = []
+    with dg.DagsterInstance.from_config(str(_dagster_home(settings))) as instance:
+        for run in instance.get_runs(filters=dg.RunsFilter(statuses=active)):
+            instance.report_run_canceling(run, message="the platform is stopping (`churn up`)")
+            canceled.append(f"{run.job_name} run {run.run_id[:8]}")
+    return canceled
 
 
 def _group_alive(pid: int) -> bool:
@@ -477,6 +522,7 @@ class Service:
     process: subprocess.Popen[bytes]
     probe: Callable[[], bool]
     announce: str
+    log: Path
 
 
 def _await_ready(service: Service, others: list[Service]) -> None:
@@ -487,13 +533,13 @@ def _await_ready(service: Service, others: list[Service]) -> None:
             code = candidate.process.poll()
             if code is not None:
                 raise click.ClickException(
-                    f"{candidate.name} exited with code {code} before it was ready; its log is "
-                    "above; stopping the platform"
+                    f"{candidate.name} exited with code {code} before it was ready; stopping "
+                    f"the platform. The end of {candidate.log}:\n{_tail(candidate.log)}"
                 )
         if time.monotonic() > deadline:
             raise click.ClickException(
-                f"{service.name} did not answer within {READY_TIMEOUT_S[service.name]:.0f}s "
-                "(its log is above); stopping the platform"
+                f"{service.name} did not answer within {READY_TIMEOUT_S[service.name]:.0f}s; "
+                f"stopping the platform. The end of {service.log}:\n{_tail(service.log)}"
             )
         time.sleep(0.5)
     _step(service.step, service.announce)
@@ -506,8 +552,8 @@ def _wait_until_stopped_or_exit(services: list[Service]) -> None:
             code = service.process.poll()
             if code is not None:
                 raise click.ClickException(
-                    f"{service.name} exited with code {code}; its log is above; stopping the "
-                    "platform"
+                    f"{service.name} exited with code {code}; stopping the platform. The end "
+                    f"of {service.log}:\n{_tail(service.log)}"
                 )
         time.sleep(0.5)
 
@@ -749,6 +795,7 @@ def _serve(ctx: click.Context, settings: Settings, env: dict[str, str], dagster_
 
     cli = [sys.executable, "-m", "churn_assets.cli", *_config_args(ctx)]
     champion = ModelRegistry(settings.registry_dir).aliases().get("champion")
+    logs = settings.data_dir / "logs"
     services: list[Service] = []
     ctx.obj["services_started"] = True
     try:
@@ -760,10 +807,11 @@ def _serve(ctx: click.Context, settings: Settings, env: dict[str, str], dagster_
                 Service(
                     6,
                     "serving",
-                    _spawn([*cli, "serve"], env),
+                    _spawn([*cli, "serve"], env, logs / "serving.log"),
                     lambda: _http_ok(f"{base}/v2/health/ready") is not None,
                     f"serving ready: {base} (REST, /docs) and "
                     f"{settings.serving.host}:{settings.serving.grpc_port} (gRPC)",
+                    logs / "serving.log",
                 )
             )
         port = settings.dagster.webserver_port
@@ -776,10 +824,12 @@ def _serve(ctx: click.Context, settings: Settings, env: dict[str, str], dagster_
                     [dagster_bin, "dev", "-w", str(REPO_ROOT / "workspace.yaml")]
                     + ["-h", "127.0.0.1", "-p", str(port)],
                     env,
+                    logs / "dagster.log",
                 ),
                 lambda: _dagster_loaded(dagster_url),
                 f"Dagster UI ready: {dagster_url} (its daemon runs the sensors that land, "
                 "monitor, retrain and roll out)",
+                logs / "dagster.log",
             )
         )
         dashboard_url = f"http://127.0.0.1:{settings.dashboard.port}"
@@ -787,9 +837,10 @@ def _serve(ctx: click.Context, settings: Settings, env: dict[str, str], dagster_
             Service(
                 8,
                 "dashboard",
-                _spawn(panel_command(settings.dashboard.port), env),
+                _spawn(panel_command(settings.dashboard.port), env, logs / "dashboard.log"),
                 lambda: _http_ok(f"{dashboard_url}/liveness") is not None,
                 f"dashboard ready: {dashboard_url}/app",
+                logs / "dashboard.log",
             )
         )
         for service in services:
@@ -800,13 +851,21 @@ def _serve(ctx: click.Context, settings: Settings, env: dict[str, str], dagster_
             f"dashboard {dashboard_url}/app",
         ]
         elapsed = time.monotonic() - ctx.obj["started"]
-        click.echo(f"ready in {elapsed:.0f}s: {', '.join(urls)} (Ctrl-C stops the platform)")
+        click.echo(
+            f"ready in {elapsed:.0f}s: {', '.join(urls)}; their logs: {logs}/ "
+            "(Ctrl-C stops the platform)"
+        )
         ctx.obj["ready"] = True
         _wait_until_stopped_or_exit(services)
     finally:
         _ignore_stop_signals()
         if services:
             click.echo("stopping serving, Dagster and the dashboard")
+            try:
+                for run in cancel_runs_in_flight(settings):
+                    click.echo(f"canceling {run}, interrupted by the stop")
+            except Exception as exc:  # the stop goes on; the next start reaps such runs
+                click.echo(f"WARNING: could not mark the Dagster runs in flight canceled: {exc}")
             stop_children([service.process for service in services])
 
 

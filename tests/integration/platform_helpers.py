@@ -80,8 +80,11 @@ class PlatformRun:
             time.sleep(1)
         return time.monotonic() - self.started
 
-    def stop(self, sig: int = signal.SIGTERM) -> float:
-        """Signal `churn up`, wait for it to exit 0 within the deadline, check nothing is left."""
+    def stop(self, sig: int = signal.SIGTERM, logs_dir: Path | None = None) -> float:
+        """Signal `churn up`, wait for it to exit 0 within the deadline, check nothing is left;
+        with ``logs_dir`` (the services' log folder, ``data/logs``), check that what serving,
+        Dagster and the dashboard logged after the signal holds no traceback or failed run."""
+        sizes = {p: p.stat().st_size for p in logs_dir.glob("*.log")} if logs_dir else {}
         sent = time.monotonic()
         self.process.send_signal(sig)
         try:
@@ -101,6 +104,12 @@ class PlatformRun:
         assert "Traceback" not in tail and " ERROR " not in tail and "ERROR:" not in tail, tail
         assert "did not stop within" not in tail, tail
         assert processes_with_env(self.marker) == [], "processes left behind after the stop"
+        for path, size in sizes.items():
+            with path.open("rb") as log:
+                log.seek(size)
+                after = log.read().decode(errors="replace")
+            for problem in ("Traceback", "RUN_FAILURE", "Sensor tick caught an error"):
+                assert problem not in after, f"{path.name} after the stop:\n{after[-4000:]}"
         return took
 
     def kill(self) -> None:

@@ -96,6 +96,7 @@ def test_three_starts_on_the_same_data(config_factory, tmp_path):
     cli = [sys.executable, "-m", "churn_assets.cli", "--config", str(settings_path)]
     serving = f"http://127.0.0.1:{http_port}"
     registry = ModelRegistry(settings.registry_dir)
+    logs = settings.data_dir / "logs"
     timings: dict[str, float] = {}
     runs: list[PlatformRun] = []
     try:
@@ -119,7 +120,7 @@ def test_three_starts_on_the_same_data(config_factory, tmp_path):
         assert produced is not None
         simulated_events, simulated_outcomes = map(int, produced.groups())
         assert registry.aliases() == {"champion": "v1"}
-        timings["first stop"] = first.stop()
+        timings["first stop"] = first.stop(logs_dir=logs)
         assert no_temp_left(tmpdir) == []
 
         # -- a challenger registered while the platform is down: the rollout is pending ---------
@@ -179,7 +180,7 @@ def test_three_starts_on_the_same_data(config_factory, tmp_path):
         )
         before_stop = decisions(settings)
         step_started_at = read_rollout_state(settings.read_models_dir)["step_started_at"]
-        timings["second stop"] = second.stop()
+        timings["second stop"] = second.stop(logs_dir=logs)
         assert no_temp_left(tmpdir) == []
 
         # -- third start: mid-canary; it resumes from the last decision -------------------------
@@ -204,7 +205,7 @@ def test_three_starts_on_the_same_data(config_factory, tmp_path):
         assert rollout_phase(settings) == "canary"
         # The step's clock (min_step_minutes) runs on from where it was, not from the restart.
         assert read_rollout_state(settings.read_models_dir)["step_started_at"] == step_started_at
-        timings["third stop"] = third.stop()
+        timings["third stop"] = third.stop(logs_dir=logs)
         assert no_temp_left(tmpdir) == []
     finally:
         for run in runs:
