@@ -13,6 +13,7 @@ everything this command started.
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import secrets
@@ -36,6 +37,8 @@ from churn_assets.config import REPO_ROOT, Settings
 
 __all__ = ["dagster_env", "produce_demo", "simulation_config", "up"]
 
+log = logging.getLogger(__name__)
+
 STEPS = 8
 SIMULATION_MARKER = "simulation.json"
 # How long each service may take to answer after it was started (2-core machines are slow).
@@ -43,6 +46,8 @@ READY_TIMEOUT_S = {"serving": 240.0, "dagster": 300.0, "dashboard": 180.0}
 # Stopping: children get SIGTERM (Dagster runs SIGINT, which they record as a cancelled run)
 # and this long to exit before SIGKILL; the broker is stopped after them.
 STOP_GRACE_S = 6.0
+# What a stopped leader leaves in its group (a run worker) gets this long after SIGTERM.
+LEFTOVER_GRACE_S = 2.0
 # At a stop, messages that arrived after the sensor's last landing run are landed before the
 # in-memory broker goes; this bounds how long that may take.
 FINAL_LANDING_S = 3.0
@@ -62,6 +67,14 @@ def _step(number: int, text: str) -> None:
 
 
 # -- Dagster environment ---------------------------------------------------------------------------
+
+
+def _instance(settings: Settings):
+    """The platform's Dagster instance (its storage's schema-migration chatter kept quiet)."""
+    import dagster as dg
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return dg.DagsterInstance.from_config(str(_dagster_home(settings)))
 
 
 def _dagster_home(settings: Settings) -> Path:
@@ -92,7 +105,6 @@ def reap_interrupted_runs(settings: Settings) -> list[str]:
     """
     import dagster as dg
 
-    home = _dagster_home(settings)
     dead = [
         dg.DagsterRunStatus.NOT_STARTED,
         dg.DagsterRunStatus.STARTING,
@@ -100,7 +112,7 @@ def reap_interrupted_runs(settings: Settings) -> list[str]:
         dg.DagsterRunStatus.CANCELING,
     ]
     reaped = []
-    with dg.DagsterInstance.from_config(str(home)) as instance:
+    with _instance(settings) as instance:
         for run in instance.get_runs(filters=dg.RunsFilter(statuses=dead)):
             instance.report_run_canceled(
                 run,
@@ -424,7 +436,7 @@ def cancel_runs_in_flight(settings: Settings) -> list[str]:
         dg.DagsterRunStatus.STARTED,
     ]
     canceled = []
-    with dg.DagsterInstance.from_config(str(_dagster_home(settings))) as instance:
+    with _instance(settings) as instance:
         for run in instance.get_runs(filters=dg.RunsFilter(statuses=active)):
             instance.report_run_canceling(run, message="the platform is stopping (`churn up`)")
             canceled.append(f"{run.job_name} run {run.run_id[:8]}")
@@ -448,29 +460,37 @@ def stop_children(
     grace_s: float = STOP_GRACE_S,
 ) -> None:
     """Stop children in order: ``sig`` to each leader (``dagster dev`` then shuts its webserver,
-    daemon and code server down in order, which a signal to the whole group would race), then
-    SIGTERM to whatever the leaders left in their groups (a run worker), then, once ``grace_s``
-    is over, SIGKILL with a line saying so."""
+    daemon and code server down in order, which a signal to the whole group would race) and up
+    to ``grace_s`` for them to exit; then SIGTERM to whatever a leader left in its group (a run
+    worker of a run already marked canceled) and :data:`LEFTOVER_GRACE_S` for it; then SIGKILL.
+    A leader that had to be killed is named; killed leftovers are only logged."""
     deadline = time.monotonic() + grace_s
     for child in children:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child.pid, sig)
     while time.monotonic() < deadline and any(child.poll() is None for child in children):
         time.sleep(0.1)
+    hung = [child for child in children if child.poll() is None]
     for child in children:
         if _group_alive(child.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.pid, signal.SIGTERM)
-    while time.monotonic() < deadline and any(_group_alive(child.pid) for child in children):
+    leftovers_deadline = time.monotonic() + LEFTOVER_GRACE_S
+    while time.monotonic() < leftovers_deadline and any(_group_alive(c.pid) for c in children):
         time.sleep(0.1)
     for child in children:
-        if _group_alive(child.pid):
+        if not _group_alive(child.pid):
+            continue
+        if child in hung:
             click.echo(
                 f"{' '.join(map(str, child.args[:3]))} (pid {child.pid}) did not stop within "
                 f"{grace_s:.0f}s; killed"
             )
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.pid, signal.SIGKILL)
+        else:
+            log.info("killed what %s left running in its process group", child.args[0])
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+    for child in children:
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=5)
 
