@@ -4,6 +4,7 @@ Admin endpoints need ``Authorization: Bearer <token>`` where the token comes fro
 ``CHURN_ADMIN_TOKEN`` environment variable; without it configured, admin calls are refused.
 """
 
+import asyncio
 import hmac
 import uuid
 from datetime import UTC, datetime
@@ -62,6 +63,27 @@ async def validation_error_handler(_request: Request, exc: Exception) -> JSONRes
     return JSONResponse(status_code=422, content={"detail": errors})
 
 
+FEEDBACK_DELIVERY_S = 5.0
+
+
+def _deliver(producer: Any, topic: str, key: bytes, value: bytes) -> None:
+    """Produce one message and wait for Kafka's acknowledgement of exactly it; a message that
+    was not delivered (queue full, expired, refused) is :class:`Unavailable`, so a 2xx means
+    the broker has it."""
+    outcome: list[Any] = []
+    try:
+        producer.produce(topic, key=key, value=value, on_delivery=lambda e, _m: outcome.append(e))
+    except BufferError as exc:
+        raise Unavailable(f"feedback not accepted: {exc}") from exc
+    producer.flush(FEEDBACK_DELIVERY_S)
+    if not outcome:
+        raise Unavailable(
+            f"feedback could not be delivered to Kafka within {FEEDBACK_DELIVERY_S:.0f} s; retry"
+        )
+    if outcome[0] is not None:
+        raise Unavailable(f"feedback was not delivered to Kafka ({outcome[0]}); retry")
+
+
 def create_router(
     plane: ServingPlane, admin_token: str | None, feedback_producer: Any
 ) -> APIRouter:
@@ -118,17 +140,12 @@ def create_router(
         )
         if feedback_producer is None:
             raise Unavailable("Kafka is not configured for feedback")
-        try:
-            feedback_producer.produce(
-                Topics.FEEDBACK,
-                key=body.customer_id.encode(),
-                value=encode_message(Topics.FEEDBACK, event),
-            )
-            remaining = feedback_producer.flush(5)
-        except BufferError as exc:
-            raise Unavailable(f"feedback not accepted: {exc}") from exc
-        if remaining:
-            raise Unavailable("feedback could not be delivered to Kafka within 5 s; retry")
+        value = encode_message(Topics.FEEDBACK, event)
+        # Waiting for Kafka's acknowledgement blocks: off the event loop, so one slow broker
+        # never stalls the other requests.
+        await asyncio.to_thread(
+            _deliver, feedback_producer, Topics.FEEDBACK, body.customer_id.encode(), value
+        )
         return {"accepted": True, "event_id": event.event_id}
 
     @router.get("/router/metrics", tags=["router"], summary="Router state, traffic, latency")

@@ -410,3 +410,44 @@ def test_reconcile_rules(stored, aliases, expected):
     fields = ("strategy", "champion", "challenger", "canary_weight", "previous_champions")
     assert {f: getattr(reconciled, f) for f in fields} == {f: getattr(expected, f) for f in fields}
     assert bool(changes) == (reconciled != stored)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_feedback_waits_for_kafka_off_the_event_loop_and_a_lost_one_is_503(
+    broker_settings, settings_path, trained_registry, tmp_path
+):
+    """`POST /feedback` answers 200 only for an outcome Kafka acknowledged, and waiting for
+    that acknowledgement never stalls the server: with the broker gone, other requests are
+    answered while a feedback call waits for its 503."""
+    import threading
+
+    from churn_assets.broker import EmbeddedBroker
+
+    copy_registry(trained_registry, broker_settings.registry_dir)
+    server = start_server(settings_path, tmp_path / "serve.log")
+    try:
+        body = {"customer_id": "C0000001", "churned": True}
+        status, answer = call("POST", f"{server.http}/feedback", body)
+        assert status == 200 and answer["accepted"], answer
+        EmbeddedBroker(broker_settings.run_dir).stop()
+
+        lost: dict = {}
+
+        def send_feedback() -> None:
+            lost["status"], lost["body"] = call("POST", f"{server.http}/feedback", body)
+
+        waiting = threading.Thread(target=send_feedback)
+        waiting.start()
+        time.sleep(0.5)
+        answered_meanwhile = 0
+        while waiting.is_alive():
+            if http_status(f"{server.http}/v2/health/live") == 200 and waiting.is_alive():
+                answered_meanwhile += 1
+            time.sleep(0.2)
+        waiting.join()
+    finally:
+        server.stop()
+    assert lost["status"] == 503, lost
+    assert "delivered to Kafka" in json.dumps(lost["body"])
+    assert answered_meanwhile >= 5  # the event loop kept serving while feedback waited
