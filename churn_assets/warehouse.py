@@ -194,6 +194,23 @@ def _columns(con: duckdb.DuckDBPyConnection, table: str) -> list[str]:
     return [row[0] for row in rows]
 
 
+def _recreate(con: duckdb.DuckDBPyConnection, table: str, old: str, purpose: str) -> list[str]:
+    """Inside the caller's transaction: rename ``table`` to ``old`` and create it again from
+    :data:`TABLE_DDL` (DuckDB cannot alter a primary key or index rows deleted in the same
+    transaction); returns the old columns, which the caller copies. A column the current
+    schema does not know stops the migration."""
+    columns = _columns(con, table)
+    con.execute(f"ALTER TABLE {table} RENAME TO {old}")
+    con.execute(TABLE_DDL[table])
+    unknown = set(columns) - set(_columns(con, table))
+    if unknown:
+        raise WarehouseMigrationError(
+            f"table {table} has columns {sorted(unknown)} that the current schema does not "
+            f"know; cannot {purpose} (nothing was changed)"
+        )
+    return columns
+
+
 def _migrate_to_epochs(con: duckdb.DuckDBPyConnection) -> None:
     """Rebuild tables created before log epochs with ``kafka_epoch`` in their primary key.
 
@@ -210,14 +227,7 @@ def _migrate_to_epochs(con: duckdb.DuckDBPyConnection) -> None:
         for table, columns in old.items():
             before = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
             listed = ", ".join(columns)
-            con.execute(f"ALTER TABLE {table} RENAME TO {table}__pre_epoch")
-            con.execute(TABLE_DDL[table])
-            unknown = set(columns) - set(_columns(con, table))
-            if unknown:
-                raise WarehouseMigrationError(
-                    f"table {table} has columns {sorted(unknown)} that the current schema does "
-                    "not know; cannot migrate it to per-epoch keys (nothing was changed)"
-                )
+            _recreate(con, table, f"{table}__pre_epoch", "migrate it to per-epoch keys")
             con.execute(
                 f"INSERT INTO {table} (kafka_epoch, {listed}) "
                 f"SELECT ?, {listed} FROM {table}__pre_epoch",
@@ -277,16 +287,8 @@ def _migrate_to_business_keys(con: duckdb.DuckDBPyConnection) -> None:
             if before == 0:
                 con.execute(_business_key_ddl(table))
                 continue
-            columns = _columns(con, table)
             old = f"{table}__pre_business_key"
-            con.execute(f"ALTER TABLE {table} RENAME TO {old}")
-            con.execute(TABLE_DDL[table])
-            unknown = set(columns) - set(_columns(con, table))
-            if unknown:
-                raise WarehouseMigrationError(
-                    f"table {table} has columns {sorted(unknown)} that the current schema does "
-                    "not know; cannot give it a business-key index (nothing was changed)"
-                )
+            columns = _recreate(con, table, old, "give it a business-key index")
             con.execute(_business_key_ddl(table))
             listed = ", ".join(columns)
             key = ", ".join(BUSINESS_KEYS[table])
