@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -816,6 +817,13 @@ def _serve(ctx: click.Context, settings: Settings, env: dict[str, str], dagster_
     cli = [sys.executable, "-m", "churn_assets.cli", *_config_args(ctx)]
     champion = ModelRegistry(settings.registry_dir).aliases().get("champion")
     logs = settings.data_dir / "logs"
+    # Dagster's processes (code server, run workers) make gRPC socket files in their temporary
+    # folder, and a run worker killed at a stop leaves them behind: they get a folder of their
+    # own, removed after the stop (and, after a crash, at the next start: this runs under the
+    # data directory's lock).
+    for stale in settings.run_dir.glob("dagster-tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    dagster_tmp = Path(tempfile.mkdtemp(prefix="dagster-tmp-", dir=settings.run_dir))
     services: list[Service] = []
     ctx.obj["services_started"] = True
     try:
@@ -843,7 +851,7 @@ def _serve(ctx: click.Context, settings: Settings, env: dict[str, str], dagster_
                 _spawn(
                     [dagster_bin, "dev", "-w", str(REPO_ROOT / "workspace.yaml")]
                     + ["-h", "127.0.0.1", "-p", str(port)],
-                    env,
+                    {**env, "TMPDIR": str(dagster_tmp)},
                     logs / "dagster.log",
                 ),
                 lambda: _dagster_loaded(dagster_url),
@@ -887,6 +895,7 @@ def _serve(ctx: click.Context, settings: Settings, env: dict[str, str], dagster_
             except Exception as exc:  # the stop goes on; the next start reaps such runs
                 click.echo(f"WARNING: could not mark the Dagster runs in flight canceled: {exc}")
             stop_children([service.process for service in services])
+        shutil.rmtree(dagster_tmp, ignore_errors=True)
 
 
 def _config_args(ctx: click.Context) -> list[str]:
