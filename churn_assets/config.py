@@ -156,6 +156,13 @@ class ServingSettings(_Section):
     http_port: int = Field(8080, ge=1, le=65535)
     grpc_port: int = Field(8081, ge=1, le=65535)
     url: str | None = Field(None, pattern=r"^https?://[^\s/]+(:[0-9]+)?/?$")
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        le=256 * 1024 * 1024,
+        description="largest request body (REST, answered 413) or message (gRPC, "
+        "RESOURCE_EXHAUSTED) serving reads",
+    )
 
 
 class RolloutSettings(_Section):
