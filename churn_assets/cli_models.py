@@ -69,24 +69,38 @@ def models() -> None:
 @click.pass_context
 @_registry_errors_as_click
 def list_versions(ctx: click.Context) -> None:
-    """Show every version with its aliases, registration time, parent and test ROC AUC."""
+    """Show every version with its aliases, registration time, parent, test ROC AUC and whether
+    its artefacts are intact (a damaged version is quarantined: serving leaves it out)."""
     registry = _registry(ctx)
-    versions = registry.versions()
-    if not versions:
+    names = registry.version_names()
+    if not names:
         click.echo(f"no model versions registered in {registry.root}")
         return
     aliases = _aliases_of(registry)
-    rows = [
-        [
-            v.version,
-            ",".join(aliases.get(v.version, [])) or "-",
-            v.registered_at,
-            v.parent_version or "-",
-            _metric(v),
-        ]
-        for v in versions
-    ]
-    click.echo(_table(["VERSION", "ALIASES", "REGISTERED_AT", "PARENT", METRIC.upper()], rows))
+    rows, damaged = [], {}
+    for name in names:
+        problem = registry.damage(name)
+        if problem is not None:
+            damaged[name] = problem
+        try:
+            v = registry.get(name)
+        except RegistryError:
+            rows.append([name, ",".join(aliases.get(name, [])) or "-", "-", "-", "-"])
+        else:
+            rows.append(
+                [
+                    v.version,
+                    ",".join(aliases.get(v.version, [])) or "-",
+                    v.registered_at,
+                    v.parent_version or "-",
+                    _metric(v),
+                ]
+            )
+        rows[-1].append("quarantined" if problem is not None else "ok")
+    header = ["VERSION", "ALIASES", "REGISTERED_AT", "PARENT", METRIC.upper(), "STATUS"]
+    click.echo(_table(header, rows))
+    for name, problem in damaged.items():
+        click.echo(f"{name} quarantined: {problem}")
 
 
 @models.command("show")

@@ -43,6 +43,9 @@ ALIASES = ("champion", "challenger")
 MANIFEST = "manifest.json"
 ALIASES_FILE = "aliases.json"
 HISTORY_FILE = "history.jsonl"
+# Rollbacks can step back this many champions; older ones leave ``champion_history`` (the
+# versions stay registered, and ``history.jsonl`` keeps every change).
+CHAMPION_HISTORY_LIMIT = 50
 MANIFEST_FORMAT = 1
 GIT_TIMEOUT_S = 5.0
 _CODE_DIR = Path(__file__).resolve().parent
@@ -266,6 +269,24 @@ class ModelRegistry:
     def versions(self) -> list[ModelVersion]:
         """All registered versions, oldest first."""
         return [self._load(f"v{n}") for n in sorted(self._version_numbers())]
+
+    def version_names(self) -> list[str]:
+        """The registered version names (``v1``, ``v2``, ...), oldest first, without reading
+        their manifests (one of them may be damaged: see :meth:`damage`)."""
+        return [f"v{n}" for n in sorted(self._version_numbers())]
+
+    def damage(self, ref: str) -> str | None:
+        """Why version ``ref`` cannot be used (its manifest or an artefact is missing,
+        unreadable or does not match its SHA-256), or ``None`` when it is intact."""
+        try:
+            version = self.get(ref)
+            for name in sorted(version.files):
+                read_verified(version, name)
+        except VersionNotFound:
+            raise
+        except RegistryError as exc:
+            return str(exc)
+        return None
 
     def get(self, ref: str) -> ModelVersion:
         """The version ``ref`` names: ``"v3"`` or an alias (``"champion"``, ``"challenger"``)."""
@@ -506,6 +527,7 @@ class ModelRegistry:
 
     def _write_aliases(self, state: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        state["champion_history"] = state["champion_history"][-CHAMPION_HISTORY_LIMIT:]
         data = json.dumps(state, indent=2, sort_keys=True) + "\n"
         _replace_atomically(self.root / ALIASES_FILE, data.encode())
 

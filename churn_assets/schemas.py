@@ -6,10 +6,19 @@ validates here can be trusted by every consumer.
 """
 
 import math
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
 
 __all__ = [
     "CONTRACT_TYPES",
@@ -26,6 +35,8 @@ __all__ = [
     "DriftAlert",
     "OutlierEvent",
     "DeadLetter",
+    "Identifier",
+    "Timestamp",
     "Topics",
     "TOPIC_SCHEMAS",
     "DATA_TOPICS",
@@ -71,7 +82,38 @@ def _finite(value: float) -> float:
     return value
 
 
-Finite = Annotated[float, AfterValidator(_finite)]
+# Strict numbers: a JSON number only (an integer for ``int`` fields); ``true`` or ``"50"`` is
+# rejected, never coerced, on every path (serving's input, landing's messages).
+Finite = Annotated[float, Field(strict=True), AfterValidator(_finite)]
+Count = Annotated[int, Field(strict=True)]
+
+
+def _timestamp_text(value: Any) -> Any:
+    if isinstance(value, str | datetime):
+        return value
+    raise ValueError(
+        "must be an ISO 8601 date-time string with a time zone, e.g. 2026-01-31T12:00:00Z "
+        f"(got {type(value).__name__})"
+    )
+
+
+# An ISO 8601 string with a time zone (or a datetime in Python): a number is not a date-time.
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_timestamp_text)]
+
+# Ids: printable text, at most 128 characters; control, format (zero-width, bidirectional
+# overrides), surrogate, private-use and line/paragraph separator characters are refused, so an
+# id can be logged, shown and keyed on safely.
+IDENTIFIER_PATTERN = (
+    # Written with escapes both Python's ``re`` (OpenAPI clients, fuzzers) and pydantic's Rust
+    # engine read: C0/C1 controls, soft hyphen, Arabic/Syriac/Mongolian format characters,
+    # zero-width and bidirectional marks, line/paragraph separators, invisible operators, BOM,
+    # interlinear annotations, private use, tags.
+    r"^[^\x00-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u180e\u200b-\u200f"
+    r"\u0890\u0891\u08e2\u2028-\u202e\u2060-\u206f\ue000-\uf8ff\ufeff\ufff9-\ufffb"
+    r"\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+    r"\U000e0000-\U000e007f\U000f0000-\U0010ffff]+$"
+)
+Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=IDENTIFIER_PATTERN)]
 
 
 class Topics:
@@ -92,13 +134,13 @@ class _Message(BaseModel):
 class CustomerFeatures(_Message):
     """The product's eight model features, with the ranges the platform accepts."""
 
-    customer_tenure: int = Field(ge=0, le=600, description="months since sign-up")
+    customer_tenure: Count = Field(ge=0, le=600, description="months since sign-up")
     monthly_charges: Finite = Field(ge=0, le=10_000, description="current monthly bill")
     total_charges: Finite = Field(ge=0, le=10_000_000, description="lifetime billed amount")
     contract_type: Literal["month-to-month", "one_year", "two_year"]
     payment_method: Literal["electronic_check", "mailed_check", "bank_transfer", "credit_card"]
     internet_service: Literal["dsl", "fiber_optic", "none"]
-    support_tickets: int = Field(ge=0, le=1_000, description="tickets opened, last 30 days")
+    support_tickets: Count = Field(ge=0, le=1_000, description="tickets opened, last 30 days")
     login_frequency: Finite = Field(ge=0, le=10_000, description="logins, last 30 days")
 
 
@@ -106,17 +148,17 @@ class CustomerEvent(CustomerFeatures):
     """``churn.customers`` v1: a customer's state as observed at ``event_time``."""
 
     schema_version: Literal[1] = 1
-    event_id: str = Field(min_length=1, max_length=128)
-    customer_id: str = Field(min_length=1, max_length=128)
-    event_time: AwareDatetime
+    event_id: Identifier
+    customer_id: Identifier
+    event_time: Timestamp
 
 
 class PredictionEvent(_Message):
     """``ml.predictions`` v1: one scored request, mirrored by serving (primary and shadow)."""
 
     schema_version: Literal[1] = 1
-    request_id: str = Field(min_length=1, max_length=128)
-    customer_id: str | None = Field(default=None, max_length=128)
+    request_id: Identifier
+    customer_id: Identifier | None = None
     model_name: str = Field(min_length=1, max_length=128)
     model_version: str = Field(min_length=1, max_length=64)
     arm: Literal["primary", "shadow", "canary"]
@@ -125,19 +167,19 @@ class PredictionEvent(_Message):
     status: Literal["ok", "error"]
     error: str | None = Field(default=None, max_length=2_000)
     features: CustomerFeatures | None = None
-    predicted_at: AwareDatetime
+    predicted_at: Timestamp
 
 
 class FeedbackEvent(_Message):
     """``ml.feedback`` v1: a ground-truth outcome for a customer (and optionally a request)."""
 
     schema_version: Literal[1] = 1
-    event_id: str = Field(min_length=1, max_length=128)
-    customer_id: str = Field(min_length=1, max_length=128)
-    request_id: str | None = Field(default=None, max_length=128)
-    churned: bool
-    outcome_time: AwareDatetime = Field(description="when the outcome happened")
-    observed_at: AwareDatetime = Field(description="when the platform learned of it")
+    event_id: Identifier
+    customer_id: Identifier
+    request_id: Identifier | None = None
+    churned: bool = Field(strict=True)
+    outcome_time: Timestamp = Field(description="when the outcome happened")
+    observed_at: Timestamp = Field(description="when the platform learned of it")
 
 
 class DriftAlert(_Message):

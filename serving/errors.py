@@ -20,7 +20,8 @@ class InvalidInput(ServingError):
     """Field-level validation errors (HTTP 422, gRPC INVALID_ARGUMENT)."""
 
     def __init__(self, errors: list[dict[str, Any]]) -> None:
-        self.errors = errors
+        # The published 422 schema: every error has loc, msg and type.
+        self.errors = [{"type": "value_error", **error} for error in errors]
         summary = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:10]
         )

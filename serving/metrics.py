@@ -123,6 +123,13 @@ class ServingMetrics:
             ["version", "arm", "kind"],
             registry=self.registry,
         )
+        self.model_quarantined = Gauge(
+            "model_quarantined",
+            "1 for a registered model version serving left out because it failed its "
+            "integrity check (damaged or missing artefacts).",
+            ["version"],
+            registry=self.registry,
+        )
         # Known label values start at zero, so rate() and alerts see the series before a drop.
         for outcome in ("delivered", "dropped"):
             self.mirror_events_total.labels(outcome=outcome)

@@ -3,25 +3,26 @@ explanations and router administration. REST, gRPC (through MLServer) and the pr
 convenience endpoints only translate to and from it.
 """
 
+import functools
 import logging
 import statistics
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from churn_assets.config import Settings
 from churn_assets.model import ScoringModel, load_model
 from churn_assets.registry import ModelRegistry, RegistryError
-from churn_assets.schemas import FEATURE_NAMES, CustomerFeatures, PredictionEvent
+from churn_assets.schemas import FEATURE_NAMES, CustomerFeatures, Identifier, PredictionEvent
 from serving.errors import InvalidInput, NotFound, ServingError, Unavailable
 from serving.metrics import ServingMetrics
 from serving.router import (
@@ -56,14 +57,25 @@ class PredictRequest(CustomerFeatures):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    customer_id: str | None = Field(default=None, min_length=1, max_length=128)
-    request_id: str | None = Field(default=None, min_length=1, max_length=128)
+    customer_id: Identifier | None = None
+    request_id: Identifier | None = None
+
+
+def _batch_size(value: Any) -> Any:
+    """The batch limit, checked before any record is validated."""
+    if isinstance(value, list) and len(value) > MAX_BATCH:
+        raise ValueError(f"at most {MAX_BATCH} records per request, got {len(value)}")
+    return value
 
 
 class BatchPredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    instances: list[PredictRequest] = Field(min_length=1, max_length=MAX_BATCH)
+    instances: Annotated[
+        list[PredictRequest],
+        BeforeValidator(_batch_size),
+        Field(min_length=1, max_length=MAX_BATCH),
+    ]
 
 
 def validate_records(rows: Sequence[Mapping[str, Any]]) -> list[PredictRequest]:
@@ -91,6 +103,17 @@ def validate_records(rows: Sequence[Mapping[str, Any]]) -> list[PredictRequest]:
     if errors:
         raise InvalidInput(errors)
     return valid
+
+
+def _one_change_at_a_time(method: Callable[..., RouterState]) -> Callable[..., RouterState]:
+    """Run a router change under the plane's admin lock."""
+
+    @functools.wraps(method)
+    def serialized(self: "ServingPlane", *args: Any, **kwargs: Any) -> RouterState:
+        with self._admin_lock:
+            return method(self, *args, **kwargs)
+
+    return serialized
 
 
 @dataclass(frozen=True)
@@ -134,6 +157,10 @@ class ServingPlane:
         self.store = store or RouterStore(settings.data_dir / "serving")
         self._models: dict[str, _Loaded] = {}
         self._lock = threading.RLock()
+        # Router changes (policy, promote, rollback) run in worker threads: one at a time, each
+        # computed from the state the previous one left.
+        self._admin_lock = threading.Lock()
+        self.quarantined: dict[str, str] = {}
         self._shadow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow")
         self._shadow_pairs: deque[dict[str, Any]] = deque(maxlen=20_000)
         self._latencies: dict[tuple[str, str], deque[float]] = {}
@@ -227,6 +254,14 @@ class ServingPlane:
                 )
                 self._models[version] = loaded
             return loaded
+
+    def quarantine(self, version: str, reason: str) -> None:
+        """Leave ``version`` out of serving because it cannot be loaded; it is logged, kept in
+        :attr:`quarantined` (``/router/metrics``) and counted in ``model_quarantined``."""
+        log.warning("version %s quarantined (not served): %s", version, reason)
+        with self._lock:
+            self.quarantined[version] = reason
+        self.metrics.model_quarantined.labels(version=version).set(1)
 
     @staticmethod
     def _outlier_scorer(model: ScoringModel) -> Any | None:
@@ -470,6 +505,7 @@ class ServingPlane:
                 f"the registry aliases could not be changed, so the router was not: {exc}"
             ) from exc
 
+    @_one_change_at_a_time
     def set_policy(
         self,
         *,
@@ -506,6 +542,7 @@ class ServingPlane:
             challenger=new_state.challenger,
         )
 
+    @_one_change_at_a_time
     def promote(self, actor: str) -> RouterState:
         try:
             new_state = promote(self.state)
@@ -513,6 +550,7 @@ class ServingPlane:
             raise ServingError(str(exc), 409) from exc
         return self._change(new_state, "promote", actor)
 
+    @_one_change_at_a_time
     def rollback(self, actor: str) -> RouterState:
         try:
             new_state = rollback(self.state)
@@ -538,6 +576,7 @@ class ServingPlane:
                 "delivered": getattr(self.mirror, "delivered", 0),
                 "dropped": getattr(self.mirror, "dropped", 0),
             },
+            "quarantined": dict(self.quarantined),
         }
 
     def shadow_analysis(self, version: str | None = None) -> dict[str, Any]:

@@ -21,6 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from churn_assets.registry import CHAMPION_HISTORY_LIMIT
+
 __all__ = [
     "STRATEGIES",
     "Route",
@@ -143,8 +145,13 @@ def promote(state: RouterState) -> RouterState:
         state,
         champion=state.challenger,
         challenger=None,
-        previous_champions=(*state.previous_champions, state.champion),
+        previous_champions=_pushed(state.previous_champions, state.champion),
     )
+
+
+def _pushed(history: tuple[str, ...], version: str) -> tuple[str, ...]:
+    """``history`` with ``version`` on top, the oldest dropped past the registry's limit."""
+    return (*history, version)[-CHAMPION_HISTORY_LIMIT:]
 
 
 def rollback(state: RouterState) -> RouterState:
@@ -200,7 +207,7 @@ def reconcile(
             changes.append(f"champion {state.champion} -> {champion} (rolled back in the registry)")
         else:
             reconciled = replace(
-                reconciled, champion=champion, previous_champions=(*history, state.champion)
+                reconciled, champion=champion, previous_champions=_pushed(history, state.champion)
             )
             changes.append(
                 f"champion {state.champion} -> {champion} (promoted in the registry; "

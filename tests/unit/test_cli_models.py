@@ -41,11 +41,34 @@ def test_list_shows_versions_aliases_parent_and_metric(config_path, two_versions
     result = run(config_path, "list")
     assert result.exit_code == 0, result.output
     header, first, second = result.output.splitlines()
-    assert header.split() == ["VERSION", "ALIASES", "REGISTERED_AT", "PARENT", "TEST_ROC_AUC"]
+    assert header.split() == [
+        "VERSION",
+        "ALIASES",
+        "REGISTERED_AT",
+        "PARENT",
+        "TEST_ROC_AUC",
+        "STATUS",
+    ]
     v1 = two_versions.get("v1")
-    assert first.split() == ["v1", "champion", v1.registered_at, "-", "0.8123"]
+    assert first.split() == ["v1", "champion", v1.registered_at, "-", "0.8123", "ok"]
     assert second.split()[:2] == ["v2", "challenger"]
-    assert second.split()[3:] == ["v1", "0.9000"]
+    assert second.split()[3:] == ["v1", "0.9000", "ok"]
+
+
+def test_list_reports_damaged_versions_as_quarantined(config_path, two_versions):
+    """A changed artefact and a corrupt manifest: each version is listed as quarantined with
+    the reason, and the intact version is still listed as it was."""
+    (two_versions.root / "v1" / "model.ubj").write_bytes(b"tampered")
+    (two_versions.root / "v2" / "manifest.json").write_text("{not json")
+    result = run(config_path, "list")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[1].split()[0] == "v1" and lines[1].split()[-1] == "quarantined"
+    assert lines[2].split() == ["v2", "challenger", "-", "-", "-", "quarantined"]
+    assert lines[3].startswith("v1 quarantined: ") and "model.ubj" in lines[3]
+    assert lines[4].startswith("v2 quarantined: ") and "manifest.json" in lines[4]
+    two_versions.register({"model.ubj": b"three"}, {})
+    assert run(config_path, "list").output.splitlines()[3].split()[-1] == "ok"
 
 
 def test_list_without_metric_or_versions(config_path, registry):
@@ -55,7 +78,7 @@ def test_list_without_metric_or_versions(config_path, registry):
     registry.register({"model.ubj": b"x"}, {"notes": "no metrics yet"})
     result = run(config_path, "list")
     assert result.exit_code == 0
-    assert result.output.splitlines()[1].split()[-2:] == ["-", "-"]
+    assert result.output.splitlines()[1].split()[-3:] == ["-", "-", "ok"]
 
 
 def test_show_prints_the_manifest_as_json(config_path, two_versions):
@@ -108,10 +131,13 @@ def test_promote_an_explicit_version_and_errors(config_path, two_versions):
 
 
 def test_tampered_registry_is_reported_not_crashed(config_path, two_versions):
+    """One corrupt manifest does not hide the other versions: it is listed as quarantined."""
     (two_versions.root / "v1" / "manifest.json").write_text("{oops")
     result = run(config_path, "list")
-    assert result.exit_code == 1
-    assert "manifest.json of version v1 is corrupt" in result.stderr
+    assert result.exit_code == 0, result.output
+    assert "v1 quarantined: manifest.json of version v1 is corrupt" in result.output
+    assert result.output.splitlines()[2].split()[-1] == "ok"  # v2
+    assert "Traceback" not in result.output
 
 
 def test_bad_config_is_a_clear_error(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 
 from churn_assets.config import REPO_ROOT
 from churn_assets.registry import (
+    CHAMPION_HISTORY_LIMIT,
     ModelRegistry,
     RegistryError,
     TamperedArtifactError,
@@ -340,7 +341,7 @@ def test_registry_imports_neither_dagster_nor_pickle():
 
 def test_concurrent_alias_changes_from_processes_lose_nothing(tmp_path):
     """Eight processes flip the challenger alias and push champions at once; with the lock the
-    champion history records every champion change exactly once."""
+    champion history records every champion change exactly once, in order."""
     registry = ModelRegistry(tmp_path / "models")
     for _ in range(3):
         registry.register({"model.json": b"{}"}, {"metrics": {}})
@@ -364,4 +365,19 @@ def test_concurrent_alias_changes_from_processes_lose_nothing(tmp_path):
         and e["previous"] not in (None, e["version"])
     ]
     history = json.loads((tmp_path / "models" / "aliases.json").read_text())["champion_history"]
-    assert len(history) == len(changes)
+    # Every change was pushed in the order the audit log records them; the stack keeps the
+    # newest CHAMPION_HISTORY_LIMIT (the audit log keeps them all).
+    assert len(changes) > CHAMPION_HISTORY_LIMIT
+    assert history == [e["previous"] for e in changes][-CHAMPION_HISTORY_LIMIT:]
+
+
+def test_champion_history_is_bounded_and_rollback_still_steps_back(tmp_path):
+    registry = ModelRegistry(tmp_path / "models")
+    for _ in range(2):
+        registry.register({"model.json": b"{}"}, {})
+    for i in range(CHAMPION_HISTORY_LIMIT + 20):
+        registry.set_alias("champion", "v1" if i % 2 == 0 else "v2")
+    state = json.loads((tmp_path / "models" / "aliases.json").read_text())
+    assert len(state["champion_history"]) == CHAMPION_HISTORY_LIMIT
+    assert registry.aliases()["champion"] == "v2"
+    assert registry.rollback().version == "v1"

@@ -3,6 +3,7 @@ from dataclasses import replace
 
 import pytest
 
+from churn_assets.registry import CHAMPION_HISTORY_LIMIT
 from serving.router import (
     RouterError,
     RouterState,
@@ -102,3 +103,13 @@ def test_store_persists_state_and_audit(tmp_path):
     (tmp_path / "router_state.json").write_text("{not json")
     with pytest.raises(RouterError, match="corrupt"):
         RouterStore(tmp_path).load()
+
+
+def test_previous_champions_are_bounded_like_the_registry_history():
+    state = RouterState(strategy="shadow", champion="v0", challenger=None)
+    for n in range(1, CHAMPION_HISTORY_LIMIT + 11):
+        state = promote(replace(state, challenger=f"v{n}"))
+    assert state.champion == f"v{CHAMPION_HISTORY_LIMIT + 10}"
+    assert len(state.previous_champions) == CHAMPION_HISTORY_LIMIT
+    assert state.previous_champions[-1] == f"v{CHAMPION_HISTORY_LIMIT + 9}"
+    assert rollback(state).champion == f"v{CHAMPION_HISTORY_LIMIT + 9}"

@@ -61,6 +61,61 @@ def test_decode_rejects_with_reason(raw, reason):
         decode_message(Topics.CUSTOMERS, raw)
 
 
+def feedback_payload(**changes):
+    payload = {
+        "schema_version": 1,
+        "event_id": "fb-1",
+        "customer_id": "C0000001",
+        "request_id": None,
+        "churned": True,
+        "outcome_time": "2026-01-02T10:00:00Z",
+        "observed_at": "2026-01-02T11:00:00Z",
+    }
+    payload.update(changes)
+    return payload
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "field"),
+    [
+        # A coerced value used to land silently: each is now a dead letter with its reason.
+        (Topics.CUSTOMERS, customer_payload(customer_tenure=True), "customer_tenure"),
+        (Topics.CUSTOMERS, customer_payload(customer_tenure="12"), "customer_tenure"),
+        (Topics.CUSTOMERS, customer_payload(customer_tenure=12.5), "customer_tenure"),
+        (Topics.CUSTOMERS, customer_payload(customer_tenure=12.0), "customer_tenure"),
+        (Topics.CUSTOMERS, customer_payload(support_tickets=False), "support_tickets"),
+        (Topics.CUSTOMERS, customer_payload(login_frequency=False), "login_frequency"),
+        (Topics.CUSTOMERS, customer_payload(monthly_charges="50"), "monthly_charges"),
+        (Topics.CUSTOMERS, customer_payload(event_time=0), "event_time"),
+        (Topics.CUSTOMERS, customer_payload(event_time=1767261600.0), "event_time"),
+        (Topics.CUSTOMERS, customer_payload(customer_id="C1\x00"), "customer_id"),
+        (Topics.CUSTOMERS, customer_payload(customer_id="C1\nC2"), "customer_id"),
+        (Topics.CUSTOMERS, customer_payload(customer_id="C1\u202egnp.exe"), "customer_id"),
+        (Topics.CUSTOMERS, customer_payload(event_id="ev\u200b1"), "event_id"),
+        (Topics.CUSTOMERS, customer_payload(customer_id="C" * 129), "customer_id"),
+        (Topics.FEEDBACK, feedback_payload(churned=1), "churned"),
+        (Topics.FEEDBACK, feedback_payload(churned="true"), "churned"),
+        (Topics.FEEDBACK, feedback_payload(outcome_time=0), "outcome_time"),
+        (Topics.FEEDBACK, feedback_payload(customer_id="C1\r"), "customer_id"),
+    ],
+)
+def test_no_coercion_on_landing(topic, payload, field):
+    with pytest.raises(MessageError, match=field):
+        decode_message(topic, orjson.dumps(payload))
+
+
+def test_printable_ids_in_any_script_are_kept():
+    for customer_id in ("C 0001", "клиент-7", "顧客42", "a+b@example.com", "Ω≈ç√"):
+        event = decode_message(
+            Topics.CUSTOMERS, orjson.dumps(customer_payload(customer_id=customer_id))
+        )
+        assert event.customer_id == customer_id
+    # Integral floats are not integers on the wire either: 12.0 for a count is refused above,
+    # and a float feature takes an integer as the number it is.
+    event = decode_message(Topics.CUSTOMERS, orjson.dumps(customer_payload(monthly_charges=70)))
+    assert event.monthly_charges == 70.0
+
+
 def test_missing_field_is_named():
     payload = customer_payload()
     del payload["support_tickets"]
