@@ -22,7 +22,7 @@ from churn_assets.kafka import client_config
 from churn_assets.schemas import MessageError, PredictionEvent, Topics, encode_message
 from serving.metrics import MIRROR_DROP_REASONS, ServingMetrics
 
-__all__ = ["DropReason", "PredictionMirror"]
+__all__ = ["DropReason", "LibrdkafkaLog", "PredictionMirror", "RateLimitedErrors"]
 
 log = logging.getLogger(__name__)
 _librdkafka_log = logging.getLogger(f"{__name__}.librdkafka")
@@ -34,18 +34,44 @@ CLOSE_FLUSH_S = 2.0
 THREAD_JOIN_S = 5.0
 
 
-class _LibrdkafkaLog:
-    """Routes librdkafka's log lines to Python logging.
+class LibrdkafkaLog:
+    """Routes librdkafka's log lines to Python logging (``logger``; the mirror's by default).
 
     With the broker down librdkafka logs every failed connection attempt at error level; the
-    mirror reports that state itself (once, via the error callback and the drop counters), so
-    librdkafka's lines go to debug. Configuration warnings stay warnings.
+    producers report that state themselves (the mirror once, via its error callback and drop
+    counters; feedback through :class:`RateLimitedErrors` and its 503s), so librdkafka's lines
+    go to debug. Configuration warnings stay warnings.
     """
+
+    def __init__(self, logger: logging.Logger = _librdkafka_log) -> None:
+        self._logger = logger
 
     def log(self, level: int, fmt: str, *args: Any) -> None:
         facility = args[0] if args else ""
         keep = level >= logging.WARNING and facility == "CONFWARN"
-        _librdkafka_log.log(logging.WARNING if keep else logging.DEBUG, fmt, *args)
+        self._logger.log(logging.WARNING if keep else logging.DEBUG, fmt, *args)
+
+
+class RateLimitedErrors:
+    """A Kafka ``error_cb`` that logs one WARNING per ``interval_s`` at most, saying how many
+    errors it left out since the last one (a broker that is down reports every retry)."""
+
+    def __init__(self, name: str, interval_s: float = 30.0) -> None:
+        self._name = name
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._last: float | None = None
+        self._left_out = 0
+
+    def __call__(self, error: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if self._last is not None and now - self._last < self._interval_s:
+                self._left_out += 1
+                return
+            left_out, self._left_out, self._last = self._left_out, 0, now
+        more = f" ({left_out} more since the last report)" if left_out else ""
+        log.warning("%s: Kafka client error: %s%s", self._name, error, more)
 
 
 class PredictionMirror:
@@ -221,7 +247,7 @@ class PredictionMirror:
             "socket.connection.setup.timeout.ms": 5000,
             "reconnect.backoff.ms": 100,
             "reconnect.backoff.max.ms": 2000,
-            "logger": _LibrdkafkaLog(),
+            "logger": LibrdkafkaLog(),
             "error_cb": self._on_error,
         }
 
