@@ -12,8 +12,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from serving.errors import ServingError, Unauthorized, Unavailable
@@ -197,13 +196,5 @@ def create_router(
         plane.monitoring.refresh()
         body, content_type = plane.metrics.render()
         return Response(content=body, media_type=content_type)
-
-    @router.get("/docs", include_in_schema=False)
-    async def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="churn-platform serving")
-
-    @router.get("/redoc", include_in_schema=False)
-    async def redoc() -> HTMLResponse:
-        return get_redoc_html(openapi_url="/openapi.json", title="churn-platform serving")
 
     return router

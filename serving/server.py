@@ -31,6 +31,7 @@ from mlserver.settings import Settings as MLServerSettings
 
 from churn_assets.config import Settings
 from serving.api import create_router, serving_error_handler, validation_error_handler
+from serving.docs import mount_docs
 from serving.errors import NotFound, ServingError
 from serving.metrics import ServingMetrics
 from serving.mirror import PredictionMirror
@@ -202,6 +203,7 @@ def create_server(settings: Settings, *, with_mirror: bool = True) -> ServingPro
         if feedback_producer is not None:
             resources.callback(_close_producer, feedback_producer, "feedback")
         app.include_router(create_router(plane, token, feedback_producer))
+        mount_docs(app)
         app.add_exception_handler(ServingError, serving_error_handler)
         app.add_exception_handler(RequestValidationError, validation_error_handler)
         app.title = "churn-platform serving"
