@@ -8,6 +8,7 @@ answers requests; the serving process only awaits the result.
 import asyncio
 import logging
 import multiprocessing
+import signal
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -20,6 +21,12 @@ log = logging.getLogger(__name__)
 
 # Child-process cache: model version -> (explainer, encoder)
 _EXPLAINERS: dict[str, Any] = {}
+
+
+def _ignore_interrupts() -> None:
+    """The worker shares the terminal's process group: a Ctrl-C is the server's to handle (it
+    stops the pool), not a KeyboardInterrupt traceback in the worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _encode(frame: Any, categories: Mapping[str, tuple[str, ...]]) -> np.ndarray:
@@ -96,7 +103,9 @@ class AnchorService:
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn")
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_ignore_interrupts,
             )
         return self._pool
 

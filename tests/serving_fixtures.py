@@ -68,9 +68,11 @@ def start_server(
     timeout_s: float = 90,
     ports: tuple[int, int] | None = None,
     extra_env: dict[str, str] | None = None,
+    new_session: bool = False,
 ) -> RunningServer:
     """``churn serve`` on ``ports`` (HTTP, gRPC; default: two free ones), ready to answer;
-    ``extra_env`` is added to its environment (e.g. its own ``TMPDIR``)."""
+    ``extra_env`` is added to its environment (e.g. its own ``TMPDIR``); with ``new_session``
+    it leads a process group of its own, as a terminal's foreground job does."""
     http_port, grpc_port = ports or (free_port(), free_port())
     env = {k: v for k, v in os.environ.items() if k != "CHURN_ADMIN_TOKEN"}
     if token:
@@ -93,6 +95,7 @@ def start_server(
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
+            start_new_session=new_session,
         )
     server = RunningServer(
         process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log_path

@@ -4,7 +4,9 @@ its Kafka address points at a port where no broker listens (a stopped broker).""
 
 import http.client
 import json
+import os
 import shutil
+import signal
 import socket
 import statistics
 import threading
@@ -299,3 +301,21 @@ def test_a_damaged_champion_still_stops_the_start(tmp_path, trained_registry):
     with pytest.raises(RuntimeError, match="server exited early") as info:
         start_server(config, tmp_path / "serve.log", timeout_s=60)
     assert "v1" in str(info.value)
+
+
+def test_ctrl_c_stops_serving_and_its_anchors_worker_without_tracebacks(tmp_path, trained_registry):
+    """Ctrl-C in a terminal reaches the whole foreground process group: the anchors worker
+    ignores it and the server stops it cleanly (exit 0, no KeyboardInterrupt anywhere)."""
+    config = _config_without_broker(tmp_path)
+    copy_registry(trained_registry, tmp_path / "data" / "models")
+    running = start_server(config, tmp_path / "serve.log", new_session=True)
+    try:
+        status, reply = call("POST", f"{running.http}/explain?method=anchors", GOOD)
+        assert status == 200 and reply["method"] == "anchors", reply
+        os.killpg(running.process.pid, signal.SIGINT)
+        assert running.process.wait(timeout=60) == 0
+    finally:
+        running.stop()
+    log = (tmp_path / "serve.log").read_text()
+    assert "SIGINT received: stopping" in log
+    assert "KeyboardInterrupt" not in log and "Traceback" not in log, log[-3000:]
