@@ -6,10 +6,15 @@
 
 Requests carry either one named input per feature (MLServer's pandas codec; optional
 ``customer_id`` and ``request_id`` columns) or a single ``records`` input of JSON strings, one
-record each. Validation errors become MLServer errors with status 422, which the server maps to
-gRPC INVALID_ARGUMENT.
+record each. Every input's shape must match its data and its values its datatype. Validation
+errors become MLServer errors with status 422 (gRPC INVALID_ARGUMENT), naming the input.
+
+Scoring and explaining run in worker threads (``asyncio.to_thread``), never on the event loop
+that serves every other request.
 """
 
+import asyncio
+from math import prod
 from typing import Any
 
 import numpy as np
@@ -17,7 +22,7 @@ import orjson
 from mlserver import MLModel
 from mlserver.codecs import NumpyCodec, PandasCodec, StringCodec
 from mlserver.errors import MLServerError
-from mlserver.types import InferenceRequest, InferenceResponse
+from mlserver.types import Datatype, InferenceRequest, InferenceResponse, RequestInput, TensorData
 
 from serving.errors import ServingError
 from serving.plane import ServingPlane
@@ -47,12 +52,86 @@ def _native(value: Any) -> Any:
     return value
 
 
+_INTEGERS = {"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"}
+_FLOATS = {"FP16", "FP32", "FP64"}
+
+
+def _invalid(message: str) -> MLServerError:
+    return MLServerError(message, 422)
+
+
+def _fits(datatype: str, value: Any) -> bool:
+    if datatype == "BYTES":
+        return isinstance(value, str | bytes)
+    if datatype == "BOOL":
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # a bool is an int to Python, never a number here
+        return False
+    if datatype in _INTEGERS:
+        return isinstance(value, int)
+    return datatype in _FLOATS and isinstance(value, int | float)
+
+
+def _kind(datatype: str) -> str:
+    if datatype in _INTEGERS:
+        return "integers"
+    if datatype in _FLOATS:
+        return "numbers"
+    return "strings" if datatype == "BYTES" else "booleans"
+
+
+def _check_input(item: RequestInput) -> int:
+    """The number of elements of one input, once its shape matches its data and every value
+    its datatype (MLServer decodes gRPC requests without validating them, and its codecs fail
+    with a 500 on a string in an INT64 input)."""
+    datatype = item.datatype.value if isinstance(item.datatype, Datatype) else str(item.datatype)
+    data = item.data.root if isinstance(item.data, TensorData) else item.data
+    if not isinstance(data, list):
+        raise _invalid(f"input {item.name!r}: data must be an array, not {type(data).__name__}")
+    values: list[Any] = []
+    nested = [iter(data)]
+    while nested:  # flat or nested arrays, flattened in row-major order without recursion
+        for value in nested[-1]:
+            if isinstance(value, list):
+                nested.append(iter(value))
+                break
+            values.append(value)
+        else:
+            nested.pop()
+    shape = list(item.shape)
+    if any(size < 0 for size in shape):
+        raise _invalid(f"input {item.name!r}: shape {shape} is negative")
+    if prod(shape) != len(values):
+        raise _invalid(
+            f"input {item.name!r}: shape {shape} says {prod(shape)} elements, "
+            f"the data has {len(values)}"
+        )
+    for index, value in enumerate(values):
+        if not _fits(datatype, value):
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else f"{shown[:59]}…"
+            raise _invalid(
+                f"input {item.name!r} ({datatype}): element {index} is {shown} "
+                f"({type(value).__name__}); {datatype} takes {_kind(datatype)}"
+            )
+    return len(values)
+
+
 def records_from_request(payload: InferenceRequest) -> list[dict[str, Any]]:
     """Rows from either codec: per-feature inputs (pandas) or a ``records`` JSON input."""
+    if not payload.inputs:
+        raise _invalid("the request has no inputs: send one per feature, or 'records'")
+    lengths = {item.name: _check_input(item) for item in payload.inputs}
+    if not any(lengths.values()):
+        raise _invalid(f"the request holds no records: every input is empty {lengths}")
     names = [item.name for item in payload.inputs]
     if names == ["records"]:
         rows = []
-        for raw in StringCodec.decode_input(payload.inputs[0]):
+        try:
+            raws = StringCodec.decode_input(payload.inputs[0])
+        except ValueError as exc:  # UnicodeDecodeError among them
+            raise _invalid(f"records: not UTF-8 strings: {exc}") from None
+        for raw in raws:
             try:
                 row = orjson.loads(raw)
             except orjson.JSONDecodeError as exc:
@@ -63,10 +142,12 @@ def records_from_request(payload: InferenceRequest) -> list[dict[str, Any]]:
         return rows
     if "records" in names:
         raise MLServerError("send either a single 'records' input or one input per feature", 422)
-    lengths = {item.name: int(np.prod(item.shape)) for item in payload.inputs}
     if len(set(lengths.values())) > 1:
-        raise MLServerError(f"inputs have different lengths: {lengths}", 422)
-    frame = PandasCodec.decode_request(payload)
+        raise _invalid(f"inputs have different lengths: {lengths}")
+    try:
+        frame = PandasCodec.decode_request(payload)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise _invalid(f"the inputs cannot be decoded as columns: {exc}") from None
     return [{key: _native(value) for key, value in row.items()} for row in frame.to_dict("records")]
 
 
@@ -82,8 +163,11 @@ class RouterRuntime(MLModel):
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        plane = _plane()
         try:
-            predictions = _plane().predict(records_from_request(payload))
+            predictions = await asyncio.to_thread(
+                lambda: plane.predict(records_from_request(payload))
+            )
         except ServingError as exc:
             raise _fail(exc) from None
         outputs = [
@@ -107,13 +191,16 @@ class VersionRuntime(MLModel):
     """One registered version (``parameters.version``), scored directly."""
 
     async def load(self) -> bool:
-        _plane().load(self.version or "")
+        # Verifying and loading artefacts reads files: off the loop, as an admin's reload
+        # happens while serving.
+        await asyncio.to_thread(_plane().load, self.version or "")
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        plane, version = _plane(), self.version or ""
         try:
-            probabilities = _plane().predict_version(
-                self.version or "", records_from_request(payload)
+            probabilities = await asyncio.to_thread(
+                lambda: plane.predict_version(version, records_from_request(payload))
             )
         except ServingError as exc:
             raise _fail(exc) from None
@@ -141,11 +228,11 @@ class ExplainerRuntime(MLModel):
                 f"parameters.method must be 'shap' or 'anchors', not {method!r}", 422
             )
         try:
-            rows = records_from_request(payload)
+            rows = await asyncio.to_thread(records_from_request, payload)
             if method == "anchors":
                 explanations = [await plane.explain_anchors(row) for row in rows]
             else:
-                explanations = [plane.explain(row) for row in rows]
+                explanations = await asyncio.to_thread(lambda: [plane.explain(row) for row in rows])
         except ServingError as exc:
             raise _fail(exc) from None
         return InferenceResponse(

@@ -4,12 +4,13 @@ convenience endpoints, Prometheus metrics and OpenAPI docs on the same REST port
 ``create_server(settings)`` builds everything without starting it; ``run(settings)`` serves until
 SIGINT/SIGTERM/SIGQUIT, then stops gracefully and releases everything it made (Kafka producers,
 threads, the anchors worker, MLServer's temporary model repository folder) on every exit path.
-Model repository load/unload is off on REST and needs the admin token on gRPC.
+Model repository index/load/unload is off on REST and needs the admin token on both gRPC
+services; streaming is not offered; readiness needs ``churn-router`` and the champion's version
+loaded (see :mod:`serving.grpc_guard`).
 """
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import signal
@@ -19,12 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-import mlserver.grpc.server as mlserver_grpc_server
-import mlserver.grpc.utils as mlserver_grpc_utils
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from mlserver import MLServer
-from mlserver.grpc.model_repository import ModelRepositoryServicer
+from mlserver.errors import MLServerError, ModelNotFound
 from mlserver.server import HANDLED_SIGNALS as MLSERVER_SIGNALS
 from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.settings import Settings as MLServerSettings
@@ -33,6 +33,7 @@ from churn_assets.config import Settings
 from serving.api import create_router, serving_error_handler, validation_error_handler
 from serving.docs import mount_docs
 from serving.errors import NotFound, ServingError
+from serving.grpc_guard import GuardedGRPCServer, ServedModels
 from serving.metrics import ServingMetrics
 from serving.mirror import PredictionMirror
 from serving.plane import ServingPlane
@@ -43,38 +44,6 @@ __all__ = ["ADMIN_TOKEN_ENV", "ServingProcess", "create_server", "run"]
 log = logging.getLogger(__name__)
 ADMIN_TOKEN_ENV = "CHURN_ADMIN_TOKEN"
 CLOSE_FLUSH_S = 2.0
-
-# Field-level validation errors are HTTP 422; MLServer maps 422 to gRPC FAILED_PRECONDITION,
-# but for bad input the right gRPC code is INVALID_ARGUMENT.
-mlserver_grpc_utils.STATUS_CODE_MAPPING[422] = grpc.StatusCode.INVALID_ARGUMENT
-
-
-def _guarded_repository_servicer(token: str | None) -> type[ModelRepositoryServicer]:
-    class GuardedRepositoryServicer(ModelRepositoryServicer):
-        """gRPC model repository calls need ``authorization: Bearer <admin token>``."""
-
-        async def _check(self, context: Any) -> None:
-            metadata = dict(context.invocation_metadata() or ())
-            given = metadata.get("authorization", "")
-            if not token or not hmac.compare_digest(given, f"Bearer {token}"):
-                await context.abort(
-                    grpc.StatusCode.UNAUTHENTICATED, "model repository calls need the admin token"
-                )
-
-        async def RepositoryIndex(self, request: Any, context: Any) -> Any:  # noqa: N802
-            await self._check(context)
-            return await super().RepositoryIndex(request, context)
-
-        async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:  # noqa: N802
-            await self._check(context)
-            return await super().RepositoryModelLoad(request, context)
-
-        async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:  # noqa: N802
-            await self._check(context)
-            return await super().RepositoryModelUnload(request, context)
-
-    return GuardedRepositoryServicer
-
 
 @dataclass
 class ServingProcess:
@@ -177,35 +146,45 @@ def create_server(settings: Settings, *, with_mirror: bool = True) -> ServingPro
         if token is None:
             log.warning("%s is not set: admin endpoints will refuse every call", ADMIN_TOKEN_ENV)
 
-        # Our models are loaded from ModelSettings at start; MLServer's repository (reached only
-        # through the guarded gRPC API) gets an empty private folder, removed on close.
+        # Our models are loaded from ModelSettings at start, and MLServer's repository is those
+        # same ModelSettings (an admin's gRPC repository load loads one again); MLServer still
+        # wants a repository root: an empty private folder, removed on close.
         repository = tempfile.TemporaryDirectory(prefix="churn-serving-")
         resources.callback(repository.cleanup)
+        models = _model_settings(plane)
         mlserver_settings = MLServerSettings(
             host=settings.serving.host,
             http_port=settings.serving.http_port,
             grpc_port=settings.serving.grpc_port,
+            grpc_max_message_length=settings.serving.max_request_bytes,
             parallel_workers=0,
             metrics_endpoint=None,
             debug=False,
             load_models_at_startup=False,
             model_repository_root=repository.name,
+            model_repository_implementation=ServedModels,
+            model_repository_implementation_args={"models": models},
         )
-        mlserver_grpc_server.ModelRepositoryServicer = _guarded_repository_servicer(token)
         server = MLServer(mlserver_settings)
+        _log_each_line_once()
+        server._grpc_server = GuardedGRPCServer(  # MLServer 1.7's attribute (pinned version)
+            mlserver_settings,
+            server._data_plane,
+            server._model_repository_handlers,
+            token=token,
+            served={model.name for model in models},
+        )
+        _ready_only_with_the_routed_models(server, plane, models)
         app = server._rest_server._app  # MLServer 1.7 keeps its FastAPI app here (pinned version)
-        app.router.routes = [
-            route
-            for route in app.router.routes
-            if not getattr(route, "path", "").startswith("/v2/repository")
-        ]
+        app.router.routes = [route for route in app.router.routes if _offered(route)]
         feedback_producer = _feedback_producer(settings)
         if feedback_producer is not None:
             resources.callback(_close_producer, feedback_producer, "feedback")
         app.include_router(create_router(plane, token, feedback_producer))
         mount_docs(app)
-        app.add_exception_handler(ServingError, serving_error_handler)
-        app.add_exception_handler(RequestValidationError, validation_error_handler)
+        app.add_exception_handler(ServingError, _logged(serving_error_handler))
+        app.add_exception_handler(RequestValidationError, _logged(validation_error_handler))
+        app.add_exception_handler(MLServerError, _logged(_mlserver_error_handler))
         app.title = "churn-platform serving"
         app.description = (
             "Open Inference (V2) protocol for `churn-router`, `churn` (per version) and "
@@ -218,7 +197,7 @@ def create_server(settings: Settings, *, with_mirror: bool = True) -> ServingPro
         return ServingProcess(
             server=server,
             plane=plane,
-            models=_model_settings(plane),
+            models=models,
             repository_root=Path(repository.name),
             listening=listening,
             shutting_down=shutting_down,
@@ -227,6 +206,90 @@ def create_server(settings: Settings, *, with_mirror: bool = True) -> ServingPro
     except BaseException:
         resources.close()
         raise
+
+
+def _offered(route: Any) -> bool:
+    """MLServer's REST routes this product does not offer: the model repository (admin work,
+    gRPC only) and streaming and ``generate`` (the LLM extension): 404 and not in the OpenAPI
+    document."""
+    path = getattr(route, "path", "")
+    if path.startswith("/v2/repository"):
+        return False
+    return not path.endswith(("/infer_stream", "/generate", "/generate_stream"))
+
+
+def _ready_only_with_the_routed_models(
+    server: MLServer, plane: ServingPlane, models: list[ModelSettings]
+) -> None:
+    """Readiness (REST ``/v2/health/ready``, gRPC ``ServerReady``) also needs ``churn-router``
+    and the champion's ``churn`` version loaded and ready: MLServer alone only asks whether the
+    models that happen to be loaded are ready, so an unloaded router left the server "ready"."""
+    data_plane = server._data_plane  # MLServer 1.7's attributes (pinned version)
+    registry = server._model_registry
+    loaded_models_ready = data_plane.ready
+    versions = {m.parameters.version for m in models if m.name == "churn" and m.parameters}
+
+    async def ready() -> bool:
+        required: list[tuple[str, str | None]] = [("churn-router", None)]
+        champion = plane.state.champion
+        if champion in versions:  # a version registered after the start is not served by V2
+            required.append(("churn", champion))
+        for name, version in required:
+            try:
+                model = await registry.get_model(name, version)
+            except ModelNotFound:
+                return False
+            if not model.ready:
+                return False
+        return await loaded_models_ready()
+
+    data_plane.ready = ready  # type: ignore[method-assign]
+
+
+def _log_each_line_once() -> None:
+    """MLServer gives its ``mlserver`` logger a stdout handler of its own, and that logger also
+    propagates to the root logger the process configures (``churn serve``): every MLServer line
+    was written twice. Its lines now go through the root logger only."""
+    mlserver_logger = logging.getLogger("mlserver")
+    for handler in list(mlserver_logger.handlers):
+        if handler.get_name() == "stdout_stream_handler":  # mlserver.logging's handler
+            mlserver_logger.removeHandler(handler)
+
+
+async def _mlserver_error_handler(_request: Request, exc: Exception) -> Response:
+    """MLServer's own error body (``{"error": ...}``) and status."""
+    assert isinstance(exc, MLServerError)
+    return JSONResponse(status_code=exc.status_code, content={"error": str(exc)})
+
+
+def _logged(handler: Any) -> Any:
+    """``handler``, and one log line per rejected request: WARNING with the status and the
+    reason for a client's error (no traceback), ERROR for a server's."""
+
+    async def logged(request: Request, exc: Exception) -> Response:
+        response = await handler(request, exc)
+        if isinstance(exc, RequestValidationError):
+            reason = "; ".join(
+                f"{'.'.join(str(part) for part in error.get('loc', ()))}: {error.get('msg', '')}"
+                for error in exc.errors()[:5]
+            )
+        else:
+            reason = str(exc)
+        reason = " ".join(reason.split())
+        if len(reason) > 500:
+            reason = f"{reason[:499]}…"
+        level = logging.ERROR if response.status_code >= 500 else logging.WARNING
+        log.log(
+            level,
+            "%s %s rejected: %d %s",
+            request.method,
+            request.url.path,
+            response.status_code,
+            reason,
+        )
+        return response
+
+    return logged
 
 
 def _feedback_producer(settings: Settings) -> Any:
