@@ -82,10 +82,17 @@ def _finite(value: float) -> float:
     return value
 
 
-# Strict numbers: a JSON number only (an integer for ``int`` fields); ``true`` or ``"50"`` is
-# rejected, never coerced, on every path (serving's input, landing's messages).
+def _count(value: Any) -> Any:
+    if isinstance(value, bool | str | bytes):
+        raise ValueError(f"must be a whole number, not {type(value).__name__}")
+    return value
+
+
+# Strict numbers: a JSON number only; ``true`` or ``"50"`` is rejected, never coerced, on every
+# path (serving's input, landing's messages). A count takes a whole number: ``12`` or ``12.0``
+# (one JSON number, as JSON Schema's ``integer`` reads it), never ``12.5``.
 Finite = Annotated[float, Field(strict=True), AfterValidator(_finite)]
-Count = Annotated[int, Field(strict=True)]
+Count = Annotated[int, BeforeValidator(_count)]
 
 
 def _timestamp_text(value: Any) -> Any:

@@ -4,25 +4,48 @@ Admin endpoints need ``Authorization: Bearer <token>`` where the token comes fro
 ``CHURN_ADMIN_TOKEN`` environment variable; without it configured, admin calls are refused.
 """
 
-import asyncio
 import hmac
+import logging
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 
+from churn_assets.schemas import Identifier, Timestamp
 from serving.errors import ServingError, Unauthorized, Unavailable
-from serving.plane import BatchPredictRequest, PredictRequest, ServingPlane
+from serving.feedback import FeedbackPublisher
+from serving.plane import MAX_BATCH, BatchPredictRequest, PredictRequest, ServingPlane
 
-__all__ = ["create_router", "serving_error_handler", "validation_error_handler"]
+__all__ = [
+    "BodySizeLimit",
+    "create_router",
+    "serving_error_handler",
+    "token_matches",
+    "validation_error_handler",
+]
+
+log = logging.getLogger(__name__)
 
 
 class PolicyChange(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        # A challenger to set and remove_challenger together contradict each other.
+        json_schema_extra={
+            "not": {
+                "required": ["challenger", "remove_challenger"],
+                "properties": {
+                    "challenger": {"type": "string"},
+                    "remove_challenger": {"const": True},
+                },
+            }
+        },
+    )
 
     strategy: Literal["shadow", "canary", "blue_green"] | None = None
     canary_weight: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
@@ -36,10 +59,81 @@ class PolicyChange(BaseModel):
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    customer_id: str = Field(min_length=1, max_length=128)
-    request_id: str | None = Field(default=None, max_length=128)
-    churned: bool
-    outcome_time: AwareDatetime | None = None
+    event_id: Identifier | None = Field(
+        default=None,
+        description="Your id for this outcome: a retry with the same id lands once "
+        "(default: a new api-<uuid> per call)",
+    )
+    customer_id: Identifier
+    request_id: Identifier | None = None
+    churned: bool = Field(strict=True)
+    outcome_time: Timestamp | None = Field(
+        default=None, description="ISO 8601 with a time zone; default: now"
+    )
+
+
+class ErrorBody(BaseModel):
+    """Every error the product's endpoints answer other than 422."""
+
+    detail: str
+
+
+_ERROR_DESCRIPTIONS = {
+    401: "Admin token missing or wrong (or CHURN_ADMIN_TOKEN not set on the server)",
+    404: "A model version that is not registered or cannot be loaded",
+    409: "The router's state does not allow it (e.g. no challenger to promote)",
+    413: "Request body larger than serving.max_request_bytes",
+    503: "A dependency (Kafka, the registry) is unavailable; retry",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
+class BodySizeLimit:
+    """ASGI middleware: a request body over ``max_bytes`` is answered 413 before it is read
+    (by its Content-Length) or as soon as the bytes received pass the limit (chunked uploads),
+    so no caller can make serving hold a large body in memory."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> str:
+        return f"request body larger than {self.max_bytes} bytes (serving.max_request_bytes)"
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            status = 413 if declared.isdigit() else 400
+            detail = self._too_large() if status == 413 else "invalid Content-Length header"
+            log.warning("%s %s rejected: %d %s", scope["method"], scope["path"], status, detail)
+            response = JSONResponse(
+                {"detail": detail}, status_code=status, headers={"connection": "close"}
+            )
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    log.warning(
+                        "%s %s rejected: 413 %s", scope["method"], scope["path"], self._too_large()
+                    )
+                    # An HTTPException passes through FastAPI's body parsing unchanged and is
+                    # answered by the app's exception middleware.
+                    raise HTTPException(413, self._too_large(), headers={"connection": "close"})
+            return message
+
+        await self.app(scope, limited, send)
 
 
 async def serving_error_handler(_request: Request, exc: Exception) -> JSONResponse:
@@ -62,49 +156,47 @@ async def validation_error_handler(_request: Request, exc: Exception) -> JSONRes
     return JSONResponse(status_code=422, content={"detail": errors})
 
 
-FEEDBACK_DELIVERY_S = 5.0
-
-
-def _deliver(producer: Any, topic: str, key: bytes, value: bytes) -> None:
-    """Produce one message and wait for Kafka's acknowledgement of exactly it; a message that
-    was not delivered (queue full, expired, refused) is :class:`Unavailable`, so a 2xx means
-    the broker has it."""
-    outcome: list[Any] = []
-    try:
-        producer.produce(topic, key=key, value=value, on_delivery=lambda e, _m: outcome.append(e))
-    except BufferError as exc:
-        raise Unavailable(f"feedback not accepted: {exc}") from exc
-    producer.flush(FEEDBACK_DELIVERY_S)
-    if not outcome:
-        raise Unavailable(
-            f"feedback could not be delivered to Kafka within {FEEDBACK_DELIVERY_S:.0f} s; retry"
-        )
-    if outcome[0] is not None:
-        raise Unavailable(f"feedback was not delivered to Kafka ({outcome[0]}); retry")
+def token_matches(authorization: str, token: str) -> bool:
+    """``authorization`` is ``Bearer <token>``, compared in constant time as UTF-8 bytes (a
+    header with characters outside ASCII is simply wrong, never an error)."""
+    given = authorization.encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(given, f"Bearer {token}".encode())
 
 
 def create_router(
-    plane: ServingPlane, admin_token: str | None, feedback_producer: Any
+    plane: ServingPlane, admin_token: str | None, publisher: FeedbackPublisher | None
 ) -> APIRouter:
-    """The convenience endpoints for ``plane``; ``feedback_producer`` sends /feedback."""
+    """The convenience endpoints for ``plane``; ``publisher`` sends /feedback to Kafka."""
     router = APIRouter()
 
     def require_admin(authorization: str | None) -> str:
         if not admin_token:
             raise Unauthorized("admin API disabled: set CHURN_ADMIN_TOKEN to enable it")
-        expected = f"Bearer {admin_token}"
-        if authorization is None or not hmac.compare_digest(authorization, expected):
+        if authorization is None or not token_matches(authorization, admin_token):
             raise Unauthorized()
         return "admin"
 
     AuthHeader = Annotated[str | None, Header(description="Bearer <CHURN_ADMIN_TOKEN>")]
 
-    @router.post("/predict", tags=["inference"], summary="Score one customer (routed)")
-    async def predict(body: PredictRequest) -> dict[str, Any]:
+    # Handlers that score, explain, read files or change the router are plain ``def``:
+    # FastAPI runs them in its worker threads, so none of them holds up the event loop (a
+    # first SHAP explanation takes seconds). The plane is thread-safe.
+    @router.post(
+        "/predict",
+        tags=["inference"],
+        summary="Score one customer (routed)",
+        responses=_errors(413, 503),
+    )
+    def predict(body: PredictRequest) -> dict[str, Any]:
         return plane.predict([body.model_dump(exclude_none=True)])[0].as_dict()
 
-    @router.post("/predict/batch", tags=["inference"], summary="Score up to 1000 customers")
-    async def predict_batch(body: BatchPredictRequest) -> dict[str, Any]:
+    @router.post(
+        "/predict/batch",
+        tags=["inference"],
+        summary=f"Score up to {MAX_BATCH} customers",
+        responses=_errors(413, 503),
+    )
+    def predict_batch(body: BatchPredictRequest) -> dict[str, Any]:
         rows = [r.model_dump(exclude_none=True) for r in body.instances]
         return {"predictions": [p.as_dict() for p in plane.predict(rows)]}
 
@@ -112,6 +204,7 @@ def create_router(
         "/explain",
         tags=["inference"],
         summary="Top SHAP contributions, or an Alibi anchor rule with method=anchors",
+        responses=_errors(404, 409, 413, 503),
     )
     async def explain(
         body: PredictRequest,
@@ -122,37 +215,39 @@ def create_router(
         row = body.model_dump(exclude_none=True)
         if method == "anchors":
             return await plane.explain_anchors(row, version=version)
-        return plane.explain(row, version=version, top_k=top_k)
+        return await run_in_threadpool(plane.explain, row, version=version, top_k=top_k)
 
-    @router.post("/feedback", tags=["inference"], summary="Report a ground-truth outcome")
+    @router.post(
+        "/feedback",
+        tags=["inference"],
+        summary="Report a ground-truth outcome",
+        responses=_errors(413, 503),
+    )
     async def feedback(body: FeedbackRequest) -> dict[str, Any]:
         from churn_assets.schemas import FeedbackEvent, Topics, encode_message
 
         now = datetime.now(UTC)
         event = FeedbackEvent(
-            event_id=f"api-{uuid.uuid4().hex}",
+            event_id=body.event_id or f"api-{uuid.uuid4().hex}",
             customer_id=body.customer_id,
             request_id=body.request_id,
             churned=body.churned,
             outcome_time=body.outcome_time or now,
             observed_at=now,
         )
-        if feedback_producer is None:
+        if publisher is None:
             raise Unavailable("Kafka is not configured for feedback")
         value = encode_message(Topics.FEEDBACK, event)
-        # Waiting for Kafka's acknowledgement blocks: off the event loop, so one slow broker
-        # never stalls the other requests.
-        await asyncio.to_thread(
-            _deliver, feedback_producer, Topics.FEEDBACK, body.customer_id.encode(), value
-        )
+        # Awaits the broker's acknowledgement without blocking the event loop.
+        await publisher.publish(Topics.FEEDBACK, body.customer_id.encode(), value)
         return {"accepted": True, "event_id": event.event_id}
 
     @router.get("/router/metrics", tags=["router"], summary="Router state, traffic, latency")
-    async def router_metrics() -> dict[str, Any]:
+    def router_metrics() -> dict[str, Any]:
         return plane.router_metrics()
 
     @router.get("/router/shadow-analysis", tags=["router"], summary="Primary vs shadow scores")
-    async def shadow_analysis(
+    def shadow_analysis(
         version: Annotated[
             str | None,
             Query(pattern=r"^v[0-9]+$", description="Only pairs where this version shadowed"),
@@ -160,13 +255,23 @@ def create_router(
     ) -> dict[str, Any]:
         return plane.shadow_analysis(version)
 
-    @router.post("/router/promote-v2", tags=["admin"], summary="Promote the challenger")
-    async def promote(authorization: AuthHeader = None) -> dict[str, Any]:
+    @router.post(
+        "/router/promote-v2",
+        tags=["admin"],
+        summary="Promote the challenger",
+        responses=_errors(401, 404, 409, 503),
+    )
+    def promote(authorization: AuthHeader = None) -> dict[str, Any]:
         state = plane.promote(require_admin(authorization))
         return {"champion": state.champion, "strategy": state.strategy}
 
-    @router.post("/router/rollback", tags=["admin"], summary="Back to the previous champion")
-    async def rollback(authorization: AuthHeader = None) -> dict[str, Any]:
+    @router.post(
+        "/router/rollback",
+        tags=["admin"],
+        summary="Back to the previous champion",
+        responses=_errors(401, 404, 409, 503),
+    )
+    def rollback(authorization: AuthHeader = None) -> dict[str, Any]:
         state = plane.rollback(require_admin(authorization))
         return {
             "champion": state.champion,
@@ -174,8 +279,13 @@ def create_router(
             "strategy": state.strategy,
         }
 
-    @router.put("/router/policy", tags=["admin"], summary="Set strategy and canary weight")
-    async def set_policy(body: PolicyChange, authorization: AuthHeader = None) -> dict[str, Any]:
+    @router.put(
+        "/router/policy",
+        tags=["admin"],
+        summary="Set strategy and canary weight",
+        responses=_errors(401, 404, 413, 503),
+    )
+    def set_policy(body: PolicyChange, authorization: AuthHeader = None) -> dict[str, Any]:
         actor = require_admin(authorization)
         state = plane.set_policy(
             strategy=body.strategy,
@@ -186,13 +296,24 @@ def create_router(
         )
         return plane.router_metrics()["state"] | {"strategy": state.strategy}
 
-    @router.get("/router/audit", tags=["admin"], summary="Every router change")
-    async def audit(authorization: AuthHeader = None) -> list[dict[str, Any]]:
+    @router.get(
+        "/router/audit",
+        tags=["admin"],
+        summary="Every router change",
+        responses=_errors(401),
+    )
+    def audit(authorization: AuthHeader = None) -> list[dict[str, Any]]:
         require_admin(authorization)
         return plane.store.audit()
 
-    @router.get("/metrics", tags=["monitoring"], summary="Prometheus metrics")
-    async def metrics() -> Response:
+    @router.get(
+        "/metrics",
+        tags=["monitoring"],
+        summary="Prometheus metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
+    def metrics() -> Response:
         plane.monitoring.refresh()
         body, content_type = plane.metrics.render()
         return Response(content=body, media_type=content_type)
