@@ -263,11 +263,14 @@ async def _mlserver_error_handler(_request: Request, exc: Exception) -> Response
 
 
 def _logged(handler: Any) -> Any:
-    """``handler``, and one log line per rejected request: WARNING with the status and the
-    reason for a client's error (no traceback), ERROR for a server's."""
+    """``handler``, and one log line per rejected request, without traceback: WARNING with the
+    status and the reason, ERROR for a 500. A readiness check's "not ready" (a 404 while a model
+    is not loaded) is an answer, not a rejection: not logged."""
 
     async def logged(request: Request, exc: Exception) -> Response:
         response = await handler(request, exc)
+        if request.url.path.endswith("/ready"):
+            return response
         if isinstance(exc, RequestValidationError):
             reason = "; ".join(
                 f"{'.'.join(str(part) for part in error.get('loc', ()))}: {error.get('msg', '')}"
@@ -278,12 +281,13 @@ def _logged(handler: Any) -> Any:
         reason = " ".join(reason.split())
         if len(reason) > 500:
             reason = f"{reason[:499]}…"
-        level = logging.ERROR if response.status_code >= 500 else logging.WARNING
+        failed = response.status_code == 500
         log.log(
-            level,
-            "%s %s rejected: %d %s",
+            logging.ERROR if failed else logging.WARNING,
+            "%s %s %s: %d %s",
             request.method,
             request.url.path,
+            "failed" if failed else "rejected",
             response.status_code,
             reason,
         )

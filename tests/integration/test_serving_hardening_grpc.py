@@ -555,6 +555,8 @@ def test_a_rejected_request_logs_one_warning_line_without_traceback(server, chan
         dataplane_pb2_grpc.GRPCInferenceServiceStub(channel).RepositoryModelUnload(
             pb.RepositoryModelUnloadRequest(model_name="churn-router"), timeout=10
         )
+    # A readiness check's "not ready" is an answer, not a rejected request: no log line.
+    assert call("GET", f"{server.http}/v2/models/churn/versions/v99/ready")[0] == 404
     time.sleep(0.5)  # let the server write its log lines
 
     added = server.log.read_text()[len(before) :]
