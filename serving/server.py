@@ -30,12 +30,19 @@ from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.settings import Settings as MLServerSettings
 
 from churn_assets.config import Settings
-from serving.api import create_router, serving_error_handler, validation_error_handler
+from serving.api import (
+    BodySizeLimit,
+    create_router,
+    serving_error_handler,
+    validation_error_handler,
+)
 from serving.docs import mount_docs
 from serving.errors import NotFound, ServingError
+from serving.feedback import FeedbackPublisher
 from serving.grpc_guard import GuardedGRPCServer, ServedModels
 from serving.metrics import ServingMetrics
 from serving.mirror import PredictionMirror
+from serving.openapi import publish_openapi
 from serving.plane import ServingPlane
 from serving.runtime import ExplainerRuntime, RouterRuntime, VersionRuntime, install_plane
 
@@ -43,7 +50,7 @@ __all__ = ["ADMIN_TOKEN_ENV", "ServingProcess", "create_server", "run"]
 
 log = logging.getLogger(__name__)
 ADMIN_TOKEN_ENV = "CHURN_ADMIN_TOKEN"
-CLOSE_FLUSH_S = 2.0
+
 
 @dataclass
 class ServingProcess:
@@ -90,24 +97,23 @@ class ServingProcess:
 
 
 def _model_settings(plane: ServingPlane) -> list[ModelSettings]:
-    """The V2 models. The versions the router can send traffic to (champion, challenger, the
-    champions a rollback returns to) are loaded here first, so one that cannot be loaded (a
-    damaged artefact) fails the start with one line instead of MLServer stopping itself after
-    it began serving. Any other registered version that cannot be loaded is left out of the V2
-    per-version models with a warning: an old damaged version never keeps the current ones
-    from serving."""
+    """The V2 models. The versions the router sends traffic to (champion, and a challenger in
+    a rollout) are loaded here first, so one that cannot be loaded (a damaged artefact) fails
+    the start with one line instead of MLServer stopping itself after it began serving. Any
+    other registered version that cannot be loaded (an old one, a champion a rollback would
+    return to) is quarantined: left out of the V2 models, logged, and reported in
+    ``/router/metrics`` and ``model_quarantined``; an old damaged version never keeps the
+    current ones from serving."""
     state = plane.state
-    routed = {state.champion, state.challenger, *state.previous_champions} - {None}
+    routed = {state.champion, state.challenger} - {None}
     versions = []
-    for version in (v.version for v in plane.registry.versions()):
+    for version in plane.registry.version_names():
         try:
             plane.load(version)
         except NotFound as exc:
             if version in routed:
                 raise
-            log.warning(
-                "version %s is not served over V2 (the router does not use it): %s", version, exc
-            )
+            plane.quarantine(version, str(exc))
             continue
         versions.append(version)
     models = [
@@ -177,11 +183,17 @@ def create_server(settings: Settings, *, with_mirror: bool = True) -> ServingPro
         _ready_only_with_the_routed_models(server, plane, models)
         app = server._rest_server._app  # MLServer 1.7 keeps its FastAPI app here (pinned version)
         app.router.routes = [route for route in app.router.routes if _offered(route)]
-        feedback_producer = _feedback_producer(settings)
-        if feedback_producer is not None:
-            resources.callback(_close_producer, feedback_producer, "feedback")
-        app.include_router(create_router(plane, token, feedback_producer))
+        feedback = FeedbackPublisher.create(settings)
+        if feedback is not None:
+            resources.callback(feedback.close)
+        app.include_router(create_router(plane, token, feedback))
         mount_docs(app)
+        publish_openapi(
+            app,
+            models=[model.name for model in models if model.name != "churn"] + ["churn"],
+            versions=[m.parameters.version for m in models if m.parameters and m.name == "churn"],
+        )
+        app.add_middleware(BodySizeLimit, max_bytes=settings.serving.max_request_bytes)
         app.add_exception_handler(ServingError, _logged(serving_error_handler))
         app.add_exception_handler(RequestValidationError, _logged(validation_error_handler))
         app.add_exception_handler(MLServerError, _logged(_mlserver_error_handler))
@@ -294,32 +306,6 @@ def _logged(handler: Any) -> Any:
         return response
 
     return logged
-
-
-def _feedback_producer(settings: Settings) -> Any:
-    from churn_assets.broker import BrokerError
-    from churn_assets.kafka import make_producer
-
-    try:
-        return make_producer(settings, **{"message.timeout.ms": 5000})
-    except BrokerError as exc:
-        log.warning("feedback endpoint disabled until restart: %s", exc)
-        return None
-
-
-def _close_producer(producer: Any, name: str) -> None:
-    """Flush for at most ``CLOSE_FLUSH_S``, then purge and close: a stop never hangs on Kafka.
-
-    Whatever is still queued belongs to requests already answered 503 ("retry"), so dropping it
-    loses nothing a caller was told was accepted, and delivering it late could duplicate the
-    caller's retry.
-    """
-    remaining = producer.flush(CLOSE_FLUSH_S)
-    if remaining:
-        log.warning("%s producer: %d undelivered events dropped at stop", name, remaining)
-        producer.purge(in_queue=True, in_flight=True, blocking=False)
-        producer.flush(CLOSE_FLUSH_S)
-    producer.close()
 
 
 def _check_ports_free(settings: Settings) -> None:
