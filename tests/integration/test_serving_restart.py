@@ -193,7 +193,7 @@ def test_a_failed_start_exits_nonzero_and_leaves_nothing(
     assert list(tmpdir.iterdir()) == []
 
     # The same damaged version, no longer aliased: an old version the router never uses does
-    # not keep the champion and challenger from serving; it is left out of V2 with a warning.
+    # not keep the champion and challenger from serving; it is quarantined with a warning.
     registry.set_alias("challenger", "v2")
     log = tmp_path / "serve-old-damaged.log"
     server = start_server(settings_path, log, extra_env={"TMPDIR": str(tmpdir)})
@@ -205,7 +205,7 @@ def test_a_failed_start_exits_nonzero_and_leaves_nothing(
     finally:
         server.stop()
     assert ready[:2] == [200, 200] and ready[2] != 200, ready
-    assert "version v3 is not served over V2" in log.read_text()
+    assert "version v3 quarantined (not served)" in log.read_text()
 
 
 # -- restarting: the registry's aliases win ----------------------------------------------------
