@@ -243,8 +243,8 @@ class GuardedInferenceServicer(InferenceServicer):
         served: set[str],
     ) -> None:
         super().__init__(data_plane, handlers)
-        self._token = token
         self._served = served
+        self._repository = _AdminRepository(handlers, token, pb, service="")
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
         async def infer() -> pb.ModelInferResponse:
@@ -293,37 +293,64 @@ class GuardedInferenceServicer(InferenceServicer):
         return await _answer(f"ModelReady {request.name!r}", context, ready)
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:  # noqa: N802
-        await _require_admin("RepositoryIndex", context, self._token)
-
-        async def index() -> pb.RepositoryIndexResponse:
-            found = await self._model_repository_handlers.index(
-                RepositoryIndexRequestConverter.to_types(request)
-            )
-            return _index_response(found, pb.RepositoryIndexResponse)
-
-        return await _answer("RepositoryIndex", context, index)
+        return await self._repository.index(request, context)
 
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:  # noqa: N802
-        method = f"RepositoryModelLoad {request.model_name!r}"
-        await _require_admin(method, context, self._token)
-
-        async def load() -> pb.RepositoryModelLoadResponse:
-            await self._model_repository_handlers.load(request.model_name)
-            log.info("model %r loaded again by an admin over gRPC", request.model_name)
-            return pb.RepositoryModelLoadResponse()
-
-        return await _answer(method, context, load)
+        return await self._repository.load(request, context)
 
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:  # noqa: N802
-        method = f"RepositoryModelUnload {request.model_name!r}"
+        return await self._repository.unload(request, context)
+
+
+class _AdminRepository:
+    """The repository calls both gRPC services offer, behind the admin token; ``messages`` is
+    the service's protobuf module and ``service`` prefixes its calls in the log."""
+
+    def __init__(
+        self, handlers: ModelRepositoryHandlers, token: str | None, messages: Any, service: str
+    ) -> None:
+        self._handlers = handlers
+        self._token = token
+        self._messages = messages
+        self._service = service
+
+    async def index(self, request: Any, context: Any) -> Any:
+        method = f"{self._service}RepositoryIndex"
         await _require_admin(method, context, self._token)
 
-        async def unload() -> pb.RepositoryModelUnloadResponse:
-            await self._model_repository_handlers.unload(request.model_name)
-            log.warning("model %r unloaded by an admin over gRPC", request.model_name)
-            return pb.RepositoryModelUnloadResponse()
+        async def index() -> Any:
+            found = await self._handlers.index(RepositoryIndexRequestConverter.to_types(request))
+            return _index_response(found, self._messages.RepositoryIndexResponse)
 
-        return await _answer(method, context, unload)
+        return await _answer(method, context, index)
+
+    async def load(self, request: Any, context: Any) -> Any:
+        return await self._change(
+            "RepositoryModelLoad", self._handlers.load, "loaded again", request, context
+        )
+
+    async def unload(self, request: Any, context: Any) -> Any:
+        return await self._change(
+            "RepositoryModelUnload", self._handlers.unload, "unloaded", request, context
+        )
+
+    async def _change(
+        self,
+        call: str,
+        change: Callable[[str], Awaitable[Any]],
+        done: str,
+        request: Any,
+        context: Any,
+    ) -> Any:
+        method = f"{self._service}{call} {request.model_name!r}"
+        await _require_admin(method, context, self._token)
+
+        async def run() -> Any:
+            await change(request.model_name)
+            log.warning("model %r %s by an admin over gRPC", request.model_name, done)
+            return getattr(self._messages, f"{call}Response")()
+
+        return await _answer(method, context, run)
 
 
 class GuardedRepositoryServicer(ModelRepositoryServiceServicer):
@@ -331,39 +358,18 @@ class GuardedRepositoryServicer(ModelRepositoryServiceServicer):
     same rules as the repository calls of :class:`GuardedInferenceServicer`."""
 
     def __init__(self, handlers: ModelRepositoryHandlers, *, token: str | None) -> None:
-        self._handlers = handlers
-        self._token = token
+        self._repository = _AdminRepository(
+            handlers, token, repo_pb, service="ModelRepositoryService."
+        )
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:  # noqa: N802
-        await _require_admin("ModelRepositoryService.RepositoryIndex", context, self._token)
-
-        async def index() -> repo_pb.RepositoryIndexResponse:
-            found = await self._handlers.index(RepositoryIndexRequestConverter.to_types(request))
-            return _index_response(found, repo_pb.RepositoryIndexResponse)
-
-        return await _answer("ModelRepositoryService.RepositoryIndex", context, index)
+        return await self._repository.index(request, context)
 
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:  # noqa: N802
-        method = f"ModelRepositoryService.RepositoryModelLoad {request.model_name!r}"
-        await _require_admin(method, context, self._token)
-
-        async def load() -> repo_pb.RepositoryModelLoadResponse:
-            await self._handlers.load(request.model_name)
-            log.info("model %r loaded again by an admin over gRPC", request.model_name)
-            return repo_pb.RepositoryModelLoadResponse()
-
-        return await _answer(method, context, load)
+        return await self._repository.load(request, context)
 
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:  # noqa: N802
-        method = f"ModelRepositoryService.RepositoryModelUnload {request.model_name!r}"
-        await _require_admin(method, context, self._token)
-
-        async def unload() -> repo_pb.RepositoryModelUnloadResponse:
-            await self._handlers.unload(request.model_name)
-            log.warning("model %r unloaded by an admin over gRPC", request.model_name)
-            return repo_pb.RepositoryModelUnloadResponse()
-
-        return await _answer(method, context, unload)
+        return await self._repository.unload(request, context)
 
 
 class GuardedGRPCServer(GRPCServer):

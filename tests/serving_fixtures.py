@@ -1,5 +1,6 @@
 """A registry with two trained versions and a real `churn serve` process around it."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -8,12 +9,18 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlserver.grpc import dataplane_pb2 as pb
+
+from churn_assets.broker import EmbeddedBroker
 from churn_assets.candidate import train_candidate
 from churn_assets.config import load_settings
+from churn_assets.kafka import ensure_topics
 from churn_assets.registry import ModelRegistry
+from churn_assets.schemas import FEATURE_NAMES
 from churn_assets.training import build_training_set
 from tests.ml_fixtures import small_frames
 
@@ -118,3 +125,46 @@ def start_server(
 
 def copy_registry(source: Path, settings_registry_dir: Path) -> None:
     shutil.copytree(source, settings_registry_dir)
+
+
+def infer_request(rows, model="churn-router", version=""):
+    """A gRPC V2 request with one typed tensor per column (pandas codec) for ``rows``."""
+    request = pb.ModelInferRequest(model_name=model, model_version=version)
+    request.parameters["content_type"].string_param = "pd"
+    for name in ("customer_id", *FEATURE_NAMES):
+        values = [row[name] for row in rows]
+        tensor = request.inputs.add(name=name, shape=[len(rows)])
+        if isinstance(values[0], str):
+            tensor.datatype = "BYTES"
+            tensor.parameters["content_type"].string_param = "str"
+            tensor.contents.bytes_contents.extend(v.encode() for v in values)
+        elif isinstance(values[0], int):
+            tensor.datatype = "INT64"
+            tensor.contents.int64_contents.extend(values)
+        else:
+            tensor.datatype = "FP64"
+            tensor.contents.fp64_contents.extend(values)
+    return request
+
+
+@contextlib.contextmanager
+def served_with_broker(root: Path) -> Iterator[RunningServer]:
+    """Under ``root``: a config, a trained registry (v1 champion, v2 challenger), an embedded
+    broker with every topic (``/feedback`` answers 200 only once Kafka acknowledges), and a
+    ready ``churn serve`` on them; all stopped on exit."""
+    from tests.conftest import write_config
+
+    config_path = write_config(root)
+    settings = load_settings(config_path)
+    build_registry(settings.registry_dir)
+    broker = EmbeddedBroker(settings.run_dir)
+    broker.start()
+    running = None
+    try:
+        ensure_topics(settings)
+        running = start_server(config_path, root / "serve.log")
+        yield running
+    finally:
+        if running is not None:
+            running.stop()
+        broker.stop()

@@ -49,13 +49,13 @@ from churn_assets.schemas import FEATURE_NAMES, NUMERIC_FEATURES
 from churn_assets.segments import segment_table
 from churn_assets.simulator import SimulationConfig, sample_customers, simulate_frames
 from churn_assets.warehouse import publish_read_model
+from tests.browser import chromium
 from tests.conftest import write_config
 from tests.serving_fixtures import ADMIN_TOKEN, build_registry, free_port, start_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 WIDTHS = (1280, 768, 390)
-CHROMIUM = "/usr/bin/chromium"
 LANDED_PER_PARTITION, PRODUCED_PER_PARTITION = 7, 10
 PAGES = {
     "monitoring": ("Monitoring", ["Serving", "Requests/s", "Error rate", "Kafka lag"]),
@@ -372,12 +372,8 @@ def platform(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
-        yield chromium
-        chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 class Page:

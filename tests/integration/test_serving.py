@@ -9,7 +9,6 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from mlserver.grpc import dataplane_pb2 as pb
 from mlserver.grpc import dataplane_pb2_grpc, model_repository_pb2_grpc
 from mlserver.grpc import model_repository_pb2 as repo_pb
 
@@ -19,7 +18,13 @@ from churn_assets.model import load_model
 from churn_assets.registry import ModelRegistry
 from churn_assets.schemas import FEATURE_NAMES, Topics
 from churn_assets.simulator import sample_customers
-from tests.serving_fixtures import ADMIN_TOKEN, build_registry, copy_registry, start_server
+from tests.serving_fixtures import (
+    ADMIN_TOKEN,
+    build_registry,
+    copy_registry,
+    infer_request,
+    start_server,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -88,21 +93,7 @@ def output(response, name):
 
 
 def grpc_infer(address, model, rows, version=None):
-    request = pb.ModelInferRequest(model_name=model, model_version=version or "")
-    request.parameters["content_type"].string_param = "pd"
-    for name in ("customer_id", *FEATURE_NAMES):
-        values = [row[name] for row in rows]
-        tensor = request.inputs.add(name=name, shape=[len(rows)])
-        if isinstance(values[0], str):
-            tensor.datatype = "BYTES"
-            tensor.parameters["content_type"].string_param = "str"
-            tensor.contents.bytes_contents.extend(v.encode() for v in values)
-        elif isinstance(values[0], int):
-            tensor.datatype = "INT64"
-            tensor.contents.int64_contents.extend(values)
-        else:
-            tensor.datatype = "FP64"
-            tensor.contents.fp64_contents.extend(values)
+    request = infer_request(rows, model, version or "")
     with grpc.insecure_channel(address) as channel:
         return dataplane_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
 

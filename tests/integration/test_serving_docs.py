@@ -8,12 +8,8 @@ from urllib.parse import urljoin, urlsplit
 import pytest
 from playwright.sync_api import expect
 
-from churn_assets.broker import EmbeddedBroker
-from churn_assets.config import load_settings
-from churn_assets.kafka import ensure_topics
-from tests.conftest import write_config
-from tests.integration.test_dashboard_browser import CHROMIUM
-from tests.serving_fixtures import build_registry, start_server
+from tests.browser import chromium
+from tests.serving_fixtures import served_with_broker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -24,31 +20,14 @@ RENDER_TIMEOUT_MS = 20_000
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serving-docs")
-    config_path = write_config(root)
-    settings = load_settings(config_path)
-    build_registry(settings.registry_dir)
-    broker = EmbeddedBroker(settings.run_dir)
-    broker.start()
-    running = None
-    try:
-        ensure_topics(settings)
-        running = start_server(config_path, root / "serve.log")
+    with served_with_broker(tmp_path_factory.mktemp("serving-docs")) as running:
         yield running
-    finally:
-        if running is not None:
-            running.stop()
-        broker.stop()
 
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
-        yield chromium
-        chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 class OfflineTab:

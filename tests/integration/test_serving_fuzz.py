@@ -19,12 +19,8 @@ import pytest
 import schemathesis
 from schemathesis.engine import events, from_schema
 
-from churn_assets.broker import EmbeddedBroker
-from churn_assets.config import load_settings
-from churn_assets.kafka import ensure_topics
 from churn_assets.schemas import FEATURE_NAMES
-from tests.conftest import write_config
-from tests.serving_fixtures import ADMIN_TOKEN, build_registry, start_server
+from tests.serving_fixtures import ADMIN_TOKEN, served_with_broker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -39,21 +35,8 @@ def server(tmp_path_factory):
     """One process for both runs. The admin run changes router state (policy, promote,
     rollback): operations run in a fixed order, each with derandomized inputs, so the states it
     goes through are the same on every run, and every answer has to conform in any state."""
-    root = tmp_path_factory.mktemp("serving-fuzz")
-    config_path = write_config(root)
-    settings = load_settings(config_path)
-    build_registry(settings.registry_dir)
-    broker = EmbeddedBroker(settings.run_dir)
-    broker.start()
-    running = None
-    try:
-        ensure_topics(settings)  # /feedback answers 200 only when Kafka acknowledges
-        running = start_server(config_path, root / "serve.log")
+    with served_with_broker(tmp_path_factory.mktemp("serving-fuzz")) as running:
         yield running
-    finally:
-        if running is not None:
-            running.stop()
-        broker.stop()
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,13 @@ from churn_assets.schemas import FEATURE_NAMES
 from serving.grpc_guard import is_admin
 from tests.conftest import write_config
 from tests.integration.test_serving import call, customers, output, v2_inputs
-from tests.serving_fixtures import ADMIN_TOKEN, build_registry, copy_registry, start_server
+from tests.serving_fixtures import (
+    ADMIN_TOKEN,
+    build_registry,
+    copy_registry,
+    infer_request,
+    start_server,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -55,25 +61,6 @@ def server(broker_settings, settings_path, trained_registry, tmp_path):
 def channel(server):
     with grpc.insecure_channel(server.grpc) as opened:
         yield opened
-
-
-def infer_request(rows, model="churn-router", version=""):
-    request = pb.ModelInferRequest(model_name=model, model_version=version)
-    request.parameters["content_type"].string_param = "pd"
-    for name in ("customer_id", *FEATURE_NAMES):
-        values = [row[name] for row in rows]
-        tensor = request.inputs.add(name=name, shape=[len(rows)])
-        if isinstance(values[0], str):
-            tensor.datatype = "BYTES"
-            tensor.parameters["content_type"].string_param = "str"
-            tensor.contents.bytes_contents.extend(v.encode() for v in values)
-        elif isinstance(values[0], int):
-            tensor.datatype = "INT64"
-            tensor.contents.int64_contents.extend(values)
-        else:
-            tensor.datatype = "FP64"
-            tensor.contents.fp64_contents.extend(values)
-    return request
 
 
 def raw_request(rows, model="churn-router"):
