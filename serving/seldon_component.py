@@ -5,6 +5,9 @@
 
 Seldon passes ``--parameters`` as keyword arguments. Input: an ndarray (or a list of rows) with
 the eight features in ``features_names`` order (names required), validated like every other path.
+Seldon builds one numpy array from a JSON ``ndarray``, so a row that mixes strings and numbers
+arrives as strings only: a numeric feature's text is read back as the JSON number it was
+(``"12.0"`` → 12.0; text that is not a JSON number, or ``"true"``, stays text and is refused).
 Output: the churn probability per row. The model is loaded from the registry with its hashes
 verified; nothing is unpickled.
 """
@@ -13,17 +16,32 @@ import logging
 from typing import Any
 
 import numpy as np
+import orjson
 
 from churn_assets.config import load_settings
 from churn_assets.model import load_model
 from churn_assets.registry import ModelRegistry
-from churn_assets.schemas import FEATURE_NAMES
+from churn_assets.schemas import FEATURE_NAMES, NUMERIC_FEATURES
 from serving.errors import InvalidInput
 from serving.plane import validate_records
 
 __all__ = ["ChurnSeldonModel"]
 
 log = logging.getLogger(__name__)
+
+
+def _value(name: str, value: Any) -> Any:
+    """A cell as the JSON value the client sent (see the module's docstring)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if name in NUMERIC_FEATURES and isinstance(value, str):
+        try:
+            number = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return value
+        if isinstance(number, int | float) and not isinstance(number, bool):
+            return number
+    return value
 
 
 class ChurnSeldonModel:
@@ -53,10 +71,7 @@ class ChurnSeldonModel:
                 [{"loc": ["names"], "msg": f"names must be the eight features {FEATURE_NAMES}"}]
             )
         records = [
-            {
-                name: (value.item() if isinstance(value, np.generic) else value)
-                for name, value in zip(names, row, strict=True)
-            }
+            {name: _value(name, value) for name, value in zip(names, row, strict=True)}
             for row in rows
         ]
         try:

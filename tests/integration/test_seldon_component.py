@@ -100,6 +100,15 @@ def test_seldon_microservice_scores_like_the_library(settings_path, tmp_path):
         if refused.response is not None:
             details += json.dumps(MessageToDict(refused.response))
         assert "contract_type" in details
+
+        # Numbers survive Seldon's all-strings ndarray; a bool is still not a number.
+        flagged = rows.to_numpy(dtype=object)
+        flagged[0, FEATURE_NAMES.index("customer_tenure")] = True
+        refused = client.microservice(
+            method="predict", data=flagged, names=list(FEATURE_NAMES), payload_type="ndarray"
+        )
+        assert not refused.success
+        assert "customer_tenure: Value error, must be a whole number" in str(refused)
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
