@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -178,17 +177,19 @@ def create_router(
 
     AuthHeader = Annotated[str | None, Header(description="Bearer <CHURN_ADMIN_TOKEN>")]
 
-    # Handlers that score, explain, read files or change the router are plain ``def``:
-    # FastAPI runs them in its worker threads, so none of them holds up the event loop (a
-    # first SHAP explanation takes seconds). The plane is thread-safe.
+    # Nothing here holds up the event loop: scoring runs on the plane's scoring thread, SHAP on
+    # its explanation thread (a first explanation takes seconds), and the handlers that read
+    # files or change the router are plain ``def``, run in FastAPI's worker threads. The plane
+    # is thread-safe.
     @router.post(
         "/predict",
         tags=["inference"],
         summary="Score one customer (routed)",
         responses=_errors(413, 503),
     )
-    def predict(body: PredictRequest) -> dict[str, Any]:
-        return plane.predict([body.model_dump(exclude_none=True)])[0].as_dict()
+    async def predict(body: PredictRequest) -> dict[str, Any]:
+        row = body.model_dump(exclude_none=True)
+        return (await plane.scored(lambda: plane.predict([row])))[0].as_dict()
 
     @router.post(
         "/predict/batch",
@@ -196,9 +197,10 @@ def create_router(
         summary=f"Score up to {MAX_BATCH} customers",
         responses=_errors(413, 503),
     )
-    def predict_batch(body: BatchPredictRequest) -> dict[str, Any]:
+    async def predict_batch(body: BatchPredictRequest) -> dict[str, Any]:
         rows = [r.model_dump(exclude_none=True) for r in body.instances]
-        return {"predictions": [p.as_dict() for p in plane.predict(rows)]}
+        predictions = await plane.scored(lambda: plane.predict(rows))
+        return {"predictions": [p.as_dict() for p in predictions]}
 
     @router.post(
         "/explain",
@@ -215,7 +217,7 @@ def create_router(
         row = body.model_dump(exclude_none=True)
         if method == "anchors":
             return await plane.explain_anchors(row, version=version)
-        return await run_in_threadpool(plane.explain, row, version=version, top_k=top_k)
+        return await plane.explained(lambda: plane.explain(row, version=version, top_k=top_k))
 
     @router.post(
         "/feedback",

@@ -3,6 +3,7 @@ explanations and router administration. REST, gRPC (through MLServer) and the pr
 convenience endpoints only translate to and from it.
 """
 
+import asyncio
 import functools
 import logging
 import statistics
@@ -14,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_BATCH = 1000
 MODEL_NAME = "churn"
@@ -162,6 +164,12 @@ class ServingPlane:
         self._admin_lock = threading.Lock()
         self.quarantined: dict[str, str] = {}
         self._shadow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow")
+        # Requests are scored on one thread of their own and explained on another, never on
+        # the event loop: one scoring at a time uses the cores best (XGBoost and NumPy spread
+        # a batch over them; scorings side by side only fight for them), and a long SHAP
+        # explanation never delays a prediction.
+        self._scoring = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring")
+        self._explaining = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explaining")
         self._shadow_pairs: deque[dict[str, Any]] = deque(maxlen=20_000)
         self._latencies: dict[tuple[str, str], deque[float]] = {}
         self._counts: dict[tuple[str, str, str], int] = {}
@@ -279,6 +287,15 @@ class ServingPlane:
             share = weights.get(version, 0.0)
             arm = "primary" if version == self.state.champion else "canary"
             self.metrics.router_weight.labels(version=version, arm=arm).set(share)
+
+    # -- off the event loop ---------------------------------------------------------------------
+    async def scored(self, work: Callable[[], T]) -> T:
+        """``work()`` (validation, scoring) on the scoring thread, awaited."""
+        return await asyncio.get_running_loop().run_in_executor(self._scoring, work)
+
+    async def explained(self, work: Callable[[], T]) -> T:
+        """``work()`` (SHAP) on the explanation thread, awaited."""
+        return await asyncio.get_running_loop().run_in_executor(self._explaining, work)
 
     # -- scoring --------------------------------------------------------------------------------
     def predict(self, rows: Sequence[Mapping[str, Any]]) -> list[Prediction]:
@@ -622,6 +639,8 @@ class ServingPlane:
         }
 
     def close(self) -> None:
+        self._scoring.shutdown(wait=True)
+        self._explaining.shutdown(wait=True)
         self._shadow_pool.shutdown(wait=True)
         if self._anchors is not None:
             self._anchors.close()

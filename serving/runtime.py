@@ -9,8 +9,9 @@ Requests carry either one named input per feature (MLServer's pandas codec; opti
 record each. Every input's shape must match its data and its values its datatype. Validation
 errors become MLServer errors with status 422 (gRPC INVALID_ARGUMENT), naming the input.
 
-Scoring and explaining run in worker threads (``asyncio.to_thread``), never on the event loop
-that serves every other request.
+Scoring runs on the plane's scoring thread and SHAP on its explanation thread
+(:meth:`ServingPlane.scored`, :meth:`ServingPlane.explained`), never on the event loop that serves
+every other request.
 """
 
 import asyncio
@@ -165,9 +166,7 @@ class RouterRuntime(MLModel):
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         plane = _plane()
         try:
-            predictions = await asyncio.to_thread(
-                lambda: plane.predict(records_from_request(payload))
-            )
+            predictions = await plane.scored(lambda: plane.predict(records_from_request(payload)))
         except ServingError as exc:
             raise _fail(exc) from None
         outputs = [
@@ -199,7 +198,7 @@ class VersionRuntime(MLModel):
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         plane, version = _plane(), self.version or ""
         try:
-            probabilities = await asyncio.to_thread(
+            probabilities = await plane.scored(
                 lambda: plane.predict_version(version, records_from_request(payload))
             )
         except ServingError as exc:
@@ -228,11 +227,11 @@ class ExplainerRuntime(MLModel):
                 f"parameters.method must be 'shap' or 'anchors', not {method!r}", 422
             )
         try:
-            rows = await asyncio.to_thread(records_from_request, payload)
+            rows = await plane.scored(lambda: records_from_request(payload))
             if method == "anchors":
                 explanations = [await plane.explain_anchors(row) for row in rows]
             else:
-                explanations = await asyncio.to_thread(lambda: [plane.explain(row) for row in rows])
+                explanations = await plane.explained(lambda: [plane.explain(row) for row in rows])
         except ServingError as exc:
             raise _fail(exc) from None
         return InferenceResponse(
