@@ -1,0 +1,123 @@
+"""The feature contract: the default file, spellings, and a specific error for each bad one."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from churn_assets.contract import ContractError, contract_from_dict, load_contract, spelling_key
+from churn_assets.schemas import CATEGORY_VALUES, FEATURE_NAMES
+
+pytestmark = pytest.mark.unit
+
+DEFAULT = Path(__file__).resolve().parents[2] / "config" / "features.yaml"
+
+
+@pytest.fixture(scope="module")
+def default_raw():
+    return yaml.safe_load(DEFAULT.read_text())
+
+
+def test_the_default_contract_is_todays_eight_features():
+    contract = load_contract(DEFAULT)
+    assert contract.names == FEATURE_NAMES
+    for name, values in CATEGORY_VALUES.items():
+        assert tuple(contract.feature(name).categories) == values
+    assert contract.feature("customer_tenure").kind == "integer"
+    assert (
+        contract.feature("monthly_charges").minimum,
+        contract.feature("monthly_charges").maximum,
+    ) == (0, 10000)
+    assert len(contract.digest) == 64 and contract.digest == load_contract(DEFAULT).digest
+
+
+@pytest.mark.parametrize(
+    ("feature", "spelled", "canonical"),
+    [
+        ("contract_type", "Two year", "two_year"),
+        ("contract_type", "two year", "two_year"),
+        ("contract_type", "Two_Year", "two_year"),
+        ("contract_type", "Month-to-month", "month-to-month"),
+        ("contract_type", "One year", "one_year"),
+        ("payment_method", "Credit card", "credit_card"),
+        ("payment_method", "Bank transfer (automatic)", "bank_transfer"),
+        ("payment_method", "Credit card (automatic)", "credit_card"),
+        ("payment_method", "Electronic check", "electronic_check"),
+        ("internet_service", "Fiber optic", "fiber_optic"),
+        ("internet_service", "No", "none"),
+        ("internet_service", "DSL", "dsl"),
+        ("payment_method", "cash", None),
+        ("contract_type", "three year", None),
+    ],
+)
+def test_categories_match_their_spellings(feature, spelled, canonical):
+    assert load_contract(DEFAULT).feature(feature).canonical(spelled) == canonical
+
+
+def test_spelling_keys_ignore_case_spaces_and_punctuation():
+    assert spelling_key("Month-to-month") == spelling_key("MONTH TO MONTH") == "monthtomonth"
+    assert spelling_key("Ｔｗｏ year") == "twoyear"  # full-width letters fold too
+
+
+def changed(raw, index, **fields):
+    bad = copy.deepcopy(raw)
+    bad["features"][index].update(fields)
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: changed(r, 0, kind="float"), "feature 'customer_tenure': unknown kind 'float'"),
+        (lambda r: changed(r, 1, min=100, max=10), "feature 'monthly_charges': bounds reversed"),
+        (
+            lambda r: changed(r, 2, name="monthly_charges"),
+            "feature 'monthly_charges': the name is declared twice",
+        ),
+        (
+            lambda r: changed(r, 3, categories={"one_year": ["annual"], "two_year": ["Annual"]}),
+            "feature 'contract_type': 'Annual' would spell both 'one_year' and 'two_year'",
+        ),
+        (
+            lambda r: changed(r, 4, categories={"credit_card": [], "Credit Card": []}),
+            "feature 'payment_method': 'Credit Card' would spell both",
+        ),
+        (
+            lambda r: changed(r, 0, min=float("nan")),
+            "feature 'customer_tenure': min must be finite",
+        ),
+        (lambda r: changed(r, 0, min=0.5), "min of an integer must be a whole number"),
+        (lambda r: changed(r, 0, max="600"), "feature 'customer_tenure': max must be a number"),
+        (lambda r: changed(r, 3, categories=[]), "feature 'contract_type': a category needs"),
+        (lambda r: changed(r, 3, min=0), "min and max apply to numbers, not to a category"),
+        (lambda r: changed(r, 0, categories=["a"]), "categories apply to a category"),
+        (
+            lambda r: changed(r, 0, unit="months"),
+            "feature 'customer_tenure': unknown keys ['unit']",
+        ),
+        (lambda r: changed(r, 0, missing="zero"), "missing must be one of reject, median"),
+        (lambda r: changed(r, 3, missing="median"), "missing must be one of reject, most_frequent"),
+        (lambda r: changed(r, 0, name="Tenure"), "name 'Tenure' must be lower-case"),
+        (lambda r: changed(r, 4, categories={"credit_card": [False]}), "must be a list of text"),
+        (lambda r: {**r, "format": 2}, "format must be 1"),
+        (lambda r: {**r, "features": []}, "'features' must be a non-empty list"),
+        (lambda r: {**r, "extra": 1}, "unknown keys ['extra']"),
+    ],
+)
+def test_a_bad_contract_is_refused_naming_the_feature_and_the_problem(default_raw, change, message):
+    with pytest.raises(ContractError, match=None) as info:
+        contract_from_dict(change(default_raw))
+    assert message in str(info.value)
+
+
+def test_a_bad_file_names_itself(tmp_path):
+    path = tmp_path / "features.yaml"
+    with pytest.raises(ContractError, match="feature contract not found"):
+        load_contract(path)
+    path.write_text("format: 1\nfeatures: [")
+    with pytest.raises(ContractError, match=f"feature contract {path} is not valid YAML"):
+        load_contract(path)
+    path.write_text("format: 1\nfeatures:\n  - {name: x, kind: number, min: 5, max: 1}\n")
+    with pytest.raises(ContractError, match=f"feature contract {path}: feature 'x': bounds"):
+        load_contract(path)
