@@ -18,7 +18,7 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
@@ -28,6 +28,7 @@ __all__ = [
     "ContractError",
     "Feature",
     "contract_from_dict",
+    "features_model",
     "load_contract",
     "spelling_key",
 ]
@@ -242,3 +243,83 @@ def _categories(bad: Any, raw: Any) -> tuple[dict[str, tuple[str, ...]], dict[st
             spellings[key] = canonical
         categories[canonical] = tuple(aliases)
     return categories, spellings
+
+
+def features_model(
+    contract: Contract, *, name: str = "CustomerFeatures", base: type[Any] | None = None
+) -> type[Any]:
+    """A pydantic model of ``contract``'s features, with the same strict rules as
+    :func:`churn_assets.validation.check_columns`: categories accept their spellings and are
+    stored canonically, a bool or a string is never a number, NaN and infinities are refused.
+    A feature whose missing values the contract fills is optional (``None``)."""
+    from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, create_model
+
+    fields: dict[str, Any] = {}
+    for feature in contract.features:
+        bounds = {
+            key: value
+            for key, value in (("ge", feature.minimum), ("le", feature.maximum))
+            if value is not None
+        }
+        if feature.kind == "integer":
+            annotation: Any = Annotated[
+                int,
+                BeforeValidator(_whole_number),
+                Field(description=feature.description, **bounds),
+            ]
+        elif feature.kind == "number":
+            annotation = Annotated[
+                float,
+                Field(strict=True, description=feature.description, **bounds),
+                AfterValidator(_finite),
+            ]
+        elif feature.kind == "boolean":
+            annotation = Annotated[bool, Field(strict=True, description=feature.description)]
+        else:
+            spellings = [s for c, aliases in feature.categories.items() for s in (c, *aliases)]
+            annotation = Annotated[
+                str,
+                BeforeValidator(_canonical_of(feature)),
+                Field(
+                    description=(
+                        f"{feature.description + '; ' if feature.description else ''}one of "
+                        f"{', '.join(feature.categories)} (any case, spacing or punctuation, "
+                        "or a listed alias)"
+                    ),
+                    json_schema_extra={"enum": spellings},
+                ),
+            ]
+        if feature.missing == "reject":
+            fields[feature.name] = (annotation, ...)
+        else:
+            fields[feature.name] = (annotation | None, None)
+    config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    if base is None:
+        return create_model(name, __config__=config, **fields)
+    return create_model(name, __base__=base, **fields)
+
+
+def _whole_number(value: Any) -> Any:
+    if isinstance(value, bool | str | bytes):
+        raise ValueError(f"must be a whole number, not {type(value).__name__}")
+    return value
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number (NaN and infinity are rejected)")
+    return value
+
+
+def _canonical_of(feature: Feature) -> Any:
+    def canonical(value: Any) -> Any:
+        if not isinstance(value, str):
+            raise ValueError(f"must be text, not {type(value).__name__}")
+        found = feature.canonical(value)
+        if found is None:
+            raise ValueError(
+                f"unknown category {value[:60]!r}; one of {', '.join(feature.categories)}"
+            )
+        return found
+
+    return canonical

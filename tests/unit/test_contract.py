@@ -1,6 +1,7 @@
 """The feature contract: the default file, spellings, and a specific error for each bad one."""
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,55 @@ def test_a_bad_file_names_itself(tmp_path):
     path.write_text("format: 1\nfeatures:\n  - {name: x, kind: number, min: 5, max: 1}\n")
     with pytest.raises(ContractError, match=f"feature contract {path}: feature 'x': bounds"):
         load_contract(path)
+
+
+DOCUMENTED_REQUEST = {
+    "customer_tenure": 24,
+    "monthly_charges": 79.99,
+    "total_charges": 1919.76,
+    "contract_type": "Two year",
+    "payment_method": "Credit card",
+    "internet_service": "Fiber optic",
+    "support_tickets": 2,
+    "login_frequency": 5.2,
+}
+
+
+def test_the_features_model_takes_the_documented_request_and_stores_canonical_values():
+    from churn_assets.contract import features_model
+
+    model = features_model(load_contract(DEFAULT))
+    record = model.model_validate(DOCUMENTED_REQUEST)
+    assert (record.contract_type, record.payment_method, record.internet_service) == (
+        "two_year",
+        "credit_card",
+        "fiber_optic",
+    )
+    assert model.model_validate_json(json.dumps(DOCUMENTED_REQUEST)) == record
+    schema = model.model_json_schema()
+    assert "Two year" not in schema["properties"]["contract_type"]["enum"]  # spelled by rule
+    assert "Bank transfer (automatic)" in schema["properties"]["payment_method"]["enum"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("customer_tenure", True),
+        ("customer_tenure", "24"),
+        ("customer_tenure", 24.5),
+        ("monthly_charges", "79.99"),
+        ("monthly_charges", float("inf")),
+        ("contract_type", "forever"),
+        ("contract_type", 2),
+        ("colour", "red"),
+    ],
+)
+def test_the_features_model_is_strict(field, value):
+    from pydantic import ValidationError
+
+    from churn_assets.contract import features_model
+
+    model = features_model(load_contract(DEFAULT))
+    with pytest.raises(ValidationError) as info:
+        model.model_validate({**DOCUMENTED_REQUEST, field: value})
+    assert info.value.errors()[0]["loc"] == (field,)
