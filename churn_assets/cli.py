@@ -399,6 +399,7 @@ def dashboard(ctx: click.Context, port: int | None, address: str) -> None:
 
 
 def _register_subcommands() -> None:
+    from churn_assets.cli_import import import_export
     from churn_assets.cli_models import models
     from churn_assets.cli_rollout import retrain, rollout, traffic
     from churn_assets.cli_up import up
@@ -408,6 +409,7 @@ def _register_subcommands() -> None:
     main.add_command(retrain)
     main.add_command(rollout)
     main.add_command(traffic)
+    main.add_command(import_export)
 
 
 _register_subcommands()

@@ -273,3 +273,52 @@ def _labels(
 def batches(items: list[dict[str, Any]], size: int = 1000) -> Iterator[list[dict[str, Any]]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def produce_plan(
+    producer: Any,
+    plan: ImportPlan,
+    *,
+    on_progress: Any = None,
+    timeout_s: float = 60.0,
+) -> tuple[int, int]:
+    """Produce the plan's events to ``churn.customers`` and outcomes to ``ml.feedback``, keyed
+    by customer; returns (events, outcomes) once Kafka acknowledged every one of them."""
+    from churn_assets.schemas import Topics, encode_message
+
+    failures: list[str] = []
+
+    def delivered(error: Any, _message: Any) -> None:
+        if error is not None:
+            failures.append(str(error))
+
+    for topic, payloads in ((Topics.CUSTOMERS, plan.events), (Topics.FEEDBACK, plan.outcomes)):
+        for batch in batches(payloads):
+            for payload in batch:
+                value = encode_message(topic, payload)
+                while True:
+                    try:
+                        producer.produce(
+                            topic,
+                            key=payload["customer_id"].encode(),
+                            value=value,
+                            on_delivery=delivered,
+                        )
+                        break
+                    except BufferError:
+                        producer.poll(0.05)
+            producer.poll(0)
+            if on_progress is not None:
+                on_progress(len(batch))
+    remaining = producer.flush(timeout_s)
+    if remaining:
+        raise ImportError_(
+            f"{remaining} imported messages were not delivered to Kafka within {timeout_s:.0f} s; "
+            "import the file again (it lands once)"
+        )
+    if failures:
+        raise ImportError_(
+            f"{len(failures)} imported messages failed delivery (first: {failures[0]}); "
+            "import the file again (it lands once)"
+        )
+    return len(plan.events), len(plan.outcomes)
