@@ -262,10 +262,11 @@ def features_model(
             if value is not None
         }
         if feature.kind == "integer":
+            # The bounds before the validator: they stay in the JSON schema (minimum/maximum).
             annotation: Any = Annotated[
                 int,
-                BeforeValidator(_whole_number),
                 Field(description=feature.description, **bounds),
+                BeforeValidator(_whole_number),
             ]
         elif feature.kind == "number":
             annotation = Annotated[

@@ -20,6 +20,9 @@ from pydantic import (
     ValidationError,
 )
 
+from churn_assets.config import DEFAULT_CONTRACT as DEFAULT_CONTRACT_PATH
+from churn_assets.contract import features_model, load_contract
+
 __all__ = [
     "CONTRACT_TYPES",
     "PAYMENT_METHODS",
@@ -46,34 +49,18 @@ __all__ = [
     "encode_message",
 ]
 
-CONTRACT_TYPES = ("month-to-month", "one_year", "two_year")
-PAYMENT_METHODS = ("electronic_check", "mailed_check", "bank_transfer", "credit_card")
-INTERNET_SERVICES = ("dsl", "fiber_optic", "none")
-
+# The default feature contract (config/features.yaml) names the features; nothing here
+# repeats them.
+DEFAULT_CONTRACT = load_contract(DEFAULT_CONTRACT_PATH)
+FEATURE_NAMES = DEFAULT_CONTRACT.names
+NUMERIC_FEATURES = tuple(f.name for f in DEFAULT_CONTRACT.of_kind("integer", "number"))
+CATEGORICAL_FEATURES = tuple(f.name for f in DEFAULT_CONTRACT.of_kind("category"))
 CATEGORY_VALUES: dict[str, tuple[str, ...]] = {
-    "contract_type": CONTRACT_TYPES,
-    "payment_method": PAYMENT_METHODS,
-    "internet_service": INTERNET_SERVICES,
+    f.name: tuple(f.categories) for f in DEFAULT_CONTRACT.of_kind("category")
 }
-
-NUMERIC_FEATURES = (
-    "customer_tenure",
-    "monthly_charges",
-    "total_charges",
-    "support_tickets",
-    "login_frequency",
-)
-CATEGORICAL_FEATURES = ("contract_type", "payment_method", "internet_service")
-FEATURE_NAMES = (
-    "customer_tenure",
-    "monthly_charges",
-    "total_charges",
-    "contract_type",
-    "payment_method",
-    "internet_service",
-    "support_tickets",
-    "login_frequency",
-)
+CONTRACT_TYPES = CATEGORY_VALUES["contract_type"]  # the simulator's vocabulary
+PAYMENT_METHODS = CATEGORY_VALUES["payment_method"]
+INTERNET_SERVICES = CATEGORY_VALUES["internet_service"]
 
 
 def _finite(value: float) -> float:
@@ -138,17 +125,11 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class CustomerFeatures(_Message):
-    """The product's eight model features, with the ranges the platform accepts."""
-
-    customer_tenure: Count = Field(ge=0, le=600, description="months since sign-up")
-    monthly_charges: Finite = Field(ge=0, le=10_000, description="current monthly bill")
-    total_charges: Finite = Field(ge=0, le=10_000_000, description="lifetime billed amount")
-    contract_type: Literal["month-to-month", "one_year", "two_year"]
-    payment_method: Literal["electronic_check", "mailed_check", "bank_transfer", "credit_card"]
-    internet_service: Literal["dsl", "fiber_optic", "none"]
-    support_tickets: Count = Field(ge=0, le=1_000, description="tickets opened, last 30 days")
-    login_frequency: Finite = Field(ge=0, le=10_000, description="logins, last 30 days")
+CustomerFeatures = features_model(DEFAULT_CONTRACT, name="CustomerFeatures", base=_Message)
+CustomerFeatures.__doc__ = (
+    "The model's features as the contract declares them: category spellings are stored "
+    "canonically, numbers are strict and within the contract's bounds."
+)
 
 
 class CustomerEvent(CustomerFeatures):

@@ -150,6 +150,8 @@ def test_the_features_model_takes_the_documented_request_and_stores_canonical_va
     schema = model.model_json_schema()
     assert "Two year" not in schema["properties"]["contract_type"]["enum"]  # spelled by rule
     assert "Bank transfer (automatic)" in schema["properties"]["payment_method"]["enum"]
+    tenure = schema["properties"]["customer_tenure"]
+    assert (tenure["type"], tenure["minimum"], tenure["maximum"]) == ("integer", 0, 600)
 
 
 @pytest.mark.parametrize(
