@@ -79,24 +79,17 @@ def list_versions(ctx: click.Context) -> None:
     aliases = _aliases_of(registry)
     rows, damaged = [], {}
     for name in names:
-        problem = registry.damage(name)
-        if problem is not None:
-            damaged[name] = problem
+        aliased = ",".join(aliases.get(name, [])) or "-"
         try:
             v = registry.get(name)
-        except RegistryError:
-            rows.append([name, ",".join(aliases.get(name, [])) or "-", "-", "-", "-"])
+        except RegistryError as exc:  # a damaged manifest
+            problem, row = str(exc), [name, aliased, "-", "-", "-"]
         else:
-            rows.append(
-                [
-                    v.version,
-                    ",".join(aliases.get(v.version, [])) or "-",
-                    v.registered_at,
-                    v.parent_version or "-",
-                    _metric(v),
-                ]
-            )
-        rows[-1].append("quarantined" if problem is not None else "ok")
+            problem = registry.damage(v)
+            row = [name, aliased, v.registered_at, v.parent_version or "-", _metric(v)]
+        if problem is not None:
+            damaged[name] = problem
+        rows.append([*row, "ok" if problem is None else "quarantined"])
     header = ["VERSION", "ALIASES", "REGISTERED_AT", "PARENT", METRIC.upper(), "STATUS"]
     click.echo(_table(header, rows))
     for name, problem in damaged.items():

@@ -25,7 +25,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -95,6 +95,26 @@ def dagster_env(settings: Settings, config_path: Path | None) -> dict[str, str]:
     return env
 
 
+# Runs a live Dagster would be executing (queued runs are the daemon's to launch).
+ACTIVE_RUN_STATUSES = ("NOT_STARTED", "STARTING", "STARTED")
+
+
+def _mark_runs(
+    settings: Settings, statuses: Iterable[str], mark: Callable[[Any, Any], None]
+) -> list[str]:
+    """``mark(instance, run)`` for each of the platform's runs in ``statuses`` (names of
+    ``DagsterRunStatus``); returns one line per run (``<job> run <id> (<status>)``)."""
+    import dagster as dg
+
+    wanted = [dg.DagsterRunStatus[name] for name in statuses]
+    marked = []
+    with _instance(settings) as instance:
+        for run in instance.get_runs(filters=dg.RunsFilter(statuses=wanted)):
+            mark(instance, run)
+            marked.append(f"{run.job_name} run {run.run_id[:8]} ({run.status.value})")
+    return marked
+
+
 def reap_interrupted_runs(settings: Settings) -> list[str]:
     """Mark the platform instance's runs that a stop or crash left "started" as canceled and
     free their concurrency-pool slots; returns one line per run.
@@ -104,24 +124,14 @@ def reap_interrupted_runs(settings: Settings) -> list[str]:
     flight" to the sensors, which would then never launch another rollout or retraining.
     Queued runs stay queued: the daemon launches them.
     """
-    import dagster as dg
 
-    dead = [
-        dg.DagsterRunStatus.NOT_STARTED,
-        dg.DagsterRunStatus.STARTING,
-        dg.DagsterRunStatus.STARTED,
-        dg.DagsterRunStatus.CANCELING,
-    ]
-    reaped = []
-    with _instance(settings) as instance:
-        for run in instance.get_runs(filters=dg.RunsFilter(statuses=dead)):
-            instance.report_run_canceled(
-                run,
-                message="interrupted by the platform's last stop; marked canceled by `churn up`",
-            )
-            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
-            reaped.append(f"{run.job_name} run {run.run_id[:8]} ({run.status.value})")
-    return reaped
+    def cancel(instance: Any, run: Any) -> None:
+        instance.report_run_canceled(
+            run, message="interrupted by the platform's last stop; marked canceled by `churn up`"
+        )
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+
+    return _mark_runs(settings, [*ACTIVE_RUN_STATUSES, "CANCELING"], cancel)
 
 
 # -- demo data -------------------------------------------------------------------------------------
@@ -397,22 +407,21 @@ def _spawn(
     goes to ``log_path`` (appended) when given, else to this terminal."""
     from churn_assets.broker import die_with_parent
 
-    if log_path is None:
-        return subprocess.Popen(
-            command, env=env, cwd=REPO_ROOT, start_new_session=True, preexec_fn=die_with_parent
-        )
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
-        log.write(f"--- started by churn up at {datetime.now(UTC).isoformat()} ---\n".encode())
-        log.flush()
+    with contextlib.ExitStack() as stack:
+        output: dict[str, Any] = {}
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = stack.enter_context(log_path.open("ab"))
+            log.write(f"--- started by churn up at {datetime.now(UTC).isoformat()} ---\n".encode())
+            log.flush()
+            output = {"stdout": log, "stderr": subprocess.STDOUT}
         return subprocess.Popen(
             command,
             env=env,
             cwd=REPO_ROOT,
             start_new_session=True,
             preexec_fn=die_with_parent,
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            **output,
         )
 
 
@@ -429,19 +438,11 @@ def cancel_runs_in_flight(settings: Settings) -> list[str]:
     """Mark the platform's started runs as canceling before Dagster is stopped, so an
     interrupted run is recorded as canceled by the stop, not as an unexpected failure, and the
     next start has nothing to reap. Queued runs stay queued for the next start."""
-    import dagster as dg
 
-    active = [
-        dg.DagsterRunStatus.NOT_STARTED,
-        dg.DagsterRunStatus.STARTING,
-        dg.DagsterRunStatus.STARTED,
-    ]
-    canceled = []
-    with _instance(settings) as instance:
-        for run in instance.get_runs(filters=dg.RunsFilter(statuses=active)):
-            instance.report_run_canceling(run, message="the platform is stopping (`churn up`)")
-            canceled.append(f"{run.job_name} run {run.run_id[:8]}")
-    return canceled
+    def canceling(instance: Any, run: Any) -> None:
+        instance.report_run_canceling(run, message="the platform is stopping (`churn up`)")
+
+    return _mark_runs(settings, ACTIVE_RUN_STATUSES, canceling)
 
 
 def _group_alive(pid: int) -> bool:
@@ -825,51 +826,52 @@ def _serve(ctx: click.Context, settings: Settings, env: dict[str, str], dagster_
         shutil.rmtree(stale, ignore_errors=True)
     dagster_tmp = Path(tempfile.mkdtemp(prefix="dagster-tmp-", dir=settings.run_dir))
     services: list[Service] = []
+
+    def start(
+        step: int,
+        name: str,
+        command: list[str],
+        probe: Callable[[], bool],
+        announce: str,
+        **extra_env: str,
+    ) -> None:
+        log_path = logs / f"{name}.log"
+        process = _spawn(command, {**env, **extra_env}, log_path)
+        services.append(Service(step, name, process, probe, announce, log_path))
+
     ctx.obj["services_started"] = True
     try:
         if champion is None:
             _step(6, "serving skipped: the registry has no champion (train one: `churn up`)")
         else:
             base = serving_url(settings)
-            services.append(
-                Service(
-                    6,
-                    "serving",
-                    _spawn([*cli, "serve"], env, logs / "serving.log"),
-                    lambda: _http_ok(f"{base}/v2/health/ready") is not None,
-                    f"serving ready: {base} (REST, /docs) and "
-                    f"{settings.serving.host}:{settings.serving.grpc_port} (gRPC)",
-                    logs / "serving.log",
-                )
+            start(
+                6,
+                "serving",
+                [*cli, "serve"],
+                lambda: _http_ok(f"{base}/v2/health/ready") is not None,
+                f"serving ready: {base} (REST, /docs) and "
+                f"{settings.serving.host}:{settings.serving.grpc_port} (gRPC)",
             )
         port = settings.dagster.webserver_port
         dagster_url = f"http://127.0.0.1:{port}"
-        services.append(
-            Service(
-                7,
-                "dagster",
-                _spawn(
-                    [dagster_bin, "dev", "-w", str(REPO_ROOT / "workspace.yaml")]
-                    + ["-h", "127.0.0.1", "-p", str(port)],
-                    {**env, "TMPDIR": str(dagster_tmp)},
-                    logs / "dagster.log",
-                ),
-                lambda: _dagster_loaded(dagster_url),
-                f"Dagster UI ready: {dagster_url} (its daemon runs the sensors that land, "
-                "monitor, retrain and roll out)",
-                logs / "dagster.log",
-            )
+        start(
+            7,
+            "dagster",
+            [dagster_bin, "dev", "-w", str(REPO_ROOT / "workspace.yaml")]
+            + ["-h", "127.0.0.1", "-p", str(port)],
+            lambda: _dagster_loaded(dagster_url),
+            f"Dagster UI ready: {dagster_url} (its daemon runs the sensors that land, "
+            "monitor, retrain and roll out)",
+            TMPDIR=str(dagster_tmp),
         )
         dashboard_url = f"http://127.0.0.1:{settings.dashboard.port}"
-        services.append(
-            Service(
-                8,
-                "dashboard",
-                _spawn(panel_command(settings.dashboard.port), env, logs / "dashboard.log"),
-                lambda: _http_ok(f"{dashboard_url}/liveness") is not None,
-                f"dashboard ready: {dashboard_url}/app",
-                logs / "dashboard.log",
-            )
+        start(
+            8,
+            "dashboard",
+            panel_command(settings.dashboard.port),
+            lambda: _http_ok(f"{dashboard_url}/liveness") is not None,
+            f"dashboard ready: {dashboard_url}/app",
         )
         for service in services:
             _await_ready(service, services)

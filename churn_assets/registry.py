@@ -272,18 +272,16 @@ class ModelRegistry:
 
     def version_names(self) -> list[str]:
         """The registered version names (``v1``, ``v2``, ...), oldest first, without reading
-        their manifests (one of them may be damaged: see :meth:`damage`)."""
+        their manifests (one of them may be damaged)."""
         return [f"v{n}" for n in sorted(self._version_numbers())]
 
-    def damage(self, ref: str) -> str | None:
-        """Why version ``ref`` cannot be used (its manifest or an artefact is missing,
-        unreadable or does not match its SHA-256), or ``None`` when it is intact."""
+    @staticmethod
+    def damage(version: ModelVersion) -> str | None:
+        """Why an artefact of ``version`` cannot be used (missing, unreadable or not matching
+        its SHA-256), or ``None`` when all are intact."""
         try:
-            version = self.get(ref)
             for name in sorted(version.files):
                 read_verified(version, name)
-        except VersionNotFound:
-            raise
         except RegistryError as exc:
             return str(exc)
         return None

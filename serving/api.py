@@ -4,8 +4,6 @@ Admin endpoints need ``Authorization: Bearer <token>`` where the token comes fro
 ``CHURN_ADMIN_TOKEN`` environment variable; without it configured, admin calls are refused.
 """
 
-import hmac
-import logging
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -15,8 +13,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from churn_assets.schemas import Identifier, Timestamp
-from serving.errors import ServingError, Unauthorized, Unavailable
+from churn_assets.schemas import FeedbackEvent, Identifier, Timestamp, Topics, encode_message
+from serving.errors import (
+    ServingError,
+    Unauthorized,
+    Unavailable,
+    bearer_matches,
+    log_rejected,
+)
 from serving.feedback import FeedbackPublisher
 from serving.plane import MAX_BATCH, BatchPredictRequest, PredictRequest, ServingPlane
 
@@ -24,11 +28,8 @@ __all__ = [
     "BodySizeLimit",
     "create_router",
     "serving_error_handler",
-    "token_matches",
     "validation_error_handler",
 ]
-
-log = logging.getLogger(__name__)
 
 
 class PolicyChange(BaseModel):
@@ -81,7 +82,6 @@ _ERROR_DESCRIPTIONS = {
     401: "Admin token missing or wrong (or CHURN_ADMIN_TOKEN not set on the server)",
     404: "A model version that is not registered or cannot be loaded",
     409: "The router's state does not allow it (e.g. no challenger to promote)",
-    413: "Request body larger than serving.max_request_bytes",
     503: "A dependency (Kafka, the registry) is unavailable; retry",
 }
 
@@ -110,7 +110,7 @@ class BodySizeLimit:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             status = 413 if declared.isdigit() else 400
             detail = self._too_large() if status == 413 else "invalid Content-Length header"
-            log.warning("%s %s rejected: %d %s", scope["method"], scope["path"], status, detail)
+            log_rejected(f"{scope['method']} {scope['path']}", status, detail)
             response = JSONResponse(
                 {"detail": detail}, status_code=status, headers={"connection": "close"}
             )
@@ -124,9 +124,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    log.warning(
-                        "%s %s rejected: 413 %s", scope["method"], scope["path"], self._too_large()
-                    )
+                    log_rejected(f"{scope['method']} {scope['path']}", 413, self._too_large())
                     # An HTTPException passes through FastAPI's body parsing unchanged and is
                     # answered by the app's exception middleware.
                     raise HTTPException(413, self._too_large(), headers={"connection": "close"})
@@ -155,13 +153,6 @@ async def validation_error_handler(_request: Request, exc: Exception) -> JSONRes
     return JSONResponse(status_code=422, content={"detail": errors})
 
 
-def token_matches(authorization: str, token: str) -> bool:
-    """``authorization`` is ``Bearer <token>``, compared in constant time as UTF-8 bytes (a
-    header with characters outside ASCII is simply wrong, never an error)."""
-    given = authorization.encode("utf-8", "surrogateescape")
-    return hmac.compare_digest(given, f"Bearer {token}".encode())
-
-
 def create_router(
     plane: ServingPlane, admin_token: str | None, publisher: FeedbackPublisher | None
 ) -> APIRouter:
@@ -171,7 +162,7 @@ def create_router(
     def require_admin(authorization: str | None) -> str:
         if not admin_token:
             raise Unauthorized("admin API disabled: set CHURN_ADMIN_TOKEN to enable it")
-        if authorization is None or not token_matches(authorization, admin_token):
+        if authorization is None or not bearer_matches(authorization, admin_token):
             raise Unauthorized()
         return "admin"
 
@@ -185,7 +176,7 @@ def create_router(
         "/predict",
         tags=["inference"],
         summary="Score one customer (routed)",
-        responses=_errors(413, 503),
+        responses=_errors(503),
     )
     async def predict(body: PredictRequest) -> dict[str, Any]:
         row = body.model_dump(exclude_none=True)
@@ -195,7 +186,7 @@ def create_router(
         "/predict/batch",
         tags=["inference"],
         summary=f"Score up to {MAX_BATCH} customers",
-        responses=_errors(413, 503),
+        responses=_errors(503),
     )
     async def predict_batch(body: BatchPredictRequest) -> dict[str, Any]:
         rows = [r.model_dump(exclude_none=True) for r in body.instances]
@@ -206,7 +197,7 @@ def create_router(
         "/explain",
         tags=["inference"],
         summary="Top SHAP contributions, or an Alibi anchor rule with method=anchors",
-        responses=_errors(404, 409, 413, 503),
+        responses=_errors(404, 409, 503),
     )
     async def explain(
         body: PredictRequest,
@@ -223,11 +214,9 @@ def create_router(
         "/feedback",
         tags=["inference"],
         summary="Report a ground-truth outcome",
-        responses=_errors(413, 503),
+        responses=_errors(503),
     )
     async def feedback(body: FeedbackRequest) -> dict[str, Any]:
-        from churn_assets.schemas import FeedbackEvent, Topics, encode_message
-
         now = datetime.now(UTC)
         event = FeedbackEvent(
             event_id=body.event_id or f"api-{uuid.uuid4().hex}",
@@ -285,7 +274,7 @@ def create_router(
         "/router/policy",
         tags=["admin"],
         summary="Set strategy and canary weight",
-        responses=_errors(401, 404, 413, 503),
+        responses=_errors(401, 404, 503),
     )
     def set_policy(body: PolicyChange, authorization: AuthHeader = None) -> dict[str, Any]:
         actor = require_admin(authorization)

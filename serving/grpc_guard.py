@@ -11,7 +11,6 @@
 * Streaming (``ModelStreamInfer``) is not offered: UNIMPLEMENTED.
 """
 
-import hmac
 import logging
 import struct
 from collections.abc import Awaitable, Callable, Iterable
@@ -40,6 +39,9 @@ from mlserver.raw import _DatatypeToCtype as RAW_FORMATS  # the formats MLServer
 from mlserver.repository import ModelRepository
 from mlserver.settings import ModelSettings, Settings
 from mlserver.types import Datatype, RepositoryIndexResponse
+
+from serving.errors import bearer_matches, log_rejected
+from serving.runtime import invalid_input
 
 __all__ = [
     "GuardedGRPCServer",
@@ -83,27 +85,9 @@ def grpc_status(http_status: int) -> grpc.StatusCode:
 
 
 def is_admin(metadata: Iterable[tuple[str, Any]] | None, token: str | None) -> bool:
-    """Whether the call's metadata carries ``authorization: Bearer <token>``.
-
-    Compared as bytes: ``hmac.compare_digest`` refuses str with non-ASCII characters, and such
-    metadata must be a refusal like any other wrong token, never an exception."""
-    if not token:
-        return False
-    given: Any = next((value for key, value in metadata or () if key == "authorization"), b"")
-    if isinstance(given, str):
-        given = given.encode("utf-8", "surrogatepass")
-    if not isinstance(given, bytes):
-        return False
-    return hmac.compare_digest(given, f"Bearer {token}".encode())
-
-
-def _one_line(text: str, limit: int = 500) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= limit else f"{line[: limit - 1]}…"
-
-
-def _invalid(message: str) -> MLServerError:
-    return MLServerError(message, 422)
+    """Whether the call's metadata carries ``authorization: Bearer <token>``."""
+    given = next((value for key, value in metadata or () if key == "authorization"), None)
+    return bool(token) and isinstance(given, str | bytes) and bearer_matches(given, token)
 
 
 def _raw_elements(raw: bytes, name: str) -> int:
@@ -111,13 +95,13 @@ def _raw_elements(raw: bytes, name: str) -> int:
     offset, count = 0, 0
     while offset < len(raw):
         if offset + 4 > len(raw):
-            raise _invalid(
+            raise invalid_input(
                 f"input {name!r}: raw_input_contents ends inside the length of element {count}"
             )
         (size,) = struct.unpack_from("<I", raw, offset)
         offset += 4 + size
         if offset > len(raw):
-            raise _invalid(
+            raise invalid_input(
                 f"input {name!r}: raw_input_contents ends inside element {count} "
                 f"({size} bytes announced)"
             )
@@ -132,18 +116,18 @@ def check_infer_request(request: pb.ModelInferRequest) -> None:
     checked by the runtimes, for REST and gRPC alike.)"""
     for tensor in request.inputs:
         if tensor.datatype not in _DATATYPES:
-            raise _invalid(
+            raise invalid_input(
                 f"input {tensor.name!r}: datatype {tensor.datatype!r} is not one of "
                 f"{', '.join(sorted(_DATATYPES))}"
             )
         if any(size < 0 for size in tensor.shape):
-            raise _invalid(f"input {tensor.name!r}: shape {list(tensor.shape)} is negative")
+            raise invalid_input(f"input {tensor.name!r}: shape {list(tensor.shape)} is negative")
     if not request.raw_input_contents:
         return
     # MLServer takes raw contents, in order, for the inputs that have no contents.
     without_contents = [t for t in request.inputs if not t.contents.ListFields()]
     if len(without_contents) != len(request.raw_input_contents):
-        raise _invalid(
+        raise invalid_input(
             f"raw_input_contents has {len(request.raw_input_contents)} entries for "
             f"{len(without_contents)} inputs without contents "
             f"({', '.join(repr(t.name) for t in without_contents) or 'none'})"
@@ -154,14 +138,14 @@ def check_infer_request(request: pb.ModelInferRequest) -> None:
         if tensor.datatype == "BYTES":
             found = _raw_elements(raw, tensor.name)
             if found != elements:
-                raise _invalid(
+                raise invalid_input(
                     f"input {tensor.name!r}: raw_input_contents holds {found} elements, "
                     f"{shape} says {elements}"
                 )
             continue
         needed = struct.calcsize(f"{elements}{RAW_FORMATS[Datatype(tensor.datatype)]}")
         if len(raw) != needed:
-            raise _invalid(
+            raise invalid_input(
                 f"input {tensor.name!r}: raw_input_contents has {len(raw)} bytes, "
                 f"{shape} of {tensor.datatype} needs {needed}"
             )
@@ -176,13 +160,10 @@ async def _answer(method: str, context: aio.ServicerContext, call: Callable[[], 
         raise
     except ModelNotReady as exc:
         code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
-        log.warning("gRPC %s rejected: %s %s", method, code.name, _one_line(message))
+        log_rejected(f"gRPC {method}", code.name, message)
     except MLServerError as exc:
         code, message = grpc_status(exc.status_code), str(exc)
-        if code == grpc.StatusCode.INTERNAL:
-            log.error("gRPC %s failed: %s %s", method, code.name, _one_line(message))
-        else:
-            log.warning("gRPC %s rejected: %s %s", method, code.name, _one_line(message))
+        log_rejected(f"gRPC {method}", code.name, message, failed=code == grpc.StatusCode.INTERNAL)
     except Exception as exc:
         log.exception("gRPC %s failed", method)
         code, message = grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
@@ -191,7 +172,7 @@ async def _answer(method: str, context: aio.ServicerContext, call: Callable[[], 
 
 async def _require_admin(method: str, context: aio.ServicerContext, token: str | None) -> None:
     if not is_admin(context.invocation_metadata(), token):
-        log.warning("gRPC %s rejected: UNAUTHENTICATED no or wrong admin token", method)
+        log_rejected(f"gRPC {method}", "UNAUTHENTICATED", "no or wrong admin token")
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, ADMIN_REQUIRED)
 
 
@@ -230,7 +211,56 @@ class ServedModels(ModelRepository):
         return [*self._models]
 
 
-class GuardedInferenceServicer(InferenceServicer):
+class _GuardedRepository:
+    """The repository calls both gRPC services offer, behind the admin token. A servicer sets
+    ``_handlers``, ``_token``, ``_messages`` (its protobuf module) and ``_service`` (prefixes
+    its calls in the log)."""
+
+    _handlers: ModelRepositoryHandlers
+    _token: str | None
+    _messages: Any
+    _service: str
+
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:  # noqa: N802
+        method = f"{self._service}RepositoryIndex"
+        await _require_admin(method, context, self._token)
+
+        async def index() -> Any:
+            found = await self._handlers.index(RepositoryIndexRequestConverter.to_types(request))
+            return _index_response(found, self._messages.RepositoryIndexResponse)
+
+        return await _answer(method, context, index)
+
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return await self._change(
+            "RepositoryModelLoad", self._handlers.load, "loaded again", request, context
+        )
+
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return await self._change(
+            "RepositoryModelUnload", self._handlers.unload, "unloaded", request, context
+        )
+
+    async def _change(
+        self,
+        call: str,
+        change: Callable[[str], Awaitable[Any]],
+        done: str,
+        request: Any,
+        context: Any,
+    ) -> Any:
+        method = f"{self._service}{call} {request.model_name!r}"
+        await _require_admin(method, context, self._token)
+
+        async def run() -> Any:
+            await change(request.model_name)
+            log.warning("model %r %s by an admin over gRPC", request.model_name, done)
+            return getattr(self._messages, f"{call}Response")()
+
+        return await _answer(method, context, run)
+
+
+class GuardedInferenceServicer(_GuardedRepository, InferenceServicer):
     """``inference.GRPCInferenceService`` with the admin token on repository calls, client
     errors as client status codes and no streaming."""
 
@@ -244,7 +274,7 @@ class GuardedInferenceServicer(InferenceServicer):
     ) -> None:
         super().__init__(data_plane, handlers)
         self._served = served
-        self._repository = _AdminRepository(handlers, token, pb, service="")
+        self._handlers, self._token, self._messages, self._service = handlers, token, pb, ""
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
         async def infer() -> pb.ModelInferResponse:
@@ -252,7 +282,7 @@ class GuardedInferenceServicer(InferenceServicer):
             try:
                 payload = self._InsertHeaders(request, context)
             except (struct.error, ValueError, IndexError) as exc:  # after the checks: unforeseen
-                raise _invalid(f"the request's tensors cannot be decoded: {exc}") from exc
+                raise invalid_input(f"the request's tensors cannot be decoded: {exc}") from exc
             result = await self._data_plane.infer(
                 payload=payload, name=request.model_name, version=request.model_version
             )
@@ -264,7 +294,7 @@ class GuardedInferenceServicer(InferenceServicer):
         return await _answer(f"ModelInfer {request.model_name!r}", context, infer)
 
     async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> None:  # noqa: N802
-        log.warning("gRPC ModelStreamInfer rejected: UNIMPLEMENTED streaming is not offered")
+        log_rejected("gRPC ModelStreamInfer", "UNIMPLEMENTED", "streaming is not offered")
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, NO_STREAMING)
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
@@ -292,84 +322,14 @@ class GuardedInferenceServicer(InferenceServicer):
 
         return await _answer(f"ModelReady {request.name!r}", context, ready)
 
-    async def RepositoryIndex(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return await self._repository.index(request, context)
 
-    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return await self._repository.load(request, context)
-
-    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return await self._repository.unload(request, context)
-
-
-class _AdminRepository:
-    """The repository calls both gRPC services offer, behind the admin token; ``messages`` is
-    the service's protobuf module and ``service`` prefixes its calls in the log."""
-
-    def __init__(
-        self, handlers: ModelRepositoryHandlers, token: str | None, messages: Any, service: str
-    ) -> None:
-        self._handlers = handlers
-        self._token = token
-        self._messages = messages
-        self._service = service
-
-    async def index(self, request: Any, context: Any) -> Any:
-        method = f"{self._service}RepositoryIndex"
-        await _require_admin(method, context, self._token)
-
-        async def index() -> Any:
-            found = await self._handlers.index(RepositoryIndexRequestConverter.to_types(request))
-            return _index_response(found, self._messages.RepositoryIndexResponse)
-
-        return await _answer(method, context, index)
-
-    async def load(self, request: Any, context: Any) -> Any:
-        return await self._change(
-            "RepositoryModelLoad", self._handlers.load, "loaded again", request, context
-        )
-
-    async def unload(self, request: Any, context: Any) -> Any:
-        return await self._change(
-            "RepositoryModelUnload", self._handlers.unload, "unloaded", request, context
-        )
-
-    async def _change(
-        self,
-        call: str,
-        change: Callable[[str], Awaitable[Any]],
-        done: str,
-        request: Any,
-        context: Any,
-    ) -> Any:
-        method = f"{self._service}{call} {request.model_name!r}"
-        await _require_admin(method, context, self._token)
-
-        async def run() -> Any:
-            await change(request.model_name)
-            log.warning("model %r %s by an admin over gRPC", request.model_name, done)
-            return getattr(self._messages, f"{call}Response")()
-
-        return await _answer(method, context, run)
-
-
-class GuardedRepositoryServicer(ModelRepositoryServiceServicer):
+class GuardedRepositoryServicer(_GuardedRepository, ModelRepositoryServiceServicer):
     """``inference.model_repository.ModelRepositoryService`` (MLServer's older API) under the
     same rules as the repository calls of :class:`GuardedInferenceServicer`."""
 
     def __init__(self, handlers: ModelRepositoryHandlers, *, token: str | None) -> None:
-        self._repository = _AdminRepository(
-            handlers, token, repo_pb, service="ModelRepositoryService."
-        )
-
-    async def RepositoryIndex(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return await self._repository.index(request, context)
-
-    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return await self._repository.load(request, context)
-
-    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return await self._repository.unload(request, context)
+        self._handlers, self._token, self._messages = handlers, token, repo_pb
+        self._service = "ModelRepositoryService."
 
 
 class GuardedGRPCServer(GRPCServer):

@@ -28,7 +28,14 @@ from mlserver.types import Datatype, InferenceRequest, InferenceResponse, Reques
 from serving.errors import ServingError
 from serving.plane import ServingPlane
 
-__all__ = ["ExplainerRuntime", "RouterRuntime", "VersionRuntime", "install_plane"]
+__all__ = [
+    "ExplainerRuntime",
+    "RouterRuntime",
+    "VersionRuntime",
+    "install_plane",
+    "invalid_input",
+    "records_from_request",
+]
 
 _PLANE: ServingPlane | None = None
 
@@ -57,7 +64,8 @@ _INTEGERS = {"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "I
 _FLOATS = {"FP16", "FP32", "FP64"}
 
 
-def _invalid(message: str) -> MLServerError:
+def invalid_input(message: str) -> MLServerError:
+    """Bad input, as MLServer raises it: HTTP 422, gRPC INVALID_ARGUMENT."""
     return MLServerError(message, 422)
 
 
@@ -88,7 +96,9 @@ def _check_input(item: RequestInput) -> int:
     datatype = item.datatype.value if isinstance(item.datatype, Datatype) else str(item.datatype)
     data = item.data.root if isinstance(item.data, TensorData) else item.data
     if not isinstance(data, list):
-        raise _invalid(f"input {item.name!r}: data must be an array, not {type(data).__name__}")
+        raise invalid_input(
+            f"input {item.name!r}: data must be an array, not {type(data).__name__}"
+        )
     values: list[Any] = []
     nested = [iter(data)]
     while nested:  # flat or nested arrays, flattened in row-major order without recursion
@@ -101,9 +111,9 @@ def _check_input(item: RequestInput) -> int:
             nested.pop()
     shape = list(item.shape)
     if any(size < 0 for size in shape):
-        raise _invalid(f"input {item.name!r}: shape {shape} is negative")
+        raise invalid_input(f"input {item.name!r}: shape {shape} is negative")
     if prod(shape) != len(values):
-        raise _invalid(
+        raise invalid_input(
             f"input {item.name!r}: shape {shape} says {prod(shape)} elements, "
             f"the data has {len(values)}"
         )
@@ -111,7 +121,7 @@ def _check_input(item: RequestInput) -> int:
         if not _fits(datatype, value):
             shown = repr(value)
             shown = shown if len(shown) <= 60 else f"{shown[:59]}…"
-            raise _invalid(
+            raise invalid_input(
                 f"input {item.name!r} ({datatype}): element {index} is {shown} "
                 f"({type(value).__name__}); {datatype} takes {_kind(datatype)}"
             )
@@ -121,34 +131,34 @@ def _check_input(item: RequestInput) -> int:
 def records_from_request(payload: InferenceRequest) -> list[dict[str, Any]]:
     """Rows from either codec: per-feature inputs (pandas) or a ``records`` JSON input."""
     if not payload.inputs:
-        raise _invalid("the request has no inputs: send one per feature, or 'records'")
+        raise invalid_input("the request has no inputs: send one per feature, or 'records'")
     lengths = {item.name: _check_input(item) for item in payload.inputs}
     if not any(lengths.values()):
-        raise _invalid(f"the request holds no records: every input is empty {lengths}")
+        raise invalid_input(f"the request holds no records: every input is empty {lengths}")
     names = [item.name for item in payload.inputs]
     if names == ["records"]:
         rows = []
         try:
             raws = StringCodec.decode_input(payload.inputs[0])
         except ValueError as exc:  # UnicodeDecodeError among them
-            raise _invalid(f"records: not UTF-8 strings: {exc}") from None
+            raise invalid_input(f"records: not UTF-8 strings: {exc}") from None
         for raw in raws:
             try:
                 row = orjson.loads(raw)
             except orjson.JSONDecodeError as exc:
-                raise MLServerError(f"records: not valid JSON: {exc}", 422) from None
+                raise invalid_input(f"records: not valid JSON: {exc}") from None
             if not isinstance(row, dict):
-                raise MLServerError("records: each element must be a JSON object", 422)
+                raise invalid_input("records: each element must be a JSON object")
             rows.append(row)
         return rows
     if "records" in names:
-        raise MLServerError("send either a single 'records' input or one input per feature", 422)
+        raise invalid_input("send either a single 'records' input or one input per feature")
     if len(set(lengths.values())) > 1:
-        raise _invalid(f"inputs have different lengths: {lengths}")
+        raise invalid_input(f"inputs have different lengths: {lengths}")
     try:
         frame = PandasCodec.decode_request(payload)
     except (ValueError, TypeError, OverflowError) as exc:
-        raise _invalid(f"the inputs cannot be decoded as columns: {exc}") from None
+        raise invalid_input(f"the inputs cannot be decoded as columns: {exc}") from None
     return [{key: _native(value) for key, value in row.items()} for row in frame.to_dict("records")]
 
 
@@ -223,9 +233,7 @@ class ExplainerRuntime(MLModel):
         plane = _plane()
         method = getattr(payload.parameters, "method", None) if payload.parameters else None
         if method not in (None, "shap", "anchors"):
-            raise MLServerError(
-                f"parameters.method must be 'shap' or 'anchors', not {method!r}", 422
-            )
+            raise invalid_input(f"parameters.method must be 'shap' or 'anchors', not {method!r}")
         try:
             rows = await plane.scored(lambda: records_from_request(payload))
             if method == "anchors":

@@ -22,9 +22,10 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from mlserver import MLServer
 from mlserver.errors import MLServerError, ModelNotFound
+from mlserver.rest.errors import handle_mlserver_error
 from mlserver.server import HANDLED_SIGNALS as MLSERVER_SIGNALS
 from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.settings import Settings as MLServerSettings
@@ -37,7 +38,7 @@ from serving.api import (
     validation_error_handler,
 )
 from serving.docs import mount_docs
-from serving.errors import NotFound, ServingError
+from serving.errors import NotFound, ServingError, field_errors, log_rejected
 from serving.feedback import FeedbackPublisher
 from serving.grpc_guard import GuardedGRPCServer, ServedModels
 from serving.metrics import ServingMetrics
@@ -158,6 +159,7 @@ def create_server(settings: Settings, *, with_mirror: bool = True) -> ServingPro
         repository = tempfile.TemporaryDirectory(prefix="churn-serving-")
         resources.callback(repository.cleanup)
         models = _model_settings(plane)
+        versions = [m.parameters.version for m in models if m.name == "churn" and m.parameters]
         mlserver_settings = MLServerSettings(
             host=settings.serving.host,
             http_port=settings.serving.http_port,
@@ -180,7 +182,7 @@ def create_server(settings: Settings, *, with_mirror: bool = True) -> ServingPro
             token=token,
             served={model.name for model in models},
         )
-        _ready_only_with_the_routed_models(server, plane, models)
+        _ready_only_with_the_routed_models(server, plane, set(versions))
         app = server._rest_server._app  # MLServer 1.7 keeps its FastAPI app here (pinned version)
         app.router.routes = [route for route in app.router.routes if _offered(route)]
         feedback = FeedbackPublisher.create(settings)
@@ -188,15 +190,11 @@ def create_server(settings: Settings, *, with_mirror: bool = True) -> ServingPro
             resources.callback(feedback.close)
         app.include_router(create_router(plane, token, feedback))
         mount_docs(app)
-        publish_openapi(
-            app,
-            models=[model.name for model in models if model.name != "churn"] + ["churn"],
-            versions=[m.parameters.version for m in models if m.parameters and m.name == "churn"],
-        )
+        publish_openapi(app, models=sorted({m.name for m in models}), versions=versions)
         app.add_middleware(BodySizeLimit, max_bytes=settings.serving.max_request_bytes)
         app.add_exception_handler(ServingError, _logged(serving_error_handler))
         app.add_exception_handler(RequestValidationError, _logged(validation_error_handler))
-        app.add_exception_handler(MLServerError, _logged(_mlserver_error_handler))
+        app.add_exception_handler(MLServerError, _logged(handle_mlserver_error))
         app.title = "churn-platform serving"
         app.description = (
             "Open Inference (V2) protocol for `churn-router`, `churn` (per version) and "
@@ -231,7 +229,7 @@ def _offered(route: Any) -> bool:
 
 
 def _ready_only_with_the_routed_models(
-    server: MLServer, plane: ServingPlane, models: list[ModelSettings]
+    server: MLServer, plane: ServingPlane, versions: set[str]
 ) -> None:
     """Readiness (REST ``/v2/health/ready``, gRPC ``ServerReady``) also needs ``churn-router``
     and the champion's ``churn`` version loaded and ready: MLServer alone only asks whether the
@@ -239,7 +237,6 @@ def _ready_only_with_the_routed_models(
     data_plane = server._data_plane  # MLServer 1.7's attributes (pinned version)
     registry = server._model_registry
     loaded_models_ready = data_plane.ready
-    versions = {m.parameters.version for m in models if m.name == "churn" and m.parameters}
 
     async def ready() -> bool:
         required: list[tuple[str, str | None]] = [("churn-router", None)]
@@ -268,12 +265,6 @@ def _log_each_line_once() -> None:
             mlserver_logger.removeHandler(handler)
 
 
-async def _mlserver_error_handler(_request: Request, exc: Exception) -> Response:
-    """MLServer's own error body (``{"error": ...}``) and status."""
-    assert isinstance(exc, MLServerError)
-    return JSONResponse(status_code=exc.status_code, content={"error": str(exc)})
-
-
 def _logged(handler: Any) -> Any:
     """``handler``, and one log line per rejected request, without traceback: WARNING with the
     status and the reason, ERROR for a 500. A readiness check's "not ready" (a 404 while a model
@@ -283,25 +274,14 @@ def _logged(handler: Any) -> Any:
         response = await handler(request, exc)
         if request.url.path.endswith("/ready"):
             return response
-        if isinstance(exc, RequestValidationError):
-            reason = "; ".join(
-                f"{'.'.join(str(part) for part in error.get('loc', ()))}: {error.get('msg', '')}"
-                for error in exc.errors()[:5]
-            )
-        else:
-            reason = str(exc)
-        reason = " ".join(reason.split())
-        if len(reason) > 500:
-            reason = f"{reason[:499]}…"
-        failed = response.status_code == 500
-        log.log(
-            logging.ERROR if failed else logging.WARNING,
-            "%s %s %s: %d %s",
-            request.method,
-            request.url.path,
-            "failed" if failed else "rejected",
+        reason = (
+            field_errors(exc.errors(), 5) if isinstance(exc, RequestValidationError) else str(exc)
+        )
+        log_rejected(
+            f"{request.method} {request.url.path}",
             response.status_code,
             reason,
+            failed=response.status_code == 500,
         )
         return response
 

@@ -1,7 +1,7 @@
 """ML assets: features, training set, candidate model, quality gates, registry, SHAP, segments.
 
 Thin wrappers around the Dagster-free core (features, training, candidate, registry, explain).
-Every asset that touches the warehouse runs in the ``duckdb_warehouse`` pool.
+Every asset and asset check runs in the ``duckdb_warehouse`` pool (one DuckDB writer at a time).
 """
 
 import dagster as dg
@@ -127,7 +127,7 @@ def training_set(
     )
 
 
-@dg.asset_check(asset=training_set, blocking=True)
+@dg.asset_check(asset=training_set, blocking=True, pool=WAREHOUSE_POOL)
 def training_set_point_in_time(platform: PlatformResource) -> dg.AssetCheckResult:
     """Features as of each test snapshot do not change when later events are deleted."""
     settings = platform.settings()
@@ -222,7 +222,13 @@ def candidate_model(
 
 
 def _gate_check(name: str, gate_key: str, description: str) -> dg.AssetChecksDefinition:
-    @dg.asset_check(asset=candidate_model, name=name, blocking=True, description=description)
+    @dg.asset_check(
+        asset=candidate_model,
+        name=name,
+        blocking=True,
+        description=description,
+        pool=WAREHOUSE_POOL,
+    )
     def _check(platform: PlatformResource) -> dg.AssetCheckResult:
         settings = platform.settings()
         gate = evaluate_gates(load_candidate(settings), settings)[gate_key]
@@ -238,7 +244,7 @@ def _gate_check(name: str, gate_key: str, description: str) -> dg.AssetChecksDef
     return _check
 
 
-@dg.asset_check(asset=candidate_model, blocking=True)
+@dg.asset_check(asset=candidate_model, blocking=True, pool=WAREHOUSE_POOL)
 def candidate_model_transformer_parity(platform: PlatformResource) -> dg.AssetCheckResult:
     """Training-path and serving-path transforms (and a reloaded model) agree on test rows."""
     settings = platform.settings()

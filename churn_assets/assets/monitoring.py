@@ -195,7 +195,7 @@ def drift_report(
     )
 
 
-@dg.asset_check(asset=drift_report, blocking=False)
+@dg.asset_check(asset=drift_report, blocking=False, pool=WAREHOUSE_POOL)
 def drift_report_no_drift(platform: PlatformResource) -> dg.AssetCheckResult:
     """Warns when the latest drift report flags features."""
     from churn_assets.monitoring import read_monitoring
@@ -372,7 +372,7 @@ def live_performance(
     )
 
 
-@dg.asset_check(asset=live_performance, blocking=False)
+@dg.asset_check(asset=live_performance, blocking=False, pool=WAREHOUSE_POOL)
 def live_performance_above_threshold(platform: PlatformResource) -> dg.AssetCheckResult:
     """Error when a version/arm's live AUC (realised, or estimated while labels are few) is
     below retraining.performance_threshold."""

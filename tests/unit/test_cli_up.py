@@ -138,28 +138,34 @@ def test_simulations_of_different_shapes_never_share_message_ids():
     assert len(prefixes) == len(shapes) + 1
 
 
+@dg.op
+def noop() -> None:
+    pass
+
+
+@dg.job
+def stuck_job() -> None:
+    noop()
+
+
+def started_run(instance: dg.DagsterInstance) -> dg.DagsterRun:
+    """A run of ``stuck_job`` the instance records as started (and nothing executes)."""
+    run = instance.create_run_for_job(stuck_job)
+    instance.handle_run_event(
+        run.run_id,
+        dg.DagsterEvent(event_type_value=dg.DagsterEventType.RUN_START.value, job_name="stuck_job"),
+    )
+    return run
+
+
 def test_runs_left_started_by_a_crash_are_canceled_and_their_pool_slots_freed(settings_path):
     settings = load_settings(settings_path)
     home = settings.data_dir / "dagster_home"
     home.mkdir(parents=True)
     (home / "dagster.yaml").write_text("concurrency:\n  pools:\n    default_limit: 1\n")
 
-    @dg.op
-    def noop() -> None:
-        pass
-
-    @dg.job
-    def stuck_job() -> None:
-        noop()
-
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        run = instance.create_run_for_job(stuck_job)
-        instance.handle_run_event(
-            run.run_id,
-            dg.DagsterEvent(
-                event_type_value=dg.DagsterEventType.RUN_START.value, job_name="stuck_job"
-            ),
-        )
+        run = started_run(instance)
         storage = instance.event_log_storage
         storage.set_concurrency_slots("duckdb_warehouse", 1)
         claim = storage.claim_concurrency_slot("duckdb_warehouse", run.run_id, "noop")
@@ -172,6 +178,21 @@ def test_runs_left_started_by_a_crash_are_canceled_and_their_pool_slots_freed(se
         pool = instance.event_log_storage.get_concurrency_info("duckdb_warehouse")
         assert pool.active_slot_count == 0
     assert reap_interrupted_runs(settings) == []
+
+
+def test_runs_in_flight_at_a_stop_are_marked_canceling_then_reaped(settings_path):
+    from churn_assets.cli_up import cancel_runs_in_flight
+
+    settings = load_settings(settings_path)
+    home = settings.data_dir / "dagster_home"
+    home.mkdir(parents=True)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        run = started_run(instance)
+    assert cancel_runs_in_flight(settings) == [f"stuck_job run {run.run_id[:8]} (STARTED)"]
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.CANCELING
+    assert cancel_runs_in_flight(settings) == []
+    assert reap_interrupted_runs(settings) == [f"stuck_job run {run.run_id[:8]} (CANCELING)"]
 
 
 def test_the_fingerprint_is_recomputed_only_when_landed_data_changes(settings_path):

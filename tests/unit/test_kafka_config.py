@@ -51,3 +51,25 @@ def test_instance_config_limits_the_warehouse_pool_to_one(tmp_path):
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
     assert yaml.safe_load((REPO_ROOT / "config" / "dagster.yaml").read_text())["concurrency"]
+
+
+def test_every_step_and_check_shares_the_warehouse_pool():
+    """DuckDB lets one process at a time open the warehouse file. An asset check outside the
+    pool (the transformer-parity check once was) reads the file while another run's step
+    writes it and fails with "Conflicting lock"."""
+    from churn_assets.assets.landing import WAREHOUSE_POOL
+    from churn_assets.definitions import defs
+
+    repository = defs.get_repository_def()
+    nodes = {
+        node.name: node.pool
+        for assets in repository.assets_defs_by_key.values()
+        for node in [assets.node_def]
+    }
+    nodes |= {
+        checks.node_def.name: checks.node_def.pool
+        for checks in repository.asset_checks_defs_by_key.values()
+    }
+    assert any("transformer_parity" in name for name in nodes)
+    outside = sorted(name for name, pool in nodes.items() if pool != WAREHOUSE_POOL)
+    assert outside == []
