@@ -8,8 +8,14 @@ missing values. Categories match case-, space- and punctuation-insensitively (``
 
 :func:`load_contract` reads and checks a contract; a bad one raises :class:`ContractError`
 naming the feature and the problem, so a start with it stops at once with that message.
+
+Besides the inputs, a contract may declare ``derived`` model features: arithmetic over numeric
+and boolean inputs (``+ - * /``, ``min``, ``max``, numbers), computed by the transformer from one
+record's own values; and per feature a ``trend`` name, a history feature (latest value minus its
+30-day mean) that ``customer_features`` adds.
 """
 
+import ast
 import hashlib
 import json
 import math
@@ -26,7 +32,9 @@ __all__ = [
     "CONTRACT_FORMAT",
     "Contract",
     "ContractError",
+    "Derived",
     "Feature",
+    "evaluate_derived",
     "contract_from_dict",
     "features_model",
     "load_contract",
@@ -37,7 +45,9 @@ CONTRACT_FORMAT = 1
 KINDS = ("integer", "number", "category", "boolean")
 MISSING_POLICIES = ("reject", "median", "most_frequent")
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-FEATURE_KEYS = {"name", "kind", "min", "max", "categories", "description", "missing"}
+FEATURE_KEYS = {"name", "kind", "min", "max", "categories", "description", "missing", "trend"}
+DERIVED_KEYS = {"name", "expression", "description"}
+EXPRESSION_FUNCTIONS = {"max", "min"}
 
 Kind = Literal["integer", "number", "category", "boolean"]
 
@@ -64,6 +74,7 @@ class Feature:
     maximum: float | None = None
     categories: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     missing: str = "reject"
+    trend: str | None = None
     _spellings: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def canonical(self, value: str) -> str | None:
@@ -81,6 +92,23 @@ class Feature:
         if self.kind == "category":
             data["categories"] = {k: list(v) for k, v in self.categories.items()}
         data["missing"] = self.missing
+        if self.trend:
+            data["trend"] = self.trend
+        return data
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A model feature computed from one record's numeric and boolean inputs."""
+
+    name: str
+    expression: str
+    description: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        data = {"name": self.name, "expression": self.expression}
+        if self.description:
+            data["description"] = self.description
         return data
 
 
@@ -89,6 +117,7 @@ class Contract:
     """The features, in order, and the contract's digest (of its canonical JSON form)."""
 
     features: tuple[Feature, ...]
+    derived: tuple[Derived, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -103,8 +132,53 @@ class Contract:
                 return candidate
         raise KeyError(f"no feature {name!r} in the contract; features: {', '.join(self.names)}")
 
+    @property
+    def numeric_names(self) -> tuple[str, ...]:
+        """Integer and number features, in contract order."""
+        return tuple(f.name for f in self.of_kind("integer", "number"))
+
+    @property
+    def boolean_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.of_kind("boolean"))
+
+    @property
+    def category_values(self) -> dict[str, tuple[str, ...]]:
+        """Each category feature's canonical values, in contract order."""
+        return {f.name: tuple(f.categories) for f in self.of_kind("category")}
+
+    @property
+    def trends(self) -> dict[str, str]:
+        """History feature name -> the feature whose trend it is."""
+        return {f.trend: f.name for f in self.features if f.trend}
+
     def as_dict(self) -> dict[str, Any]:
-        return {"format": CONTRACT_FORMAT, "features": [f.as_dict() for f in self.features]}
+        data: dict[str, Any] = {
+            "format": CONTRACT_FORMAT,
+            "features": [f.as_dict() for f in self.features],
+        }
+        if self.derived:
+            data["derived"] = [d.as_dict() for d in self.derived]
+        return data
+
+    def missing_inputs(self, carried: "Contract") -> list[str]:
+        """What this contract needs that requests shaped by ``carried`` cannot give: features it
+        lacks, of another kind, or categories it does not accept. Empty when compatible."""
+        problems = []
+        for feature in self.features:
+            try:
+                other = carried.feature(feature.name)
+            except KeyError:
+                problems.append(f"{feature.name} (not in the champion's contract)")
+                continue
+            if other.kind != feature.kind:
+                problems.append(
+                    f"{feature.name} (a {feature.kind}; the champion's is {other.kind})"
+                )
+            elif feature.kind == "category":
+                extra = sorted(set(other.categories) - set(feature.categories))
+                if extra:
+                    problems.append(f"{feature.name} (does not know {', '.join(extra)})")
+        return problems
 
     @property
     def digest(self) -> str:
@@ -130,9 +204,9 @@ def contract_from_dict(raw: Any) -> Contract:
     """Check a contract given as data (the YAML file's content)."""
     if not isinstance(raw, dict):
         raise ContractError("expected a mapping with 'format' and 'features'")
-    unknown = set(raw) - {"format", "features"}
+    unknown = set(raw) - {"format", "features", "derived"}
     if unknown:
-        raise ContractError(f"unknown keys {sorted(unknown)} (allowed: format, features)")
+        raise ContractError(f"unknown keys {sorted(unknown)} (allowed: format, features, derived)")
     if raw.get("format") != CONTRACT_FORMAT:
         raise ContractError(f"format must be {CONTRACT_FORMAT}, not {raw.get('format')!r}")
     entries = raw.get("features")
@@ -146,7 +220,121 @@ def contract_from_dict(raw: Any) -> Contract:
             raise ContractError(f"feature {feature.name!r}: the name is declared twice")
         seen.add(feature.name)
         features.append(feature)
-    return Contract(tuple(features))
+    trends = [f.trend for f in features if f.trend]
+    for feature in features:
+        if feature.trend and (feature.trend in seen or trends.count(feature.trend) > 1):
+            raise ContractError(f"feature {feature.name!r}: trend name {feature.trend!r} is taken")
+    derived = _derived_list(raw.get("derived", []), features, seen | set(trends))
+    return Contract(tuple(features), derived)
+
+
+def _derived_list(raw: Any, features: list[Feature], taken: set[str]) -> tuple[Derived, ...]:
+    if not isinstance(raw, list):
+        raise ContractError("'derived' must be a list")
+    inputs = {f.name for f in features if f.kind in ("integer", "number", "boolean")}
+    derived: list[Derived] = []
+    for position, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            raise ContractError(f"derived[{position}] must be a mapping")
+        name = entry.get("name")
+        if not isinstance(name, str) or not NAME.match(name):
+            raise ContractError(
+                f"derived[{position}]: name {name!r} must be lower-case letters, digits and "
+                "underscores, starting with a letter (at most 64)"
+            )
+        unknown = set(entry) - DERIVED_KEYS
+        if unknown:
+            raise ContractError(f"derived feature {name!r}: unknown keys {sorted(unknown)}")
+        if name in taken:
+            raise ContractError(f"derived feature {name!r}: the name is declared twice")
+        expression = entry.get("expression")
+        if not isinstance(expression, str):
+            raise ContractError(f"derived feature {name!r}: expression must be text")
+        description = entry.get("description", "")
+        if not isinstance(description, str):
+            raise ContractError(f"derived feature {name!r}: description must be text")
+        try:
+            _parse_expression(expression, inputs | {d.name for d in derived})
+        except ContractError as exc:
+            raise ContractError(f"derived feature {name!r}: {exc}") from None
+        taken.add(name)
+        derived.append(Derived(name, expression, description))
+    return tuple(derived)
+
+
+def _parse_expression(expression: str, names: set[str]) -> ast.Expression:
+    """Parse ``expression``, allowing only arithmetic over ``names`` and numbers."""
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except SyntaxError as exc:
+        raise ContractError(f"expression {expression!r} is not valid: {exc.msg}") from None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            if node.id not in names and node.id not in EXPRESSION_FUNCTIONS:
+                raise ContractError(
+                    f"expression uses {node.id!r}, which is not a numeric or boolean feature "
+                    "declared before it"
+                )
+        elif isinstance(node, ast.Call):
+            if not isinstance(node.func, ast.Name) or node.func.id not in EXPRESSION_FUNCTIONS:
+                raise ContractError("expression may call only max and min")
+            if len(node.args) != 2 or node.keywords:
+                raise ContractError(f"{node.func.id} takes two arguments")
+        elif isinstance(node, ast.Constant):
+            if isinstance(node.value, bool) or not isinstance(node.value, int | float):
+                raise ContractError(f"expression constant {node.value!r} is not a number")
+        elif not isinstance(
+            node,
+            ast.Expression
+            | ast.BinOp
+            | ast.UnaryOp
+            | ast.Add
+            | ast.Sub
+            | ast.Mult
+            | ast.Div
+            | ast.USub
+            | ast.UAdd
+            | ast.Load,
+        ):
+            raise ContractError(
+                f"expression {expression!r} may use only + - * /, max, min, numbers and features"
+            )
+    return tree
+
+
+def evaluate_derived(derived: Derived, columns: Mapping[str, Any]) -> Any:
+    """``derived``'s values from float arrays of its inputs (non-finite results become NaN,
+    which the transformer fills like a missing value)."""
+    import numpy as np
+
+    def value(node: ast.AST) -> Any:
+        if isinstance(node, ast.Expression):
+            return value(node.body)
+        if isinstance(node, ast.Name):
+            return columns[node.id]
+        if isinstance(node, ast.Constant):
+            return float(node.value)
+        if isinstance(node, ast.UnaryOp):
+            return -value(node.operand) if isinstance(node.op, ast.USub) else value(node.operand)
+        if isinstance(node, ast.Call):
+            function = np.maximum if node.func.id == "max" else np.minimum  # type: ignore[attr-defined]
+            return function(value(node.args[0]), value(node.args[1]))
+        if not isinstance(node, ast.BinOp):
+            raise ContractError(f"cannot evaluate {ast.dump(node)} in {derived.name}")
+        left, right = value(node.left), value(node.right)
+        if isinstance(node.op, ast.Add):
+            return left + right
+        if isinstance(node.op, ast.Sub):
+            return left - right
+        if isinstance(node.op, ast.Mult):
+            return left * right
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return left / right
+
+    tree = ast.parse(derived.expression, mode="eval")
+    with np.errstate(invalid="ignore", over="ignore"):
+        result = np.asarray(value(tree), dtype=float)
+    return np.where(np.isfinite(result), result, np.nan)
 
 
 def _feature(position: int, entry: Any) -> Feature:
@@ -191,6 +379,12 @@ def _feature(position: int, entry: Any) -> Feature:
     elif kind == "boolean":
         spellings = {spelling_key(s): "true" for s in ("true", "yes", "y", "1")}
         spellings |= {spelling_key(s): "false" for s in ("false", "no", "n", "0")}
+    trend = entry.get("trend")
+    if trend is not None:
+        if kind not in ("integer", "number"):
+            raise bad(f"a trend applies to numbers, not to a {kind}")
+        if not isinstance(trend, str) or not NAME.match(trend):
+            raise bad(f"trend name {trend!r} must be lower-case letters, digits and underscores")
     return Feature(
         name=name,
         kind=kind,
@@ -199,6 +393,7 @@ def _feature(position: int, entry: Any) -> Feature:
         maximum=maximum,
         categories=categories,
         missing=missing,
+        trend=trend,
         _spellings=spellings,
     )
 

@@ -18,10 +18,11 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
 )
 
 from churn_assets.config import DEFAULT_CONTRACT as DEFAULT_CONTRACT_PATH
-from churn_assets.contract import features_model, load_contract
+from churn_assets.contract import Contract, features_model, load_contract
 
 __all__ = [
     "CONTRACT_TYPES",
@@ -47,6 +48,8 @@ __all__ = [
     "MessageError",
     "decode_message",
     "encode_message",
+    "features_schema",
+    "topic_schemas",
 ]
 
 # The default feature contract (config/features.yaml) names the features; nothing here
@@ -218,6 +221,42 @@ TOPIC_SCHEMAS: dict[str, type[_Message]] = {
     Topics.OUTLIERS: OutlierEvent,
     Topics.DEAD_LETTER: DeadLetter,
 }
+_SCHEMAS_BY_DIGEST: dict[str, dict[str, type[_Message]]] = {DEFAULT_CONTRACT.digest: TOPIC_SCHEMAS}
+
+
+def topic_schemas(contract: Contract | None = None) -> dict[str, type[_Message]]:
+    """The topic schemas for ``contract`` (default: the default contract's): customer events and
+    the features of predictions carry that contract's features; built once per contract."""
+    if contract is None:
+        return TOPIC_SCHEMAS
+    found = _SCHEMAS_BY_DIGEST.get(contract.digest)
+    if found is None:
+        features = features_model(contract, name="CustomerFeatures", base=_Message)
+        event = create_model(
+            "CustomerEvent",
+            __base__=features,
+            __doc__=CustomerEvent.__doc__,
+            schema_version=(Literal[1], 1),
+            event_id=(Identifier, ...),
+            customer_id=(Identifier, ...),
+            event_time=(Timestamp, ...),
+        )
+        prediction = create_model(
+            "PredictionEvent",
+            __base__=PredictionEvent,
+            features=(features | None, None),
+        )
+        found = TOPIC_SCHEMAS | {Topics.CUSTOMERS: event, Topics.PREDICTIONS: prediction}
+        _SCHEMAS_BY_DIGEST[contract.digest] = found
+    return found
+
+
+def features_schema(contract: Contract | None = None) -> type[_Message]:
+    """The pydantic model of ``contract``'s features (the base of its customer events)."""
+    event = topic_schemas(contract)[Topics.CUSTOMERS]
+    return event.__mro__[1]
+
+
 DATA_TOPICS = (Topics.CUSTOMERS, Topics.PREDICTIONS, Topics.FEEDBACK)
 ALL_TOPICS = tuple(TOPIC_SCHEMAS)
 
@@ -235,9 +274,10 @@ def _short_errors(exc: ValidationError) -> str:
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
-def decode_message(topic: str, value: bytes | None) -> _Message:
-    """Parse and validate a raw Kafka value for ``topic``; raises :class:`MessageError`."""
-    schema = TOPIC_SCHEMAS.get(topic)
+def decode_message(topic: str, value: bytes | None, contract: Contract | None = None) -> _Message:
+    """Parse and validate a raw Kafka value for ``topic`` (customer events and prediction
+    features against ``contract``, default the default contract); raises :class:`MessageError`."""
+    schema = topic_schemas(contract).get(topic)
     if schema is None:
         raise MessageError(f"no schema registered for topic {topic!r}")
     if value is None:
@@ -253,7 +293,7 @@ def decode_message(topic: str, value: bytes | None) -> _Message:
         raise MessageError(f"not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise MessageError(f"expected a JSON object, got {type(payload).__name__}")
-    version = payload.get("schema_version")
+    version = payload.get("schema_version", 1)
     if version != 1:
         raise MessageError(f"unsupported schema_version {version!r} for {topic} (supported: 1)")
     try:
@@ -263,9 +303,12 @@ def decode_message(topic: str, value: bytes | None) -> _Message:
     raise MessageError(f"schema {schema.__name__} v1: {_short_errors(fast_error)}")
 
 
-def encode_message(topic: str, message: BaseModel | dict[str, Any]) -> bytes:
-    """Serialise ``message`` to JSON bytes and validate exactly those bytes against ``topic``."""
-    schema = TOPIC_SCHEMAS.get(topic)
+def encode_message(
+    topic: str, message: BaseModel | dict[str, Any], contract: Contract | None = None
+) -> bytes:
+    """Serialise ``message`` to JSON bytes and validate exactly those bytes against ``topic``
+    (and ``contract``, as :func:`decode_message`)."""
+    schema = topic_schemas(contract).get(topic)
     if schema is None:
         raise MessageError(f"no schema registered for topic {topic!r}")
     if isinstance(message, BaseModel):
