@@ -56,7 +56,7 @@ def import_export(ctx: click.Context, path: Path, **options: Any) -> None:
     try:
         mapping = _mapping(options)
         frame = read_export(path)
-        plan = plan_import(frame, mapping, settings.contract)
+        plan = plan_import(frame, mapping, settings.contract, settings.training.horizon_days)
     except ImportError_ as exc:
         raise fail(exc) from None
     rejects = options["rejects_path"] or path.with_suffix(".rejects.csv")
@@ -74,7 +74,9 @@ def import_export(ctx: click.Context, path: Path, **options: Any) -> None:
         with click.progressbar(
             length=total, label="producing", file=click.get_text_stream("stderr")
         ) as bar:
-            events, outcomes = produce_plan(producer, plan, on_progress=bar.update)
+            events, outcomes = produce_plan(
+                producer, plan, settings.contract, on_progress=bar.update
+            )
     except Exception as exc:
         raise fail(exc) from None
     click.echo(

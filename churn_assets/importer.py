@@ -15,7 +15,7 @@ import csv
 import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,8 @@ from churn_assets.validation import RowError, check_columns
 __all__ = ["ImportError_", "ImportMapping", "ImportPlan", "plan_import", "read_export"]
 
 READERS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "json", ".ndjson": "json"}
+# A churned label's outcome time, after the observation (docs/YOUR_DATA.md).
+CHURN_DELAY = timedelta(days=1)
 MAPPING_KEYS = {"customer_id", "observed_at", "as_of", "label", "positive", "negative", "features"}
 
 
@@ -167,9 +169,18 @@ def _numbers_from_text(values: pd.Series) -> list[Any]:
     return parsed
 
 
-def plan_import(frame: pd.DataFrame, mapping: ImportMapping, contract: Contract) -> ImportPlan:
-    """Validate ``frame`` and build the messages of its valid rows."""
+def plan_import(
+    frame: pd.DataFrame, mapping: ImportMapping, contract: Contract, horizon_days: int = 14
+) -> ImportPlan:
+    """Validate ``frame`` and build the messages of its valid rows.
+
+    A label says what happened within the training horizon (``horizon_days``) after the row's
+    observation: churned gives an outcome one day after it; stayed, a retained outcome one day
+    past the horizon (so training labels the row 0, not "unknown")."""
     mapping.check(contract, [str(c) for c in frame.columns])
+    if horizon_days < 1:
+        raise ImportError_(f"the training horizon must be at least 1 day, not {horizon_days}")
+    retained_after = timedelta(days=horizon_days) + CHURN_DELAY
     plan = ImportPlan(rows=len(frame))
     given: dict[str, Any] = {}
     for feature in contract.features:
@@ -208,13 +219,14 @@ def plan_import(frame: pd.DataFrame, mapping: ImportMapping, contract: Contract)
             }
         )
         if labels is not None:
+            outcome = observed + (CHURN_DELAY if labels[row] else retained_after)
             plan.outcomes.append(
                 {
                     "event_id": f"imp-{digest}-outcome",
                     "customer_id": ids[row],
                     "churned": labels[row],
-                    "outcome_time": observed.isoformat(),
-                    "observed_at": observed.isoformat(),
+                    "outcome_time": outcome.isoformat(),
+                    "observed_at": outcome.isoformat(),
                 }
             )
     return plan
@@ -278,6 +290,7 @@ def batches(items: list[dict[str, Any]], size: int = 1000) -> Iterator[list[dict
 def produce_plan(
     producer: Any,
     plan: ImportPlan,
+    contract: Contract,
     *,
     on_progress: Any = None,
     timeout_s: float = 60.0,
@@ -295,7 +308,7 @@ def produce_plan(
     for topic, payloads in ((Topics.CUSTOMERS, plan.events), (Topics.FEEDBACK, plan.outcomes)):
         for batch in batches(payloads):
             for payload in batch:
-                value = encode_message(topic, payload)
+                value = encode_message(topic, payload, contract)
                 while True:
                     try:
                         producer.produce(

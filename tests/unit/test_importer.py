@@ -83,6 +83,12 @@ def test_valid_rows_become_canonical_events_and_outcomes(export, mapping):
     outcome = decode_message(Topics.FEEDBACK, encode_message(Topics.FEEDBACK, plan.outcomes[2]))
     assert isinstance(outcome, FeedbackEvent) and outcome.churned is True
     assert [o["churned"] for o in plan.outcomes] == [False, False, True, False, True]
+    # Within the 14-day horizon when churned; past it when retained.
+    assert outcome.outcome_time.isoformat() == "2026-07-01T00:00:00+00:00"
+    assert plan.outcomes[0]["outcome_time"] == "2026-07-15T00:00:00+00:00"
+    longer = plan_import(read_export(export), mapping, CONTRACT, horizon_days=30)
+    assert longer.outcomes[0]["outcome_time"] == "2026-07-31T00:00:00+00:00"
+    assert longer.outcomes[2]["outcome_time"] == "2026-07-01T00:00:00+00:00"
 
 
 def test_malformed_rows_are_rejected_with_row_column_and_reason(export, mapping, tmp_path):
