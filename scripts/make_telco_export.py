@@ -8,8 +8,14 @@ spelled the way CRM and billing exports spell them: ``customerID``, ``tenure``,
 ``InternetService`` = "No", ``Churn`` = "Yes"/"No", plus two columns the default contract does
 not use (``SeniorCitizen``, ``TechSupport``). ``--bad`` rows are damaged on purpose (text in a
 number, an unknown contract, a blank charge, an unknown label), so the rejects file has
-something to show. It also writes the matching mapping beside the file (``<name>.mapping.yaml``).
-No third-party data set is shipped or downloaded.
+something to show. Senior citizens and customers without tech support churn more, so the two
+extra columns carry signal.
+
+Beside the file it writes the mapping for the default contract (``<name>.mapping.yaml``), and a
+ten-feature contract (``<name>.features.yaml``: the default contract plus a boolean
+``senior_citizen`` and a category ``tech_support``) with its mapping
+(``<name>.extended.mapping.yaml``), for trying your own columns. No third-party data set is
+shipped or downloaded.
 """
 
 import argparse
@@ -21,7 +27,19 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from churn_assets.config import DEFAULT_CONTRACT  # noqa: E402
 from churn_assets.simulator import sample_customers  # noqa: E402
+
+EXTRA_FEATURES = [
+    {"name": "senior_citizen", "kind": "boolean", "description": "65 or older"},
+    {
+        "name": "tech_support",
+        "kind": "category",
+        "description": "tech support subscription",
+        "categories": {"yes": [], "no": [], "no_internet": ["No internet service"]},
+    },
+]
+EXTRA_COLUMNS = {"senior_citizen": "SeniorCitizen", "tech_support": "TechSupport"}
 
 SPELLINGS = {
     "contract_type": {
@@ -66,9 +84,16 @@ def main() -> None:
     export = export.drop(columns="customer_id")
     for feature, spelled in SPELLINGS.items():
         export[COLUMNS[feature]] = frame[feature].map(spelled)
-    export["SeniorCitizen"] = (rng.random(args.rows) < 0.16).astype(int)
-    export["TechSupport"] = rng.choice(["Yes", "No", "No internet service"], size=args.rows)
-    export["Churn"] = np.where(frame["label"] == 1, "Yes", "No")
+    senior = rng.random(args.rows) < 0.16
+    tech_support = rng.choice(["Yes", "No", "No internet service"], size=args.rows)
+    churned = (
+        (frame["label"].to_numpy() == 1)
+        | (senior & (rng.random(args.rows) < 0.25))
+        | ((tech_support == "No") & (rng.random(args.rows) < 0.12))
+    )
+    export["SeniorCitizen"] = senior.astype(int)
+    export["TechSupport"] = tech_support
+    export["Churn"] = np.where(churned, "Yes", "No")
     damages = [
         ("tenure", "eight"),
         ("Contract", "Three year"),
@@ -89,7 +114,17 @@ def main() -> None:
     }
     mapping_path = args.path.with_suffix(".mapping.yaml")
     mapping_path.write_text(yaml.safe_dump(mapping, sort_keys=False))
-    print(f"wrote {args.path} ({args.rows} rows, {args.bad} damaged) and {mapping_path}")
+    contract = yaml.safe_load(DEFAULT_CONTRACT.read_text())
+    contract["features"] += EXTRA_FEATURES
+    contract_path = args.path.with_suffix(".features.yaml")
+    contract_path.write_text(yaml.safe_dump(contract, sort_keys=False))
+    extended = {**mapping, "features": {**COLUMNS, **EXTRA_COLUMNS}}
+    extended_path = args.path.with_suffix(".extended.mapping.yaml")
+    extended_path.write_text(yaml.safe_dump(extended, sort_keys=False))
+    print(
+        f"wrote {args.path} ({args.rows} rows, {args.bad} damaged), {mapping_path}, "
+        f"{contract_path} (ten features) and {extended_path}"
+    )
 
 
 if __name__ == "__main__":
