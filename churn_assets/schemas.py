@@ -25,9 +25,6 @@ from churn_assets.config import DEFAULT_CONTRACT as DEFAULT_CONTRACT_PATH
 from churn_assets.contract import Contract, features_model, load_contract
 
 __all__ = [
-    "CONTRACT_TYPES",
-    "PAYMENT_METHODS",
-    "INTERNET_SERVICES",
     "FEATURE_NAMES",
     "NUMERIC_FEATURES",
     "CATEGORICAL_FEATURES",
@@ -61,9 +58,6 @@ CATEGORICAL_FEATURES = tuple(f.name for f in DEFAULT_CONTRACT.of_kind("category"
 CATEGORY_VALUES: dict[str, tuple[str, ...]] = {
     f.name: tuple(f.categories) for f in DEFAULT_CONTRACT.of_kind("category")
 }
-CONTRACT_TYPES = CATEGORY_VALUES["contract_type"]  # the simulator's vocabulary
-PAYMENT_METHODS = CATEGORY_VALUES["payment_method"]
-INTERNET_SERVICES = CATEGORY_VALUES["internet_service"]
 
 
 def _finite(value: float) -> float:
