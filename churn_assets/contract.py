@@ -22,7 +22,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -45,7 +45,17 @@ CONTRACT_FORMAT = 1
 KINDS = ("integer", "number", "category", "boolean")
 MISSING_POLICIES = ("reject", "median", "most_frequent")
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-FEATURE_KEYS = {"name", "kind", "min", "max", "categories", "description", "missing", "trend"}
+FEATURE_KEYS = {
+    "name",
+    "kind",
+    "min",
+    "max",
+    "categories",
+    "description",
+    "missing",
+    "trend",
+    "example",
+}
 DERIVED_KEYS = {"name", "expression", "description"}
 EXPRESSION_FUNCTIONS = {"max", "min"}
 
@@ -75,6 +85,7 @@ class Feature:
     categories: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     missing: str = "reject"
     trend: str | None = None
+    example: Any = None
     _spellings: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def canonical(self, value: str) -> str | None:
@@ -94,6 +105,8 @@ class Feature:
         data["missing"] = self.missing
         if self.trend:
             data["trend"] = self.trend
+        if self.example is not None:
+            data["example"] = self.example
         return data
 
 
@@ -385,7 +398,7 @@ def _feature(position: int, entry: Any) -> Feature:
             raise bad(f"a trend applies to numbers, not to a {kind}")
         if not isinstance(trend, str) or not NAME.match(trend):
             raise bad(f"trend name {trend!r} must be lower-case letters, digits and underscores")
-    return Feature(
+    feature = Feature(
         name=name,
         kind=kind,
         description=description,
@@ -396,6 +409,30 @@ def _feature(position: int, entry: Any) -> Feature:
         trend=trend,
         _spellings=spellings,
     )
+    example = entry.get("example")
+    if example is not None:
+        problem = _example_problem(feature, example)
+        if problem:
+            raise bad(f"example {example!r} {problem}")
+    return replace(feature, example=example)
+
+
+def _example_problem(feature: Feature, example: Any) -> str | None:
+    """Why ``example`` is not a valid request value of ``feature`` (``None`` when it is)."""
+    if feature.kind == "boolean":
+        return None if isinstance(example, bool) else "is not true or false"
+    if feature.kind == "category":
+        if not isinstance(example, str) or feature.canonical(example) is None:
+            return f"is not a spelling of one of {', '.join(feature.categories)}"
+        return None
+    if isinstance(example, bool) or not isinstance(example, int | float):
+        return "is not a number"
+    if feature.kind == "integer" and not float(example).is_integer():
+        return "is not a whole number"
+    low, high = feature.minimum, feature.maximum
+    if (low is not None and example < low) or (high is not None and example > high):
+        return f"is outside [{low}, {high}]"
+    return None
 
 
 def _bound(bad: Any, key: str, value: Any, kind: str) -> float | None:

@@ -61,6 +61,12 @@ def test_spelling_keys_ignore_case_spaces_and_punctuation():
     assert spelling_key("Ｔｗｏ year") == "twoyear"  # full-width letters fold too
 
 
+def with_derived(raw, entry):
+    bad = copy.deepcopy(raw)
+    bad["derived"].append(entry)
+    return bad
+
+
 def changed(raw, index, **fields):
     bad = copy.deepcopy(raw)
     bad["features"][index].update(fields)
@@ -104,6 +110,36 @@ def changed(raw, index, **fields):
         (lambda r: {**r, "format": 2}, "format must be 1"),
         (lambda r: {**r, "features": []}, "'features' must be a non-empty list"),
         (lambda r: {**r, "extra": 1}, "unknown keys ['extra']"),
+        (lambda r: changed(r, 0, example=700), "'customer_tenure': example 700 is outside"),
+        (lambda r: changed(r, 0, example=2.5), "example 2.5 is not a whole number"),
+        (lambda r: changed(r, 1, example="79"), "'monthly_charges': example '79' is not a number"),
+        (lambda r: changed(r, 3, example="Three year"), "example 'Three year' is not a spelling"),
+        (lambda r: changed(r, 3, trend="contract_trend"), "a trend applies to numbers"),
+        (lambda r: changed(r, 0, trend="login_trend"), "trend name 'login_trend' is taken"),
+        (
+            lambda r: with_derived(r, {"name": "x", "expression": "contract_type * 2"}),
+            "derived feature 'x': expression uses 'contract_type', which is not a numeric",
+        ),
+        (
+            lambda r: with_derived(r, {"name": "x", "expression": "__import__('os')"}),
+            "derived feature 'x': expression may call only max and min",
+        ),
+        (
+            lambda r: with_derived(r, {"name": "x", "expression": "total_charges ** 2"}),
+            "may use only + - * /, max, min, numbers and features",
+        ),
+        (
+            lambda r: with_derived(r, {"name": "x", "expression": "total_charges +"}),
+            "derived feature 'x': expression 'total_charges +' is not valid",
+        ),
+        (
+            lambda r: with_derived(r, {"name": "charge_ratio", "expression": "1"}),
+            "derived feature 'charge_ratio': the name is declared twice",
+        ),
+        (
+            lambda r: with_derived(r, {"name": "monthly_charges", "expression": "1"}),
+            "derived feature 'monthly_charges': the name is declared twice",
+        ),
     ],
 )
 def test_a_bad_contract_is_refused_naming_the_feature_and_the_problem(default_raw, change, message):
@@ -176,3 +212,45 @@ def test_the_features_model_is_strict(field, value):
     with pytest.raises(ValidationError) as info:
         model.model_validate({**DOCUMENTED_REQUEST, field: value})
     assert info.value.errors()[0]["loc"] == (field,)
+
+
+def test_derived_features_are_computed_per_record_and_a_zero_division_is_missing():
+    import numpy as np
+
+    from churn_assets.contract import evaluate_derived
+
+    contract = load_contract(DEFAULT)
+    columns = {
+        "total_charges": np.array([100.0, 50.0]),
+        "customer_tenure": np.array([0.0, 10.0]),
+        "monthly_charges": np.array([30.0, 5.0]),
+        "support_tickets": np.array([1.0, 2.0]),
+        "login_frequency": np.array([-1.0, 3.0]),
+    }
+    for derived in contract.derived:
+        columns[derived.name] = evaluate_derived(derived, columns)
+    np.testing.assert_allclose(columns["charges_per_tenure_month"], [100.0, 5.0])
+    np.testing.assert_allclose(columns["charge_ratio"], [30.0 / 101.0, 5.0 / 6.0])
+    assert np.isnan(columns["tickets_per_login"][0]) and columns["tickets_per_login"][1] == 0.5
+
+
+def test_the_default_contract_examples_are_the_documented_request():
+    contract = load_contract(DEFAULT)
+    assert {f.name: f.example for f in contract.features} == DOCUMENTED_REQUEST
+
+
+def test_a_challenger_contract_needing_other_inputs_is_named():
+    contract = load_contract(DEFAULT)
+    raw = yaml.safe_load(DEFAULT.read_text())
+    raw["features"].append({"name": "senior_citizen", "kind": "boolean"})
+    raw["features"][3]["categories"].pop("two_year")
+    raw["features"][3].pop("example")
+    raw["features"][0]["kind"] = "number"
+    raw["features"][0].pop("example")
+    challenger = contract_from_dict(raw)
+    assert challenger.missing_inputs(contract) == [
+        "customer_tenure (a number; the champion's is integer)",
+        "contract_type (does not know two_year)",
+        "senior_citizen (not in the champion's contract)",
+    ]
+    assert contract.missing_inputs(contract) == []
