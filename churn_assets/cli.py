@@ -148,9 +148,11 @@ def topics_create(ctx: click.Context) -> None:
 @click.pass_context
 def simulate(ctx: click.Context, **options: Any) -> None:
     """Produce a simulated customer base to churn.customers and outcomes to ml.feedback."""
-    from churn_assets.cli_up import produce_demo, simulation_config
+    from churn_assets.cli_up import produce_demo, simulation_config, simulator_refusal
 
     settings = _settings(ctx)
+    if (refusal := simulator_refusal(settings)) is not None:
+        raise click.ClickException(f"cannot simulate: {refusal}")
     config = simulation_config(
         settings,
         seed=options["seed"],
