@@ -127,17 +127,18 @@ def request_models(contract: Contract) -> RequestModels:
 
 
 def request_example(contract: Contract) -> dict[str, Any]:
-    """A valid record for ``contract``, spelled as an export would spell it: a number within
-    its bounds, ``false``, and a category's first alias (else its name in words)."""
+    """A valid record for ``contract``: each feature's declared ``example``; for a feature
+    without one, a number within its bounds, ``false``, or a category's first alias (else its
+    name in words)."""
     example: dict[str, Any] = {}
     for feature in contract.features:
-        if feature.kind in ("integer", "number"):
+        if feature.example is not None:
+            example[feature.name] = feature.example
+        elif feature.kind in ("integer", "number"):
             low = feature.minimum if feature.minimum is not None else 0.0
             high = feature.maximum if feature.maximum is not None else low + 48
             value = low + min((high - low) / 2, 24.0)
-            example[feature.name] = int(value) if feature.kind == "integer" else value + 0.5
-            if feature.kind == "number" and feature.maximum is not None:
-                example[feature.name] = min(example[feature.name], feature.maximum)
+            example[feature.name] = int(value) if feature.kind == "integer" else value
         elif feature.kind == "boolean":
             example[feature.name] = False
         else:

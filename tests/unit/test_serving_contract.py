@@ -174,3 +174,16 @@ def test_the_documented_example_is_a_valid_request(contract):
     example = models.single.model_validate(models.example)
     assert set(example.model_fields_set) == set(contract.names)
     assert models.batch.model_validate({"instances": [models.example]})
+
+
+def test_the_default_contracts_example_is_the_documented_crm_request():
+    assert request_models(DEFAULT_CONTRACT).example == {
+        "customer_tenure": 24,
+        "monthly_charges": 79.99,
+        "total_charges": 1919.76,
+        "contract_type": "Two year",
+        "payment_method": "Credit card",
+        "internet_service": "Fiber optic",
+        "support_tickets": 2,
+        "login_frequency": 5.2,
+    }
