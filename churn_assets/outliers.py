@@ -242,10 +242,10 @@ class IsolationForestDetector:
 class OutlierScorer:
     """Both detectors over the transformed feature matrix.
 
-    ``reference_frame`` holds the eight raw features of the reference sample; it is transformed
-    with ``transformer`` to fit the isolation forest, and kept as :attr:`reference_frame` for
-    monitoring (drift reference). Scoring methods take an already transformed matrix (what serving
-    has in hand) and return ``(scores, flags)``.
+    ``reference_frame`` holds the raw features (the contract's) of the reference sample; it is
+    transformed with ``transformer`` to fit the isolation forest, and kept as
+    :attr:`reference_frame` for monitoring (drift reference). Scoring methods take an already
+    transformed matrix (what serving has in hand) and return ``(scores, flags)``.
     """
 
     def __init__(

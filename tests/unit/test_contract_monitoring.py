@@ -256,3 +256,46 @@ def test_the_prediction_page_renders_a_widget_per_contract_feature(
     page.inputs["tech_support"].value = "no_internet"
     page.inputs["senior_citizen"].value = True
     assert validate_features(page.values(), CONTRACT).features["senior_citizen"] is True
+
+
+# -- the monitoring asset's live window -----------------------------------------------------------
+
+
+def test_the_live_window_reads_the_champions_features_from_a_real_warehouse(
+    config_factory, reference
+):
+    from churn_assets.assets.monitoring import MonitoringError, _live_events, live_events_sql
+    from churn_assets.warehouse import connect, ensure_schema
+
+    assert all(f'"{name}"' in live_events_sql(CONTRACT) for name in CONTRACT.names)
+    settings = load_settings(config_factory())
+    with connect(settings.warehouse_path) as con:
+        ensure_schema(con)  # a warehouse landed with the default contract
+    lacking = r"no column for the champion's features \['senior_citizen', 'tech_support'\]"
+    with pytest.raises(MonitoringError, match=lacking):
+        _live_events(settings, CONTRACT)
+
+    days = settings.monitoring.live_window_days
+    rows = customers(400, seed=6)
+    end = pd.Timestamp("2026-03-01", tz="UTC")
+    times = end - pd.to_timedelta(np.linspace(0, 2 * days, len(rows)), unit="D")
+    landed = rows[list(CONTRACT.names)].assign(
+        kafka_topic="churn.customers",
+        kafka_partition=0,
+        kafka_offset=np.arange(len(rows)),
+        event_id=[f"e{i}" for i in range(len(rows))],
+        customer_id=rows["customer_id"],
+        event_time=times,
+        landed_at=end,
+    )
+    with connect(settings.warehouse_path) as con:
+        con.execute("ALTER TABLE landed_customer_events ADD COLUMN senior_citizen BOOLEAN")
+        con.execute("ALTER TABLE landed_customer_events ADD COLUMN tech_support VARCHAR")
+        con.register("landed", landed)
+        con.execute("INSERT INTO landed_customer_events BY NAME SELECT * FROM landed")
+    live = _live_events(settings, CONTRACT)
+    assert list(live.columns) == ["event_id", "customer_id", "event_time", *CONTRACT.names]
+    inside = times > end - pd.Timedelta(days=days)
+    assert sorted(live["event_id"]) == sorted(landed.loc[inside, "event_id"])
+    report = drift_report(reference, live, contract=CONTRACT, mmd=False)
+    assert [test.feature for test in report.features] == list(CONTRACT.names)
