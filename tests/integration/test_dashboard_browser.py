@@ -60,7 +60,8 @@ LANDED_PER_PARTITION, PRODUCED_PER_PARTITION = 7, 10
 PAGES = {
     "monitoring": ("Monitoring", ["Serving", "Requests/s", "Error rate", "Kafka lag"]),
     "drift": ("Drift", ["Open alerts", "Latest report", "Multivariate drift", "monthly_charges"]),
-    "prediction": ("Prediction testing", ["Tenure (months)", "Contract", "Predict"]),
+    # The form's labels are the contract's descriptions (config/features.yaml).
+    "prediction": ("Prediction testing", ["Months since sign-up", "Contract term", "Predict"]),
     "models": ("Model management", ["Registered versions", "Rollout decisions", "Champion"]),
     "analytics": ("Analytics", ["Customer segments", "Churn by cohort", "Global feature"]),
 }
@@ -500,6 +501,8 @@ def _fill_form(page, features: dict, customer_id: str) -> None:
         field = page.locator(f".feature-{name}")
         if isinstance(value, str):
             field.locator("select").select_option(value)
+        elif isinstance(value, bool):
+            field.locator("input").set_checked(value)
         else:
             box = field.locator("input")
             box.fill(str(value))
@@ -510,10 +513,21 @@ def _fill_form(page, features: dict, customer_id: str) -> None:
 
 
 def test_prediction_form_round_trips_to_the_serving_process(platform, browser):
-    _settings, server, dashboard = platform
+    settings, server, dashboard = platform
     tab = Page(browser, 1280)
     try:
         page = tab.open(f"{dashboard.url}?page=prediction", "Predict")
+        # One field per feature of the champion's contract, each its kind's widget.
+        contract = load_model(ModelRegistry(settings.registry_dir), "champion").contract
+        assert set(SAMPLE) == set(contract.names)
+        widgets = {"integer": "input", "number": "input", "category": "select"}
+        widgets["boolean"] = "input[type=checkbox]"
+        for feature in contract.features:
+            field = page.locator(f".feature-{feature.name}.feature-kind-{feature.kind}")
+            expect(field).to_have_count(1)
+            expect(field.locator(widgets[feature.kind])).to_have_count(1)
+        expect(page.locator("[class*='feature-kind-']")).to_have_count(len(contract.names))
+        expect(page.get_by_text("The form has the features of v1's contract")).to_be_visible()
         _fill_form(page, SAMPLE, "browser-customer-1")
         page.get_by_role("button", name="Predict").click()
         routed = page.locator(".routed-answer")
@@ -542,7 +556,7 @@ def test_prediction_form_round_trips_to_the_serving_process(platform, browser):
         page.get_by_role("button", name="Predict").click()
         error = page.locator(".form-errors li").first
         error.wait_for(timeout=10_000)
-        assert error.inner_text() == "Tenure (months): required"
+        assert error.inner_text() == "Months since sign-up: required"  # the description
         assert routed.count() == 0
         assert tab.errors == []
     finally:
