@@ -313,6 +313,9 @@ class Lander:
         self.settings = settings
         self.topic = topic
         self.table = LANDING_TABLES[topic]
+        # Customer events (and the features predictions carry) are validated against the
+        # configured feature contract; the landed table's feature columns follow it.
+        self.contract = settings.contract
         self.on_batch = on_batch
         self.max_messages = max_messages
         self._fault = _parse_fault(os.environ.get(FAULT_ENV_VAR))
@@ -329,7 +332,7 @@ class Lander:
         report = LandingReport(topic=self.topic, kafka_epoch=log_now.epoch)
         partitions = log_now.partitions
         with connect(self.settings.warehouse_path) as con:
-            ensure_schema(con)
+            ensure_schema(con, self.contract)
             positions = self._positions(con, log_now)
             consumer = make_consumer(self.settings, **{"fetch.wait.max.ms": 100})
             outbox = _DeadLetterOutbox(make_producer(self.settings, **{"linger.ms": 5}))
@@ -548,7 +551,7 @@ class Lander:
     def _identity(self, message: Message) -> tuple[str, str | None]:
         raw = message.value()
         try:
-            decoded = decode_message(self.topic, raw)
+            decoded = decode_message(self.topic, raw, self.contract)
         except MessageError:
             text = raw.decode("utf-8", "replace")[:RAW_VALUE_LIMIT] if raw is not None else None
             return ("dead letter", text)
@@ -637,7 +640,7 @@ class Lander:
             last_offsets[p] = offset  # a partition's messages arrive in offset order
             raw = message.value()
             try:
-                decoded = decode_message(self.topic, raw)
+                decoded = decode_message(self.topic, raw, self.contract)
             except MessageError as exc:
                 key = message.key()
                 dead.append(
