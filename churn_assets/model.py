@@ -66,7 +66,8 @@ class ScoringModel:
         files = {
             BOOSTER_FILE: bytes(self.booster.save_raw(raw_format="ubj")),
             TRANSFORMER_FILE: self.transformer.to_json().encode(),
-            CONTRACT_FILE: json.dumps(self.contract.as_dict(), sort_keys=True).encode(),
+            # Not key-sorted: the categories keep their declared order (the form lists them so).
+            CONTRACT_FILE: json.dumps(self.contract.as_dict()).encode(),
         }
         if self.baseline is not None:
             files[BASELINE_FILE] = json.dumps(self.baseline.to_dict(), allow_nan=False).encode()

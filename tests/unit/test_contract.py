@@ -254,3 +254,17 @@ def test_a_challenger_contract_needing_other_inputs_is_named():
         "senior_citizen (not in the champion's contract)",
     ]
     assert contract.missing_inputs(contract) == []
+
+
+def test_a_stored_model_keeps_its_contract_in_declared_order():
+    """contract.json round trip: category order (the form's default, the docs) survives."""
+    from churn_assets.model import ScoringModel
+    from tests.serving_fixtures import contract_model, extended_contract
+
+    contract = extended_contract()
+    declared = list(contract.feature("tech_support").categories)
+    assert declared != sorted(declared)
+    model = contract_model(contract, rows=200)
+    again = ScoringModel.from_files(model.to_files()).contract
+    assert list(again.feature("tech_support").categories) == declared
+    assert again.digest == contract.digest
