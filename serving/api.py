@@ -168,18 +168,19 @@ def create_router(
         return "admin"
 
     AuthHeader = Annotated[str | None, Header(description="Bearer <CHURN_ADMIN_TOKEN>")]
-    # The request bodies are the served contract's (the champion's at start-up).
+    # The request bodies are the served contract's (the champion's at start-up), documented
+    # with its example record.
     requests = plane.requests
-    example = {"summary": "A record as a CRM exports it", "value": requests.example}
-    Record = Annotated[requests.single, Body(openapi_examples={"record": example})]  # type: ignore[name-defined]
+    summary = "A record as a CRM exports it"
+    Record = Annotated[
+        requests.single,
+        Body(openapi_examples={"record": {"summary": summary, "value": requests.example}}),
+    ]
     Records = Annotated[
-        requests.batch,  # type: ignore[name-defined]
+        requests.batch,
         Body(
             openapi_examples={
-                "records": {
-                    "summary": example["summary"],
-                    "value": {"instances": [example["value"]]},
-                }
+                "records": {"summary": summary, "value": {"instances": [requests.example]}}
             }
         ),
     ]
