@@ -11,9 +11,6 @@ page is loaded at 1280, 768 and 390 pixels wide with no console errors, and scre
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from dataclasses import asdict
@@ -49,9 +46,9 @@ from churn_assets.schemas import FEATURE_NAMES, NUMERIC_FEATURES
 from churn_assets.segments import segment_table
 from churn_assets.simulator import SimulationConfig, sample_customers, simulate_frames
 from churn_assets.warehouse import publish_read_model
-from tests.browser import chromium
+from tests.browser import Dashboard, chromium
 from tests.conftest import write_config
-from tests.serving_fixtures import ADMIN_TOKEN, build_registry, free_port, start_server
+from tests.serving_fixtures import ADMIN_TOKEN, build_registry, start_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -293,58 +290,6 @@ def produce_backlog(settings: Settings) -> None:
 
 
 # -- processes -------------------------------------------------------------------------------------
-
-
-class Dashboard:
-    def __init__(self, config_path: Path, serving_url: str, log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/app"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CHURN_")}
-        env |= {
-            "CHURN_CONFIG": str(config_path),
-            "CHURN_SERVING__HTTP_PORT": serving_url.rsplit(":", 1)[1],
-            "CHURN_DAGSTER__WEBSERVER_PORT": str(free_port()),  # nothing listens: explained
-            "CHURN_ADMIN_TOKEN": ADMIN_TOKEN,
-        }
-        self.log_path = log_path
-        with log_path.open("a") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "churn_assets.cli",
-                    "--config",
-                    str(config_path),
-                    "dashboard",
-                    "--port",
-                    str(self.port),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=REPO_ROOT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"panel serve exited:\n{log_path.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/liveness", timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"panel serve not up in 60 s:\n{log_path.read_text()[-4000:]}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -31,9 +31,8 @@ from churn_assets.monitoring import read_monitoring
 from churn_assets.registry import ModelRegistry
 from churn_assets.resources import PlatformResource
 from churn_assets.warehouse import connect
-from tests.browser import chromium
+from tests.browser import Dashboard, chromium
 from tests.conftest import write_config
-from tests.integration.test_dashboard_browser import Dashboard
 from tests.serving_fixtures import infer_request, start_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
