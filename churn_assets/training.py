@@ -152,7 +152,7 @@ def plan_snapshots(
 
 
 def _labels_at(
-    t: pd.Timestamp,
+    t: pd.Timestamp | pd.Series,
     population: pd.Series,
     events: pd.DataFrame,
     feedback: pd.DataFrame,
@@ -161,7 +161,8 @@ def _labels_at(
     churn_from_observation: bool = False,
 ) -> pd.DataFrame:
     """Labels at snapshot ``t``: 1 churned in ``(t, t + h]``, 0 still a customer after ``t + h``,
-    -1 unknown (censored), -2 already gone at ``t``. ``churn_from_observation``: ``t`` is the
+    -1 unknown (censored), -2 already gone at ``t`` (a Series: each customer's own ``t``,
+    aligned with ``population``'s positions). ``churn_from_observation``: ``t`` is the
     time the customer was observed at (snapshot data), so a churn at ``t`` itself counts as
     churn within the horizon (``[t, t + h]``), not as gone before it."""
     churns = feedback.loc[feedback["churned"]]
@@ -170,6 +171,9 @@ def _labels_at(
     last_event = events.groupby("customer_id")["event_time"].max()
     last_retained = feedback.loc[~feedback["churned"]].groupby("customer_id")["outcome_time"].max()
     frame = pd.DataFrame({"customer_id": population.to_numpy()})
+    if isinstance(t, pd.Series):
+        t = t.reset_index(drop=True)
+        end = t + horizon
     ct = frame["customer_id"].map(churn_time)
     alive_after = (frame["customer_id"].map(last_event) > end) | (
         frame["customer_id"].map(last_retained) > end
@@ -282,10 +286,39 @@ def _snapshot_rows(
     feedback: pd.DataFrame,
     horizon: pd.Timedelta,
     feature_builder: Callable[[pd.DataFrame, datetime], pd.DataFrame],
+    *,
+    own_times_only: bool = False,
 ) -> pd.DataFrame:
     """One row per customer observation: features as of the observation time, the label of
     churn at or after it within the horizon. Features and labels of a customer read only its
-    own events and outcomes, so each time reads only the customers observed then."""
+    own events and outcomes, so each time reads only the customers observed then.
+
+    ``own_times_only``: the builder is :func:`customer_features_as_of`, whose features of a
+    customer depend on its events' times relative to the snapshot only, and each customer is
+    observed at one time. Then one call with every observation moved to a common time gives
+    the same rows (the absolute ``last_event_time`` is put back) as one call per time, which a
+    static export with a time per row would make thousands of.
+    """
+    if own_times_only and events["event_time"].nunique() > MAX_EXPORT_SNAPSHOTS:
+        common = events["event_time"].max()
+        own_time = events.groupby("customer_id")["event_time"].max()
+        features = feature_builder(events.assign(event_time=common), common.to_pydatetime())
+        times = features["customer_id"].map(own_time)
+        if "last_event_time" in features.columns:
+            features["last_event_time"] = times
+        labels = _labels_at(
+            times,
+            features["customer_id"],
+            events,
+            feedback,
+            horizon,
+            churn_from_observation=True,
+        )
+        rows = features.assign(label=labels["label"].to_numpy(), snapshot_time=times)
+        rows = rows.loc[rows["label"] >= 0]
+        return rows.sort_values(["snapshot_time", "customer_id"], kind="stable").reset_index(
+            drop=True
+        )
     parts = []
     for t in sorted(pd.Timestamp(t) for t in events["event_time"].unique()):
         observed = events.loc[events["event_time"] == t, "customer_id"].unique()
@@ -326,6 +359,7 @@ def build_training_set(
         raise TrainingError("no landed customer events: land churn.customers first")
     if feedback.empty:
         raise TrainingError("no landed outcomes: land ml.feedback first")
+    default_builder = feature_builder is None
     if feature_builder is None:
         feature_builder = functools.partial(customer_features_as_of, contract=contract)
     known_at = max(events["event_time"].max(), feedback["observed_at"].max())
@@ -351,8 +385,16 @@ def build_training_set(
                 f"split ({exc})"
             )
     if snapshot_reason is not None:
+        once = bool(events.groupby("customer_id")["event_time"].nunique().max() == 1)
         return _grouped_training_set(
-            events, feedback, known_at, horizon_days, feature_builder, seed, snapshot_reason
+            events,
+            feedback,
+            known_at,
+            horizon_days,
+            feature_builder,
+            seed,
+            snapshot_reason,
+            own_times_only=default_builder and once,
         )
     parts = []
     for split, times in (
@@ -389,9 +431,17 @@ def _grouped_training_set(
     feature_builder: Callable[[pd.DataFrame, datetime], pd.DataFrame],
     seed: int,
     why: str,
+    *,
+    own_times_only: bool = False,
 ) -> TrainingSet:
     """Snapshot data: a row per customer observation, split by customer (stratified)."""
-    frame = _snapshot_rows(events, feedback, pd.Timedelta(days=horizon_days), feature_builder)
+    frame = _snapshot_rows(
+        events,
+        feedback,
+        pd.Timedelta(days=horizon_days),
+        feature_builder,
+        own_times_only=own_times_only,
+    )
     if frame.empty:
         raise TrainingError(
             f"no observation has a known outcome within the {horizon_days}-day horizon "

@@ -1,10 +1,13 @@
 """Training on snapshot data: a static export (each customer observed once) is split by customer,
 stratified on the label and seeded, and says so; an event history keeps its purged time split."""
 
+import functools
+
 import numpy as np
 import pandas as pd
 import pytest
 
+from churn_assets.features import customer_features_as_of
 from churn_assets.simulator import sample_customers
 from churn_assets.training import (
     GROUPED_SPLIT,
@@ -176,3 +179,21 @@ def test_an_export_with_too_few_churned_customers_is_a_clear_error():
     )
     with pytest.raises(TrainingError, match="only 2 churned customers with a known outcome"):
         build(events, feedback)
+
+
+def test_a_time_per_row_export_builds_the_same_rows_in_one_pass():
+    """A static export with a time per row takes one feature pass (every observation moved to a
+    common time); it gives exactly the rows of one pass per observation time."""
+    times = [AS_OF - pd.Timedelta(minutes=7 * i) for i in range(400)]
+    events, feedback = export_frames(customers=400, times=times)
+    fast = build(events, feedback)
+    per_time = build_training_set(
+        events,
+        feedback,
+        horizon_days=HORIZON_DAYS,
+        step_days=3,
+        label_grace_days=10,
+        feature_builder=functools.partial(customer_features_as_of),
+    )
+    assert fast.split_method == per_time.split_method == GROUPED_SPLIT
+    pd.testing.assert_frame_equal(fast.frame, per_time.frame)
