@@ -400,7 +400,7 @@ def customer_segments(
     customers["risk"] = model.predict_frame(customers)
     churned = set(feedback.loc[feedback["churned"], "customer_id"])
     customers["churned"] = customers["customer_id"].isin(churned)
-    segments = segment_table(customers, model.version)
+    segments = segment_table(customers, model.version, model.contract)
     rows = _replace_table(settings, "customer_segments", segments)
     return dg.MaterializeResult(
         metadata={

@@ -64,7 +64,7 @@ def _live_events(settings: Settings, contract: Contract) -> pd.DataFrame:
     """The landed events of the live window with ``contract``'s features (the champion's)."""
     seconds = settings.monitoring.live_window_days * 86_400
     with connect(settings.warehouse_path) as con:
-        ensure_schema(con)
+        ensure_schema(con, settings.contract)
         columns = {row[0] for row in con.execute("DESCRIBE landed_customer_events").fetchall()}
         lacking = [name for name in contract.names if name not in columns]
         if lacking:
@@ -332,7 +332,7 @@ def live_performance(
 
     settings = platform.settings()
     with connect(settings.warehouse_path) as con:
-        ensure_schema(con)
+        ensure_schema(con, settings.contract)
         predictions = con.execute("SELECT * FROM landed_predictions").df()
         feedback = con.execute("SELECT * FROM landed_feedback").df()
     if predictions.empty:
