@@ -259,7 +259,7 @@ def validate_columns(columns: Mapping[str, Sequence[Any]], contract: Contract) -
 
 def _native(kind: str, value: Any) -> Any:
     """A checked column's value as the JSON value a record holds."""
-    if kind == "integer" or kind == "number":
+    if kind in ("integer", "number"):
         number = float(value)
         if np.isnan(number):
             return None
