@@ -14,7 +14,7 @@ again produces the same ids, which landing keeps once.
 import csv
 import hashlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -189,7 +189,8 @@ def plan_import(
             _numbers_from_text(values) if feature.kind in ("integer", "number") else values.tolist()
         )
     checked = check_columns(contract, given, text_booleans=True)
-    errors = list(checked.errors)
+    # Rejects name the export's column, the one the user sees in the file.
+    errors = [replace(e, column=mapping.features.get(e.column, e.column)) for e in checked.errors]
     ids = frame[mapping.customer_id].astype(str).str.strip().tolist()
     errors += [
         RowError(r, mapping.customer_id, "missing customer id") for r, i in enumerate(ids) if not i

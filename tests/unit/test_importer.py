@@ -94,9 +94,9 @@ def test_valid_rows_become_canonical_events_and_outcomes(export, mapping):
 def test_malformed_rows_are_rejected_with_row_column_and_reason(export, mapping, tmp_path):
     plan = plan_import(read_export(export), mapping, CONTRACT)
     assert [(e.row + 1, e.column) for e in plan.rejects] == [
-        (6, "customer_tenure"),
-        (7, "contract_type"),
-        (8, "monthly_charges"),
+        (6, "tenure"),
+        (7, "Contract"),
+        (8, "MonthlyCharges"),
         (9, "Churn"),
     ]
     rejects = tmp_path / "rejects.csv"
