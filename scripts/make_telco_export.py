@@ -1,6 +1,6 @@
 """Write a customer export in the common telco layout, for trying `churn import`.
 
-    .venv/bin/python scripts/make_telco_export.py telco.csv [--rows 3000] [--bad 30] [--seed 7]
+    .venv/bin/python scripts/make_telco_export.py telco.csv [--rows 5000] [--bad 30] [--seed 7]
 
 The rows are the simulator's customers (churn labels drawn from its true model over 30 days),
 spelled the way CRM and billing exports spell them: ``customerID``, ``tenure``,
@@ -70,7 +70,7 @@ COLUMNS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path, help="the CSV to write")
-    parser.add_argument("--rows", type=int, default=3000)
+    parser.add_argument("--rows", type=int, default=5000)
     parser.add_argument("--bad", type=int, default=30, help="rows damaged on purpose")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()

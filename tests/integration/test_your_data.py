@@ -1,6 +1,6 @@
 """Your own data, end to end, as docs/YOUR_DATA.md tells a user to do it.
 
-A telco-layout CSV (``scripts/make_telco_export.py``: 3,000 rows, 40 damaged, with the two extra
+A telco-layout CSV (``scripts/make_telco_export.py``: 5,000 rows, 40 damaged, with the two extra
 columns ``SeniorCitizen`` and ``TechSupport``) and the ten-feature contract the script writes
 beside it (the default eight plus a boolean ``senior_citizen`` and a category ``tech_support``):
 ``churn import`` → ``churn land`` through a real broker → training in Dagster on that single
@@ -37,7 +37,7 @@ from tests.serving_fixtures import infer_request, start_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ROWS, DAMAGED = 3000, 40
+ROWS, DAMAGED = 5000, 40
 EXTRA = ("senior_citizen", "tech_support")
 # A request as a CRM spells it, with the two extra features.
 REQUEST = {
