@@ -171,6 +171,8 @@ def create_router(
     # The request bodies are the served contract's (the champion's at start-up), documented
     # with its example record.
     requests = plane.requests
+    # SHAP names one contribution per model input: the contract's features and derived ones.
+    inputs = len(plane.contract.names) + len(plane.contract.derived)
     summary = "A record as a CRM exports it"
     Record = Annotated[
         requests.single,
@@ -219,7 +221,9 @@ def create_router(
     async def explain(
         body: Record,
         method: Literal["shap", "anchors"] = "shap",
-        top_k: Annotated[int, Query(ge=1, le=11)] = 5,
+        top_k: Annotated[
+            int, Query(ge=1, le=inputs, description=f"contributions to list (1-{inputs})")
+        ] = 5,
         version: Annotated[str | None, Query(pattern=r"^v[0-9]+$")] = None,
     ) -> dict[str, Any]:
         row = body.model_dump(exclude_none=True)

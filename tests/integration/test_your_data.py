@@ -203,10 +203,12 @@ def test_rest_and_grpc_serve_the_ten_features(imported, served):
     assert status == 200, body
     assert 0.0 <= body["probability"] <= 1.0
 
-    status, body = post(f"{served.http}/explain", REQUEST)
+    # One contribution per model input: ten features and the three derived ones.
+    status, body = post(f"{served.http}/explain?top_k=13", REQUEST)
     assert status == 200, body
-    named = json.dumps(body)
-    assert "senior_citizen" in named and "tech_support" in named
+    named = {c["feature"] for c in body["top_contributions"]}
+    assert {"senior_citizen", "tech_support", "charge_ratio"} <= named and len(named) == 13
+    assert post(f"{served.http}/explain?top_k=14", REQUEST)[0] == 422
 
     missing = {k: v for k, v in REQUEST.items() if k != "tech_support"}
     status, body = post(f"{served.http}/predict", missing)
@@ -234,10 +236,26 @@ def test_the_drift_report_covers_every_feature_of_the_contract(imported, trained
         raise_on_error=False,
     )
     assert result.success
-    features = read_monitoring(imported["settings"].read_models_dir)["drift"]["features"]
-    assert set(features) == set(imported["settings"].contract.names)
-    assert features["senior_citizen"]["test"] == features["tech_support"]["test"]
-    assert features["senior_citizen"]["test"] != features["monthly_charges"]["test"]
+    settings = imported["settings"]
+    latest = read_monitoring(settings.read_models_dir)["drift"]
+    assert set(latest["features"]) == {*settings.contract.names, "prediction"}
+    with connect(settings.warehouse_path, read_only=True) as con:
+        detectors = dict(
+            con.execute(
+                "SELECT feature, detector FROM drift_history WHERE report_id = ?",
+                [latest["report_id"]],
+            ).fetchall()
+        )
+    # Per kind: KS for integers and numbers, chi-square for categories and booleans.
+    assert {f: detectors[f] for f in ("customer_tenure", "monthly_charges")} == {
+        "customer_tenure": "ks",
+        "monthly_charges": "ks",
+    }
+    assert {f: detectors[f] for f in ("senior_citizen", "tech_support", "contract_type")} == {
+        "senior_citizen": "chi2",
+        "tech_support": "chi2",
+        "contract_type": "chi2",
+    }
 
 
 def test_the_dashboard_form_asks_for_the_extra_features(imported, served):
