@@ -16,6 +16,7 @@ record's own values; and per feature a ``trend`` name, a history feature (latest
 """
 
 import ast
+import functools
 import hashlib
 import json
 import math
@@ -56,6 +57,7 @@ FEATURE_KEYS = {
     "trend",
     "example",
 }
+MATCHED_SPELLINGS = 1024  # exact texts remembered per feature
 DERIVED_KEYS = {"name", "expression", "description"}
 EXPRESSION_FUNCTIONS = {"max", "min"}
 
@@ -87,10 +89,17 @@ class Feature:
     trend: str | None = None
     example: Any = None
     _spellings: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    # Exact texts already matched (bounded): data repeats a handful of spellings.
+    _matched: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def canonical(self, value: str) -> str | None:
         """The canonical category that ``value`` spells, or ``None``."""
-        return self._spellings.get(spelling_key(value))
+        found = self._matched.get(value)
+        if found is None:
+            found = self._spellings.get(spelling_key(value))
+            if found is not None and len(self._matched) < MATCHED_SPELLINGS:
+                self._matched[value] = found
+        return found
 
     def as_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"name": self.name, "kind": self.kind}
@@ -193,8 +202,9 @@ class Contract:
                     problems.append(f"{feature.name} (does not know {', '.join(extra)})")
         return problems
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
+        """SHA-256 of the canonical JSON form (computed once: messages look schemas up by it)."""
         canonical = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -31,6 +31,7 @@ __all__ = [
     "CATEGORY_VALUES",
     "CustomerFeatures",
     "CustomerEvent",
+    "CustomerEventEnvelope",
     "PredictionEvent",
     "FeedbackEvent",
     "DriftAlert",
@@ -129,13 +130,26 @@ CustomerFeatures.__doc__ = (
 )
 
 
-class CustomerEvent(CustomerFeatures):
-    """``churn.customers`` v1: a customer's state as observed at ``event_time``."""
+class CustomerEventEnvelope(_Message):
+    """A customer event's fields besides its features (landing checks features by column)."""
 
     schema_version: Literal[1] = 1
     event_id: Identifier
     customer_id: Identifier
     event_time: Timestamp
+
+
+def _customer_event(features: type[_Message]) -> type[_Message]:
+    """``churn.customers`` v1 for a contract's features model: the envelope's fields added."""
+    return create_model(
+        "CustomerEvent",
+        __base__=features,
+        __doc__="``churn.customers`` v1: a customer's state as observed at ``event_time``.",
+        **{name: (f.annotation, f) for name, f in CustomerEventEnvelope.model_fields.items()},
+    )
+
+
+CustomerEvent = _customer_event(CustomerFeatures)
 
 
 class PredictionEvent(_Message):
@@ -226,15 +240,7 @@ def topic_schemas(contract: Contract | None = None) -> dict[str, type[_Message]]
     found = _SCHEMAS_BY_DIGEST.get(contract.digest)
     if found is None:
         features = features_model(contract, name="CustomerFeatures", base=_Message)
-        event = create_model(
-            "CustomerEvent",
-            __base__=features,
-            __doc__=CustomerEvent.__doc__,
-            schema_version=(Literal[1], 1),
-            event_id=(Identifier, ...),
-            customer_id=(Identifier, ...),
-            event_time=(Timestamp, ...),
-        )
+        event = _customer_event(features)
         prediction = create_model(
             "PredictionEvent",
             __base__=PredictionEvent,
