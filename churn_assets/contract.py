@@ -257,14 +257,7 @@ def _derived_list(raw: Any, features: list[Feature], taken: set[str]) -> tuple[D
     inputs = {f.name for f in features if f.kind in ("integer", "number", "boolean")}
     derived: list[Derived] = []
     for position, entry in enumerate(raw):
-        if not isinstance(entry, dict):
-            raise ContractError(f"derived[{position}] must be a mapping")
-        name = entry.get("name")
-        if not isinstance(name, str) or not NAME.match(name):
-            raise ContractError(
-                f"derived[{position}]: name {name!r} must be lower-case letters, digits and "
-                "underscores, starting with a letter (at most 64)"
-            )
+        name = _entry_name(f"derived[{position}]", entry)
         unknown = set(entry) - DERIVED_KEYS
         if unknown:
             raise ContractError(f"derived feature {name!r}: unknown keys {sorted(unknown)}")
@@ -360,15 +353,21 @@ def evaluate_derived(derived: Derived, columns: Mapping[str, Any]) -> Any:
     return np.where(np.isfinite(result), result, np.nan)
 
 
-def _feature(position: int, entry: Any) -> Feature:
+def _entry_name(where: str, entry: Any) -> str:
+    """The name of a features or derived entry (a mapping with a well-formed ``name``)."""
     if not isinstance(entry, dict):
-        raise ContractError(f"features[{position}] must be a mapping")
+        raise ContractError(f"{where} must be a mapping")
     name = entry.get("name")
     if not isinstance(name, str) or not NAME.match(name):
         raise ContractError(
-            f"features[{position}]: name {name!r} must be lower-case letters, digits and "
-            "underscores, starting with a letter (at most 64)"
+            f"{where}: name {name!r} must be lower-case letters, digits and underscores, "
+            "starting with a letter (at most 64)"
         )
+    return name
+
+
+def _feature(position: int, entry: Any) -> Feature:
+    name = _entry_name(f"features[{position}]", entry)
 
     def bad(problem: str) -> ContractError:
         return ContractError(f"feature {name!r}: {problem}")

@@ -50,6 +50,25 @@ def build_registry(root: Path) -> Path:
     return root
 
 
+# The documented request as a CRM spells it (the default contract's features), and the same with
+# the two features of the ten-feature contract.
+DOCUMENTED_REQUEST = {
+    "customer_tenure": 24,
+    "monthly_charges": 79.99,
+    "total_charges": 1919.76,
+    "contract_type": "Two year",
+    "payment_method": "Credit card",
+    "internet_service": "Fiber optic",
+    "support_tickets": 2,
+    "login_frequency": 5.2,
+}
+EXTENDED_REQUEST = {
+    **DOCUMENTED_REQUEST,
+    "senior_citizen": True,
+    "tech_support": "No internet service",
+}
+
+
 def extended_contract() -> Contract:
     """The default contract plus a boolean ``senior_citizen`` and a category ``tech_support``."""
     raw = DEFAULT_CONTRACT.as_dict()

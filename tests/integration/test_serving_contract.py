@@ -18,6 +18,7 @@ from churn_assets.registry import ModelRegistry
 from tests.integration.test_serving_spellings import mirrored
 from tests.serving_fixtures import (
     ADMIN_TOKEN,
+    EXTENDED_REQUEST,
     contract_model,
     extended_contract,
     infer_request,
@@ -28,18 +29,7 @@ from tests.serving_fixtures import (
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EXTENDED = extended_contract()
-REQUEST = {
-    "customer_tenure": 24,
-    "monthly_charges": 79.99,
-    "total_charges": 1919.76,
-    "contract_type": "Two year",
-    "payment_method": "Credit card",
-    "internet_service": "Fiber optic",
-    "support_tickets": 2,
-    "login_frequency": 5.2,
-    "senior_citizen": True,
-    "tech_support": "No internet service",
-}
+REQUEST = EXTENDED_REQUEST
 MISSING = {k: v for k, v in REQUEST.items() if k != "tech_support"}
 
 

@@ -33,25 +33,13 @@ from churn_assets.resources import PlatformResource
 from churn_assets.warehouse import connect
 from tests.browser import Dashboard, chromium
 from tests.conftest import write_config
-from tests.serving_fixtures import infer_request, start_server
+from tests.serving_fixtures import EXTENDED_REQUEST, infer_request, start_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROWS, DAMAGED = 5000, 40
 EXTRA = ("senior_citizen", "tech_support")
-# A request as a CRM spells it, with the two extra features.
-REQUEST = {
-    "customer_tenure": 24,
-    "monthly_charges": 79.99,
-    "total_charges": 1919.76,
-    "contract_type": "Two year",
-    "payment_method": "Credit card",
-    "internet_service": "Fiber optic",
-    "support_tickets": 2,
-    "login_frequency": 5.2,
-    "senior_citizen": True,
-    "tech_support": "No internet service",
-}
+REQUEST = EXTENDED_REQUEST  # as a CRM spells it, with the two extra features
 
 
 def run(argv):

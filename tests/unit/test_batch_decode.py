@@ -6,7 +6,7 @@ import pytest
 
 from churn_assets.batch_decode import decode_customer_events
 from churn_assets.schemas import DEFAULT_CONTRACT, MessageError, Topics, decode_message
-from tests.serving_fixtures import extended_contract
+from tests.serving_fixtures import DOCUMENTED_REQUEST, extended_contract
 
 pytestmark = pytest.mark.unit
 
@@ -15,14 +15,7 @@ GOOD = {
     "event_id": "e-1",
     "customer_id": "c-1",
     "event_time": "2026-06-30T12:00:00+00:00",
-    "customer_tenure": 24,
-    "monthly_charges": 79.99,
-    "total_charges": 1919.76,
-    "contract_type": "Two year",
-    "payment_method": "Credit card",
-    "internet_service": "Fiber optic",
-    "support_tickets": 2,
-    "login_frequency": 5.2,
+    **DOCUMENTED_REQUEST,
 }
 
 VARIANTS = [

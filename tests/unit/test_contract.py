@@ -9,6 +9,7 @@ import yaml
 
 from churn_assets.contract import ContractError, contract_from_dict, load_contract, spelling_key
 from churn_assets.schemas import CATEGORY_VALUES, FEATURE_NAMES
+from tests.serving_fixtures import DOCUMENTED_REQUEST
 
 pytestmark = pytest.mark.unit
 
@@ -158,18 +159,6 @@ def test_a_bad_file_names_itself(tmp_path):
     path.write_text("format: 1\nfeatures:\n  - {name: x, kind: number, min: 5, max: 1}\n")
     with pytest.raises(ContractError, match=f"feature contract {path}: feature 'x': bounds"):
         load_contract(path)
-
-
-DOCUMENTED_REQUEST = {
-    "customer_tenure": 24,
-    "monthly_charges": 79.99,
-    "total_charges": 1919.76,
-    "contract_type": "Two year",
-    "payment_method": "Credit card",
-    "internet_service": "Fiber optic",
-    "support_tickets": 2,
-    "login_frequency": 5.2,
-}
 
 
 def test_the_features_model_takes_the_documented_request_and_stores_canonical_values():

@@ -22,7 +22,6 @@ from churn_assets.outliers import (
     reference_files,
 )
 from churn_assets.registry import ModelRegistry
-from churn_assets.schemas import DEFAULT_CONTRACT
 from churn_assets.segments import cohort_types, segment_table
 from churn_assets.simulator import sample_customers
 from dashboards.data import (
@@ -31,6 +30,7 @@ from dashboards.data import (
     form_fields,
     validate_features,
 )
+from tests.serving_fixtures import extended_contract
 
 pytestmark = pytest.mark.unit
 
@@ -38,21 +38,7 @@ EXTRA = ("senior_citizen", "tech_support")
 TECH_SUPPORT = ("yes", "no", "no_internet")
 
 
-def ten_feature_contract() -> Contract:
-    raw = DEFAULT_CONTRACT.as_dict()
-    raw["features"] += [
-        {"name": "senior_citizen", "kind": "boolean", "description": "65 or older"},
-        {
-            "name": "tech_support",
-            "kind": "category",
-            "description": "tech support subscription",
-            "categories": {"yes": [], "no": [], "no_internet": ["No internet service"]},
-        },
-    ]
-    return contract_from_dict(raw)
-
-
-CONTRACT = ten_feature_contract()
+CONTRACT = extended_contract()
 
 
 def customers(rows: int, seed: int, senior_share: float = 0.16, support_first: float = 0.3):

@@ -12,7 +12,13 @@ from churn_assets.schemas import DEFAULT_CONTRACT, Topics, decode_message
 from serving.errors import InvalidInput, ServingError
 from serving.plane import ServingPlane, request_models, validate_columns, validate_records
 from tests.conftest import write_config
-from tests.serving_fixtures import contract_model, extended_contract, register_model
+from tests.serving_fixtures import (
+    DOCUMENTED_REQUEST,
+    EXTENDED_REQUEST,
+    contract_model,
+    extended_contract,
+    register_model,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -53,19 +59,7 @@ def plane_with(tmp_path: Path, models, champion: str, challenger: str | None = N
 
 
 def record(contract=EXTENDED, **changes):
-    row = {
-        "customer_tenure": 24,
-        "monthly_charges": 79.99,
-        "total_charges": 1919.76,
-        "contract_type": "Two year",
-        "payment_method": "Credit card",
-        "internet_service": "Fiber optic",
-        "support_tickets": 2,
-        "login_frequency": 5.2,
-        "senior_citizen": True,
-        "tech_support": "No internet service",
-    }
-    row = {k: v for k, v in row.items() if k in contract.names}
+    row = {k: v for k, v in EXTENDED_REQUEST.items() if k in contract.names}
     row.update(changes)
     return {k: v for k, v in row.items() if v is not ...}
 
@@ -177,13 +171,4 @@ def test_the_documented_example_is_a_valid_request(contract):
 
 
 def test_the_default_contracts_example_is_the_documented_crm_request():
-    assert request_models(DEFAULT_CONTRACT).example == {
-        "customer_tenure": 24,
-        "monthly_charges": 79.99,
-        "total_charges": 1919.76,
-        "contract_type": "Two year",
-        "payment_method": "Credit card",
-        "internet_service": "Fiber optic",
-        "support_tickets": 2,
-        "login_frequency": 5.2,
-    }
+    assert request_models(DEFAULT_CONTRACT).example == DOCUMENTED_REQUEST
