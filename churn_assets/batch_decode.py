@@ -10,11 +10,11 @@ refuses but the message model would take is still refused, with the column check
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any, NotRequired, TypedDict
 
 import numpy as np
 import orjson
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from churn_assets.contract import Contract
 from churn_assets.schemas import (
@@ -28,7 +28,20 @@ from churn_assets.validation import RowError, check_columns
 __all__ = ["decode_customer_events"]
 
 ENVELOPE_FIELDS = tuple(CustomerEventEnvelope.model_fields)
-_ENVELOPES = TypeAdapter(list[CustomerEventEnvelope])
+# The envelope's fields and rules as a TypedDict: validated straight into dicts (no model objects
+# to dump), reading a whole message and ignoring its features (checked by column).
+_Envelope = TypedDict(  # type: ignore[misc]
+    "_Envelope",
+    {
+        name: NotRequired[Annotated[f.annotation, f]]
+        if not f.is_required()
+        else Annotated[f.annotation, f]
+        for name, f in CustomerEventEnvelope.model_fields.items()
+    },
+)
+_Envelope.__pydantic_config__ = ConfigDict(extra="ignore", allow_inf_nan=False)  # type: ignore[attr-defined]
+_ENVELOPES = TypeAdapter(list[_Envelope])
+_ENVELOPE = TypeAdapter(_Envelope)
 
 
 def decode_customer_events(
@@ -57,32 +70,32 @@ def decode_customer_events(
         for row, payload in enumerate(payloads)
         if payload is not None and row not in problems and known.issuperset(payload)
     ]
-    envelopes = _envelopes([payloads[row] for row in candidates])
+    envelopes = _envelopes([payloads[row] for row in candidates])  # type: ignore[misc]
     features = [_plain(checked.columns[f.name], f.kind) for f in contract.features]
+    rows = list(zip(*features, strict=True))
     decoded: list[dict[str, Any] | MessageError] = [None] * len(values)  # type: ignore[list-item]
     for row, envelope in zip(candidates, envelopes, strict=True):
         if envelope is not None:
-            record = envelope.model_dump(exclude={"schema_version"})
-            record.update(zip(names, (column[row] for column in features), strict=True))
-            decoded[row] = record
+            envelope.pop("schema_version", None)
+            envelope.update(zip(names, rows[row], strict=True))
+            decoded[row] = envelope
     for row, raw in enumerate(values):
         if decoded[row] is None:
             decoded[row] = _reason(raw, contract, problems.get(row, []))
     return decoded
 
 
-def _envelopes(payloads: list[dict[str, Any]]) -> list[CustomerEventEnvelope | None]:
-    """Each payload's envelope (``None`` where it is invalid): one validation call for a
-    clean batch, one per message only when the batch has a bad one."""
-    subsets = [{k: p[k] for k in ENVELOPE_FIELDS if k in p} for p in payloads]
+def _envelopes(payloads: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
+    """Each payload's validated envelope fields (``None`` where they are invalid): one
+    validation call for a clean batch, one per message only when the batch has a bad one."""
     try:
-        return list(_ENVELOPES.validate_python(subsets))
+        return list(_ENVELOPES.validate_python(payloads))
     except ValidationError:
         pass
-    envelopes: list[CustomerEventEnvelope | None] = []
-    for subset in subsets:
+    envelopes: list[dict[str, Any] | None] = []
+    for payload in payloads:
         try:
-            envelopes.append(CustomerEventEnvelope.model_validate(subset))
+            envelopes.append(_ENVELOPE.validate_python(payload))
         except ValidationError:
             envelopes.append(None)
     return envelopes

@@ -112,6 +112,8 @@ def _numeric_objects(
     feature: Feature, values: Sequence[Any] | np.ndarray
 ) -> tuple[np.ndarray, list[RowError]]:
     """JSON values one by one: strict types, then the same checks as a numeric array."""
+    if set(map(type, values)) <= {int, float}:  # all plain numbers (no bool, None or text)
+        return _numeric_array(feature, np.array(values, dtype=np.float64))
     numbers = np.empty(len(values), dtype=np.float64)
     errors: list[RowError] = []
     for row, value in enumerate(values):
