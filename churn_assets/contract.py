@@ -141,7 +141,7 @@ class Contract:
     features: tuple[Feature, ...]
     derived: tuple[Derived, ...] = ()
 
-    @property
+    @functools.cached_property
     def names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.features)
 
@@ -154,12 +154,12 @@ class Contract:
                 return candidate
         raise KeyError(f"no feature {name!r} in the contract; features: {', '.join(self.names)}")
 
-    @property
+    @functools.cached_property
     def numeric_names(self) -> tuple[str, ...]:
         """Integer and number features, in contract order."""
         return tuple(f.name for f in self.of_kind("integer", "number"))
 
-    @property
+    @functools.cached_property
     def boolean_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.of_kind("boolean"))
 
