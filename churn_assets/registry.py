@@ -315,7 +315,7 @@ class ModelRegistry:
             if alias == "champion" and previous is not None and previous != version:
                 state["champion_history"].append(previous)
             self._write_aliases(state)
-        self._append_history("set_alias", version=version, alias=alias, previous=previous)
+            self._append_history("set_alias", version=version, alias=alias, previous=previous)
 
     def clear_alias(self, alias: str) -> None:
         """Remove ``alias``; :class:`RegistryError` if it is not set."""
@@ -328,7 +328,7 @@ class ModelRegistry:
                     f"alias {alias!r} is not set; set aliases: {self._describe(state)}"
                 )
             self._write_aliases(state)
-        self._append_history("clear_alias", version=None, alias=alias, previous=previous)
+            self._append_history("clear_alias", version=None, alias=alias, previous=previous)
 
     def promote(self, ref: str = "challenger") -> ModelVersion:
         """Make ``ref`` the champion; the old champion is kept for :meth:`rollback`.
@@ -347,7 +347,7 @@ class ModelRegistry:
             if state["aliases"].get("challenger") == version:
                 del state["aliases"]["challenger"]
             self._write_aliases(state)
-        self._append_history("promote", version=version, alias="champion", previous=previous)
+            self._append_history("promote", version=version, alias="champion", previous=previous)
         return self._load(version)
 
     def rollback(self) -> ModelVersion:
@@ -362,7 +362,7 @@ class ModelRegistry:
             previous = state["aliases"].get("champion")
             state["aliases"]["champion"] = version
             self._write_aliases(state)
-        self._append_history("rollback", version=version, alias="champion", previous=previous)
+            self._append_history("rollback", version=version, alias="champion", previous=previous)
         return restored
 
     # -- audit -------------------------------------------------------------------------------------
@@ -532,6 +532,8 @@ class ModelRegistry:
     def _append_history(
         self, action: str, *, version: str | None, alias: str | None, previous: str | None
     ) -> None:
+        """One audit line; alias changes append it under the alias lock, so the audit log's
+        order is the order the changes were made."""
         entry = {
             "at": _now(),
             "action": action,
