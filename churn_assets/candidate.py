@@ -17,11 +17,12 @@ import numpy as np
 import pandas as pd
 
 from churn_assets.config import Settings
+from churn_assets.contract import Contract
 from churn_assets.features import FeatureTransformer
 from churn_assets.model import ScoringModel, load_model
 from churn_assets.outliers import reference_files
 from churn_assets.registry import ModelRegistry, VersionNotFound
-from churn_assets.schemas import FEATURE_NAMES
+from churn_assets.schemas import DEFAULT_CONTRACT
 from churn_assets.simulator import true_churn_probability
 from churn_assets.training import (
     TrainingSet,
@@ -71,6 +72,8 @@ def training_set_for(settings: Settings, events: pd.DataFrame, feedback: pd.Data
         horizon_days=cfg.horizon_days,
         step_days=cfg.snapshot_step_days,
         label_grace_days=cfg.label_grace_days,
+        contract=settings.contract,
+        seed=cfg.seed,
     )
 
 
@@ -94,12 +97,13 @@ def landed_data_fingerprint(settings: Settings) -> str:
     try:
         events, feedback = landed_frames(
             con,
+            settings.contract,
             events=f"read_parquet('{events_path}')",
             feedback=f"read_parquet('{feedback_path}')",
         )
     finally:
         con.close()
-    return data_fingerprint(training_set_for(settings, events, feedback).frame)
+    return data_fingerprint(training_set_for(settings, events, feedback).frame, settings.contract)
 
 
 def _params(settings: Settings) -> XGBoostParams:
@@ -114,11 +118,14 @@ def train_candidate(
     shuffle_labels: bool = False,
     on_progress: Callable[[str], None] | None = None,
 ) -> Candidate:
-    """Fit transformer, XGBoost and the logistic baseline; evaluate all on the time holdout."""
+    """Fit transformer, XGBoost and the logistic baseline on the configured feature contract;
+    evaluate all on the holdout (the time split's last period, or the grouped split's test
+    customers)."""
     cfg = settings.training
+    contract = settings.contract
     say = on_progress or log.info
     train = training_set.part("train")
-    transformer = FeatureTransformer.fit(train)
+    transformer = FeatureTransformer.fit(train, contract)
     x_train, y_train = split_xy(training_set, transformer, "train")
     x_val, y_val = split_xy(training_set, transformer, "validation")
     x_test, y_test = split_xy(training_set, transformer, "test")
@@ -168,7 +175,11 @@ def train_candidate(
         cfg.seed,
     )
     model = ScoringModel(
-        booster=booster, transformer=transformer, baseline=baseline, extra_files=outlier_files
+        booster=booster,
+        transformer=transformer,
+        baseline=baseline,
+        extra_files=outlier_files,
+        contract=contract,
     )
 
     threshold = best_f1_threshold(y_val, predict_booster(booster, x_val))
@@ -176,8 +187,7 @@ def train_candidate(
     metrics = evaluate(y_test, p_test, threshold)
     baseline_metrics = evaluate(y_test, baseline.predict(x_test), threshold)
     test_rows = training_set.part("test")
-    oracle = true_churn_probability({c: test_rows[c].to_numpy() for c in FEATURE_NAMES})
-    oracle_auc = evaluate(y_test, oracle, 0.5)["roc_auc"]
+    oracle_auc = _simulator_best_auc(contract, test_rows, y_test)
 
     champion_report = None
     if champion is not None:
@@ -194,6 +204,8 @@ def train_candidate(
         "baseline": {k: v for k, v in baseline_metrics.items() if not isinstance(v, (list, dict))},
         "baseline_calibration_curve": baseline_metrics["calibration_curve"],
         "simulator_best_auc": oracle_auc,
+        "contract_digest": contract.digest,
+        "split": {"method": training_set.split_method, "reason": training_set.split_reason},
         "champion": champion_report,
         "rows": {
             split: int((training_set.frame["split"] == split).sum())
@@ -201,7 +213,7 @@ def train_candidate(
         },
         "training_window": snapshot_window(training_set.plan),
         "horizon_days": training_set.horizon_days,
-        "data_fingerprint": data_fingerprint(training_set.frame),
+        "data_fingerprint": data_fingerprint(training_set.frame, contract),
         "params": params.__dict__,
         "best_iteration": int(booster.attr("best_iteration") or 0),
         "search": search,
@@ -209,6 +221,18 @@ def train_candidate(
         "seed": cfg.seed,
     }
     return Candidate(model=model, report=report)
+
+
+def _simulator_best_auc(
+    contract: Contract, test_rows: pd.DataFrame, y_test: np.ndarray
+) -> float | None:
+    """The holdout AUC of the simulator's own churn probability (the best any model can do on
+    simulated data), or None: the simulator's formula reads the default contract's features,
+    so under any other contract it has nothing to say."""
+    if contract.digest != DEFAULT_CONTRACT.digest:
+        return None
+    oracle = true_churn_probability({c: test_rows[c].to_numpy() for c in contract.names})
+    return float(evaluate(y_test, oracle, 0.5)["roc_auc"])
 
 
 def staging_dir(settings: Settings) -> Path:
@@ -260,7 +284,8 @@ def parity_gate(candidate: Candidate, sample: pd.DataFrame) -> GateResult:
     """Training and serving paths give the same matrix and the same scores, after a reload."""
     transformer = candidate.model.transformer
     training_path = transformer.transform(sample)
-    serving_path = transformer.transform_records(sample[list(FEATURE_NAMES)].to_dict("records"))
+    inputs = list(candidate.model.contract.names)
+    serving_path = transformer.transform_records(sample[inputs].to_dict("records"))
     reloaded = ScoringModel.from_files(candidate.model.to_files())
     difference = max(
         float(np.max(np.abs(training_path - serving_path))) if len(sample) else 0.0,

@@ -148,9 +148,11 @@ def topics_create(ctx: click.Context) -> None:
 @click.pass_context
 def simulate(ctx: click.Context, **options: Any) -> None:
     """Produce a simulated customer base to churn.customers and outcomes to ml.feedback."""
-    from churn_assets.cli_up import produce_demo, simulation_config
+    from churn_assets.cli_up import produce_demo, simulation_config, simulator_refusal
 
     settings = _settings(ctx)
+    if (refusal := simulator_refusal(settings)) is not None:
+        raise click.ClickException(f"cannot simulate: {refusal}")
     config = simulation_config(
         settings,
         seed=options["seed"],
@@ -399,6 +401,7 @@ def dashboard(ctx: click.Context, port: int | None, address: str) -> None:
 
 
 def _register_subcommands() -> None:
+    from churn_assets.cli_import import import_export
     from churn_assets.cli_models import models
     from churn_assets.cli_rollout import retrain, rollout, traffic
     from churn_assets.cli_up import up
@@ -408,6 +411,7 @@ def _register_subcommands() -> None:
     main.add_command(retrain)
     main.add_command(rollout)
     main.add_command(traffic)
+    main.add_command(import_export)
 
 
 _register_subcommands()

@@ -101,15 +101,45 @@ def list_versions(ctx: click.Context) -> None:
 @click.pass_context
 @_registry_errors_as_click
 def show(ctx: click.Context, ref: str) -> None:
-    """Print the manifest of REF (a version like v3, or champion/challenger) as JSON."""
+    """Print the manifest of REF (a version like v3, or champion/challenger) as JSON, with the
+    feature contract it was trained with (features with kind, bounds or categories, derived
+    features) and the contract's digest: what a request to it must carry."""
     registry = _registry(ctx)
     version = registry.get(ref)
     shown = {
         **version.manifest(),
         "path": str(version.path),
         "aliases": _aliases_of(registry).get(version.version, []),
+        "contract": _contract_of(registry, version),
     }
     click.echo(json.dumps(shown, indent=2))
+
+
+def _contract_of(registry: ModelRegistry, version: ModelVersion) -> dict[str, Any]:
+    """The version's contract (its ``contract.json``, verified; a version registered before
+    contracts was trained on the default contract) with its digest."""
+    from churn_assets.contract import ContractError, contract_from_dict
+    from churn_assets.model import CONTRACT_FILE
+    from churn_assets.schemas import DEFAULT_CONTRACT
+
+    if CONTRACT_FILE in version.files:
+        raw = registry.read_file(version.version, CONTRACT_FILE)
+        try:
+            contract = contract_from_dict(json.loads(raw))
+        except (ValueError, ContractError) as exc:
+            raise click.ClickException(
+                f"{version.version} has a bad {CONTRACT_FILE}: {exc}"
+            ) from None
+        source = CONTRACT_FILE
+    else:
+        contract, source = DEFAULT_CONTRACT, f"the default contract (no {CONTRACT_FILE})"
+    recorded = version.metadata.get("contract_digest")
+    if recorded is not None and recorded != contract.digest:
+        raise click.ClickException(
+            f"{version.version}: its metadata records contract digest {recorded}, but its "
+            f"{CONTRACT_FILE} has digest {contract.digest}"
+        )
+    return {"digest": contract.digest, "source": source, **contract.as_dict()}
 
 
 @models.command("promote")

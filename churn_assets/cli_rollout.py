@@ -173,16 +173,18 @@ def traffic(ctx: click.Context, count: int, rate: float, batch: int, seed: int) 
     """Replay landed customers through the serving API (POST /predict/batch) at a steady rate.
 
     Demo traffic for the shadow and canary analyses, the mirror and the dashboard: each
-    customer's latest landed features (read model landed_customer_events), customers picked at
-    random with SEED. Sticky canary routing keys on the customer id, as for real callers.
+    customer's latest landed features (read model landed_customer_events) that the champion's
+    feature contract names, customers picked at random with SEED. Sticky canary routing keys on
+    the customer id, as for real callers.
     """
     import time
 
     import numpy as np
     import requests as http
 
+    from churn_assets.model import load_model
+    from churn_assets.registry import ModelRegistry, RegistryError
     from churn_assets.rollout_control import serving_url
-    from churn_assets.schemas import FEATURE_NAMES
     from churn_assets.warehouse import ReadModelMissing, load_read_model
 
     settings = _load(ctx)
@@ -192,8 +194,19 @@ def traffic(ctx: click.Context, count: int, rate: float, batch: int, seed: int) 
         raise click.ClickException(str(exc)) from None
     if events.empty:
         raise click.ClickException("no landed customer events to replay; run `churn simulate`")
+    try:
+        champion = load_model(ModelRegistry(settings.registry_dir), "champion")
+    except RegistryError as exc:
+        raise click.ClickException(f"no champion to send traffic to: {exc}") from None
+    names = list(champion.contract.names)
+    lacking = [name for name in names if name not in events.columns]
+    if lacking:
+        raise click.ClickException(
+            f"the landed customer events have no column for the champion's features {lacking}; "
+            "land churn.customers with the champion's feature contract first"
+        )
     latest = events.sort_values("event_time").groupby("customer_id").tail(1)
-    records = latest[["customer_id", *FEATURE_NAMES]].to_dict("records")
+    records = latest[["customer_id", *names]].to_dict("records")
     rng = np.random.default_rng(seed)
     url = f"{serving_url(settings)}/predict/batch"
     started = time.monotonic()
@@ -203,10 +216,7 @@ def traffic(ctx: click.Context, count: int, rate: float, batch: int, seed: int) 
         while sent < count:
             size = min(batch, count - sent)
             picks = rng.integers(0, len(records), size=size)
-            instances = [
-                {k: (v.item() if hasattr(v, "item") else v) for k, v in records[i].items()}
-                for i in picks
-            ]
+            instances = [{k: _plain(v) for k, v in records[i].items()} for i in picks]
             try:
                 response = http.post(url, json={"instances": instances}, timeout=30)
             except http.RequestException as exc:
@@ -226,3 +236,13 @@ def traffic(ctx: click.Context, count: int, rate: float, batch: int, seed: int) 
     elapsed = time.monotonic() - started
     answered = ", ".join(f"{k}: {v}" for k, v in sorted(arms.items()))
     click.echo(f"{sent} customers scored in {elapsed:.1f} s ({answered})")
+
+
+def _plain(value: object) -> object:
+    """A JSON value for a landed cell: NumPy scalars as Python ones, a missing value (a feature
+    landed before the contract had it) as null."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    item = getattr(value, "item", None)
+    plain = item() if callable(item) else value
+    return None if isinstance(plain, float) and plain != plain else plain

@@ -36,7 +36,7 @@ import click
 from churn_assets.cli_common import embedded_broker, fail, settings_of
 from churn_assets.config import REPO_ROOT, Settings
 
-__all__ = ["dagster_env", "produce_demo", "simulation_config", "up"]
+__all__ = ["dagster_env", "produce_demo", "simulation_config", "simulator_refusal", "up"]
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,19 @@ def reap_interrupted_runs(settings: Settings) -> list[str]:
 
 
 # -- demo data -------------------------------------------------------------------------------------
+
+
+def simulator_refusal(settings: Settings) -> str | None:
+    """Why the simulator cannot feed this platform (``None`` when it can): it speaks the
+    default contract's features only."""
+    from churn_assets.schemas import DEFAULT_CONTRACT
+
+    if settings.contract.digest == DEFAULT_CONTRACT.digest:
+        return None
+    return (
+        f"the simulator produces the default contract's features, and features.contract is "
+        f"{settings.contract_path}; bring your data with `churn import` (docs/YOUR_DATA.md)"
+    )
 
 
 def simulation_config(settings: Settings, **overrides: Any):
@@ -724,6 +737,8 @@ def _run_platform(
     config = simulation_config(settings)
     if not simulate:
         _step(3, "simulation skipped (--no-simulate)")
+    elif (other := simulator_refusal(settings)) is not None:
+        _step(3, f"simulation skipped: {other}")
     elif (held := simulation_landed(settings, config)) is not None:
         _step(3, f"simulation skipped: the warehouse already holds it ({held})")
     else:

@@ -6,10 +6,11 @@ file. A missing file, malformed YAML, an unknown key or a bad value raises :clas
 whose message names the key, the value and what is allowed.
 """
 
+import functools
 import os
 from datetime import date
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -24,6 +25,10 @@ __all__ = [
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONTRACT = REPO_ROOT / "config" / "features.yaml"
+
+if TYPE_CHECKING:
+    from churn_assets.contract import Contract
 ENV_PREFIX = "CHURN_"
 ENV_DELIMITER = "__"
 CONFIG_ENV_VAR = "CHURN_CONFIG"
@@ -203,6 +208,12 @@ class DashboardSettings(_Section):
     port: int = Field(5006, ge=1, le=65535)
 
 
+class FeaturesSettings(_Section):
+    # The feature contract (docs/YOUR_DATA.md); null = the platform's default contract,
+    # config/features.yaml in the repository. A relative path hangs off the project root.
+    contract: Path | None = None
+
+
 class Settings(BaseSettings):
     """All platform settings. Construct with :func:`load_settings`."""
 
@@ -225,6 +236,7 @@ class Settings(BaseSettings):
     rollout: RolloutSettings = RolloutSettings()
     dagster: DagsterSettings = DagsterSettings()
     dashboard: DashboardSettings = DashboardSettings()
+    features: FeaturesSettings = FeaturesSettings()
     # Directory that relative storage paths resolve against (the config file's project root).
     base_dir: Path = REPO_ROOT
 
@@ -261,9 +273,39 @@ class Settings(BaseSettings):
         return self.resolve(self.storage.registry_dir)
 
     @property
+    def contract_path(self) -> Path:
+        configured = self.features.contract
+        return DEFAULT_CONTRACT if configured is None else self.resolve(configured)
+
+    @property
+    def contract(self) -> "Contract":
+        """The feature contract (read once per file version)."""
+        return _contract(self.contract_path)
+
+    @property
     def run_dir(self) -> Path:
         """Where process state (the embedded broker's pid and address) is kept."""
         return self.data_dir / "run"
+
+
+@functools.lru_cache(maxsize=8)
+def _contract_at(path: Path, mtime_ns: int) -> "Contract":
+    from churn_assets.contract import load_contract
+
+    return load_contract(path)
+
+
+def _contract(path: Path) -> "Contract":
+    from churn_assets.contract import ContractError
+
+    try:
+        mtime_ns = path.stat().st_mtime_ns
+    except FileNotFoundError:
+        raise ConfigError(f"feature contract not found: {path} (features.contract)") from None
+    try:
+        return _contract_at(path, mtime_ns)
+    except ContractError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def default_config_path() -> Path:
@@ -347,4 +389,5 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
             settings = Settings.model_validate(merged)
         except ValidationError as exc:
             raise ConfigError(_describe(exc, source)) from None
+    _contract(settings.contract_path)  # a bad contract stops every start here, naming the feature
     return settings

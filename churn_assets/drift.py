@@ -1,10 +1,12 @@
 """Data and prediction drift between a reference window and a live window.
 
-:func:`drift_report` compares the eight model features of two windows with alibi-detect:
+:func:`drift_report` compares the features of a feature contract (``config/features.yaml``, or
+the one a model was trained with) in two windows with alibi-detect, each by its kind:
 
-* numeric features: a two-sample Kolmogorov-Smirnov test each (``KSDrift``);
-* categorical features: a chi-squared test of the category counts each (``ChiSquareDrift``), on
-  integer codes from a fixed mapping (the schema's values, plus one code for any unseen value);
+* integer and number features: a two-sample Kolmogorov-Smirnov test each (``KSDrift``);
+* category features: a chi-squared test of the category counts each (``ChiSquareDrift``), on
+  integer codes from a fixed mapping (the contract's values, plus one code for any unseen value);
+* boolean features: the same chi-squared test, as a category with the values false and true;
 * model scores, when both windows' scores are given: a KS test (prediction drift);
 * the joint distribution: a maximum mean discrepancy permutation test (``MMDDrift``, TensorFlow
   backend) on a bounded, seeded sample of each window, because MMD costs grow with the square
@@ -31,15 +33,11 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from churn_assets.schemas import (
-    CATEGORICAL_FEATURES,
-    CATEGORY_VALUES,
-    FEATURE_NAMES,
-    NUMERIC_FEATURES,
-)
+from churn_assets.contract import Contract
+from churn_assets.schemas import DEFAULT_CONTRACT
 
 __all__ = [
-    "CATEGORY_VALUES",
+    "BOOLEAN_VALUES",
     "CORRECTIONS",
     "DEFAULT_MIN_EFFECT",
     "MMD_MIN_ROWS",
@@ -54,6 +52,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PREDICTION = "prediction"
+# A boolean feature is tested as a category with these two values (codes 0 and 1).
+BOOLEAN_VALUES = ("false", "true")
 CORRECTIONS = ("fdr", "bonferroni")
 # The KS statistic (largest CDF gap) and the total variation distance (largest gap in the share of
 # any set of categories) both measure the largest share of the population that moved, so one floor
@@ -79,7 +79,8 @@ class _Transformer(Protocol):
 class FeatureDrift:
     """One univariate drift test (a feature, or the model scores as ``prediction``).
 
-    ``kind`` is ``numeric`` or ``categorical`` for features and ``score`` for the prediction;
+    ``kind`` is ``numeric`` (integer and number features) or ``categorical`` (category and
+    boolean features) for features and ``score`` for the prediction;
     ``detector`` is ``ks`` or ``chi2``; ``statistic`` is the KS statistic or the chi-squared
     statistic; ``effect_size`` is measured by ``effect_metric`` (``ks_statistic`` or
     ``total_variation``); ``drift`` is true when the corrected p-value is below the report's
@@ -164,12 +165,14 @@ def drift_report(
     reference_scores: np.ndarray | None = None,
     live_scores: np.ndarray | None = None,
     transformer: _Transformer | None = None,
+    contract: Contract | None = None,
 ) -> DriftReport:
     """Test whether ``live`` rows drift from ``reference`` rows (see the module docstring).
 
-    Both frames need the eight model features (other columns are ignored); numeric features must
-    be numeric and finite and no feature may be missing: bad rows raise :class:`ValueError`
-    rather than being dropped. ``threshold`` is the significance level for the corrected
+    Both frames need ``contract``'s features (default: the default contract; other columns are
+    ignored); integer and number features must be numeric and finite, booleans true/false (or
+    1/0), and no feature may be missing: bad rows raise :class:`ValueError` rather than being
+    dropped. ``threshold`` is the significance level for the corrected
     univariate p-values and for the MMD p-value; ``correction`` is ``fdr`` (Benjamini-Hochberg)
     or ``bonferroni`` across all features and the prediction together. ``min_effect`` overrides
     the effect-size floor per feature name (or ``prediction``). MMD runs on ``mmd_sample`` rows
@@ -179,20 +182,21 @@ def drift_report(
     ``reference_scores`` and ``live_scores`` (model scores of the two windows) switch on
     prediction drift. Everything random follows ``seed``.
     """
+    contract = DEFAULT_CONTRACT if contract is None else contract
     _check_options(threshold, correction, mmd_sample)
-    floors = _effect_floors(min_effect)
-    _check_frame("reference", reference)
-    _check_frame("live", live)
+    floors = _effect_floors(min_effect, contract)
+    _check_frame("reference", reference, contract)
+    _check_frame("live", live, contract)
     scores = _check_scores(reference_scores, live_scores)
     ks_drift, chi_square_drift, _ = _alibi_detectors()
 
     with _third_party_warnings():
-        numeric = _numeric_tests(ks_drift, reference, live, threshold)
-        categorical = _categorical_tests(chi_square_drift, reference, live, threshold)
+        numeric = _numeric_tests(ks_drift, reference, live, threshold, contract)
+        categorical = _categorical_tests(chi_square_drift, reference, live, threshold, contract)
         score_test = _score_test(ks_drift, *scores, threshold) if scores is not None else None
 
     raw = {**numeric, **categorical}
-    order = list(FEATURE_NAMES)
+    order = list(contract.names)
     tested = order + ([PREDICTION] if score_test is not None else [])
     if score_test is not None:
         raw[PREDICTION] = score_test
@@ -226,7 +230,9 @@ def drift_report(
             f"{len(reference)} reference and {len(live)} live rows"
         }
     else:
-        multivariate = _mmd_test(reference, live, mmd_sample, threshold, seed, transformer)
+        multivariate = _mmd_test(
+            reference, live, mmd_sample, threshold, seed, transformer, contract
+        )
     drifted = [test.feature for test in features if test.drift]
     drift = bool(
         drifted or (prediction is not None and prediction.drift) or multivariate.get("drift", False)
@@ -268,29 +274,28 @@ def _check_options(threshold: float, correction: str, mmd_sample: int) -> None:
         raise ValueError(f"mmd_sample must be an integer of at least 2, got {mmd_sample!r}")
 
 
-def _effect_floors(min_effect: Mapping[str, float] | None) -> dict[str, float]:
+def _effect_floors(min_effect: Mapping[str, float] | None, contract: Contract) -> dict[str, float]:
     floors = dict(min_effect or {})
-    unknown = sorted(set(floors) - {*FEATURE_NAMES, PREDICTION})
+    known = [*contract.names, PREDICTION]
+    unknown = sorted(set(floors) - set(known))
     if unknown:
-        raise ValueError(
-            f"min_effect names unknown features {unknown}; known: {[*FEATURE_NAMES, PREDICTION]}"
-        )
+        raise ValueError(f"min_effect names unknown features {unknown}; known: {known}")
     for name, value in floors.items():
         if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
             raise ValueError(f"min_effect[{name!r}] must be a finite number >= 0, got {value!r}")
     return floors
 
 
-def _check_frame(side: str, frame: pd.DataFrame) -> None:
+def _check_frame(side: str, frame: pd.DataFrame, contract: Contract) -> None:
     if not isinstance(frame, pd.DataFrame):
         raise ValueError(f"{side} must be a pandas DataFrame, got {type(frame).__name__}")
-    missing = [name for name in FEATURE_NAMES if name not in frame.columns]
+    missing = [name for name in contract.names if name not in frame.columns]
     if missing:
         raise ValueError(f"{side} window lacks feature columns {missing}")
     if len(frame) == 0:
         raise ValueError(f"{side} window is empty: drift needs at least one row on each side")
     problems = []
-    for name in NUMERIC_FEATURES:
+    for name in contract.numeric_names:
         column = frame[name]
         if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
             problems.append(f"{name} is not numeric (dtype {column.dtype})")
@@ -302,12 +307,26 @@ def _check_frame(side: str, frame: pd.DataFrame) -> None:
             problems.append(f"{name} has {missing_count} missing (NaN) values")
         if infinite_count:
             problems.append(f"{name} has {infinite_count} infinite values")
-    for name in CATEGORICAL_FEATURES:
+    for name in (*contract.category_values, *contract.boolean_names):
         missing_count = int(frame[name].isna().sum())
         if missing_count:
             problems.append(f"{name} has {missing_count} missing values")
+    for name in contract.boolean_names:
+        values = frame[name].dropna()
+        if pd.api.types.is_bool_dtype(values):
+            continue
+        other = sorted({repr(v) for v in values.unique() if not _is_truth_value(v)})
+        if other:
+            problems.append(f"{name} is a boolean but holds {', '.join(other[:5])}")
     if problems:
         raise ValueError(f"{side} window has invalid feature values: " + "; ".join(problems))
+
+
+def _is_truth_value(value: Any) -> bool:
+    """True, False, or a number equal to 1 or 0 (a boolean stored as a number)."""
+    if isinstance(value, bool | np.bool_):
+        return True
+    return isinstance(value, int | float | np.integer | np.floating) and value in (0, 1)
 
 
 def _check_scores(
@@ -360,14 +379,20 @@ def _alibi_detectors() -> tuple[Callable[..., Any], Callable[..., Any], Callable
 
 
 def _numeric_tests(
-    ks_drift: Callable[..., Any], reference: pd.DataFrame, live: pd.DataFrame, threshold: float
+    ks_drift: Callable[..., Any],
+    reference: pd.DataFrame,
+    live: pd.DataFrame,
+    threshold: float,
+    contract: Contract,
 ) -> dict[str, tuple[str, float, float, float]]:
-    x_ref = reference[list(NUMERIC_FEATURES)].to_numpy(dtype=np.float64)
-    x = live[list(NUMERIC_FEATURES)].to_numpy(dtype=np.float64)
+    names = list(contract.numeric_names)
+    if not names:
+        return {}
+    x_ref = reference[names].to_numpy(dtype=np.float64)
+    x = live[names].to_numpy(dtype=np.float64)
     statistics, p_values = _univariate(ks_drift(x_ref, p_val=threshold), x)
     return {
-        name: ("numeric", statistics[i], p_values[i], statistics[i])
-        for i, name in enumerate(NUMERIC_FEATURES)
+        name: ("numeric", statistics[i], p_values[i], statistics[i]) for i, name in enumerate(names)
     }
 
 
@@ -388,16 +413,20 @@ def _categorical_tests(
     reference: pd.DataFrame,
     live: pd.DataFrame,
     threshold: float,
+    contract: Contract,
 ) -> dict[str, tuple[str, float, float, float]]:
-    codes_ref = _category_codes(reference)
-    codes = _category_codes(live)
+    values = _categorical_values(contract)
+    if not values:
+        return {}
+    codes_ref = _category_codes(reference, values)
+    codes = _category_codes(live, values)
     # Categories are inferred from the reference; the detector adds any the live window brings.
     # Declaring all of the mapping's codes instead would put empty columns into the contingency
     # table, which scipy rejects.
     statistics, p_values = _univariate(chi_square_drift(codes_ref, p_val=threshold), codes)
     tests = {}
-    for i, name in enumerate(CATEGORICAL_FEATURES):
-        bins = len(CATEGORY_VALUES[name]) + 1
+    for i, (name, known) in enumerate(values.items()):
+        bins = len(known) + 1
         shares_ref = np.bincount(codes_ref[:, i], minlength=bins) / len(codes_ref)
         shares = np.bincount(codes[:, i], minlength=bins) / len(codes)
         total_variation = 0.5 * float(np.abs(shares_ref - shares).sum())
@@ -405,13 +434,26 @@ def _categorical_tests(
     return tests
 
 
-def _category_codes(frame: pd.DataFrame) -> np.ndarray:
-    """Integer codes per categorical feature: the schema's value order, then one unseen code."""
+def _categorical_values(contract: Contract) -> dict[str, tuple[str, ...]]:
+    """The values of each feature tested as categorical, in contract order: a category's
+    canonical values, a boolean's :data:`BOOLEAN_VALUES`."""
+    return {
+        feature.name: (BOOLEAN_VALUES if feature.kind == "boolean" else tuple(feature.categories))
+        for feature in contract.of_kind("category", "boolean")
+    }
+
+
+def _category_codes(frame: pd.DataFrame, values: Mapping[str, tuple[str, ...]]) -> np.ndarray:
+    """Integer codes per categorical feature: the contract's value order, then one unseen code
+    (a boolean's false is 0, true 1)."""
     columns = []
-    for name in CATEGORICAL_FEATURES:
-        values = CATEGORY_VALUES[name]
-        codes = pd.Categorical(frame[name].astype(object), categories=values).codes.astype(np.int64)
-        columns.append(np.where(codes < 0, len(values), codes))
+    for name, known in values.items():
+        column = frame[name]
+        if known is BOOLEAN_VALUES:
+            columns.append(np.array([1 if bool(v) else 0 for v in column], dtype=np.int64))
+            continue
+        codes = pd.Categorical(column.astype(object), categories=known).codes.astype(np.int64)
+        columns.append(np.where(codes < 0, len(known), codes))
     return np.column_stack(columns)
 
 
@@ -430,13 +472,15 @@ def _mmd_test(
     threshold: float,
     seed: int,
     transformer: _Transformer | None,
+    contract: Contract,
 ) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     rows = min(mmd_sample, len(reference), len(live))
     ref_sample = reference.iloc[np.sort(rng.choice(len(reference), size=rows, replace=False))]
     live_sample = live.iloc[np.sort(rng.choice(len(live), size=rows, replace=False))]
     if transformer is None:
-        x_ref, x = _standardised(reference, ref_sample), _standardised(reference, live_sample)
+        x_ref = _standardised(reference, ref_sample, contract)
+        x = _standardised(reference, live_sample, contract)
     else:
         x_ref = np.asarray(transformer.transform(ref_sample), dtype=np.float32)
         x = np.asarray(transformer.transform(live_sample), dtype=np.float32)
@@ -470,17 +514,20 @@ def _mmd_test(
     }
 
 
-def _standardised(reference: pd.DataFrame, sample: pd.DataFrame) -> np.ndarray:
-    """Numeric features scaled by the whole reference's mean and spread, then one-hot categories
-    (one column per schema value and one for unseen values)."""
-    numeric_ref = reference[list(NUMERIC_FEATURES)].to_numpy(dtype=np.float64)
+def _standardised(reference: pd.DataFrame, sample: pd.DataFrame, contract: Contract) -> np.ndarray:
+    """Integer and number features scaled by the whole reference's mean and spread, then
+    one-hot categories and booleans (one column per value and one for unseen values)."""
+    names = list(contract.numeric_names)
+    numeric_ref = reference[names].to_numpy(dtype=np.float64)
     means = numeric_ref.mean(axis=0)
     spreads = numeric_ref.std(axis=0)
     spreads[spreads == 0] = 1.0
-    numeric = (sample[list(NUMERIC_FEATURES)].to_numpy(dtype=np.float64) - means) / spreads
-    codes = _category_codes(sample)
-    one_hot = [
-        (codes[:, i, None] == np.arange(len(CATEGORY_VALUES[name]) + 1)).astype(np.float64)
-        for i, name in enumerate(CATEGORICAL_FEATURES)
-    ]
-    return np.hstack([numeric, *one_hot]).astype(np.float32)
+    parts = [(sample[names].to_numpy(dtype=np.float64) - means) / spreads]
+    values = _categorical_values(contract)
+    if values:
+        codes = _category_codes(sample, values)
+        parts += [
+            (codes[:, i, None] == np.arange(len(known) + 1)).astype(np.float64)
+            for i, known in enumerate(values.values())
+        ]
+    return np.hstack(parts).astype(np.float32)

@@ -54,6 +54,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
+from churn_assets.batch_decode import decode_customer_events
 from churn_assets.config import Settings
 from churn_assets.kafka import TopicLog, client_config, make_consumer, make_producer, topic_log
 from churn_assets.schemas import (
@@ -313,6 +314,9 @@ class Lander:
         self.settings = settings
         self.topic = topic
         self.table = LANDING_TABLES[topic]
+        # Customer events (and the features predictions carry) are validated against the
+        # configured feature contract; the landed table's feature columns follow it.
+        self.contract = settings.contract
         self.on_batch = on_batch
         self.max_messages = max_messages
         self._fault = _parse_fault(os.environ.get(FAULT_ENV_VAR))
@@ -329,7 +333,7 @@ class Lander:
         report = LandingReport(topic=self.topic, kafka_epoch=log_now.epoch)
         partitions = log_now.partitions
         with connect(self.settings.warehouse_path) as con:
-            ensure_schema(con)
+            ensure_schema(con, self.contract)
             positions = self._positions(con, log_now)
             consumer = make_consumer(self.settings, **{"fetch.wait.max.ms": 100})
             outbox = _DeadLetterOutbox(make_producer(self.settings, **{"linger.ms": 5}))
@@ -548,7 +552,7 @@ class Lander:
     def _identity(self, message: Message) -> tuple[str, str | None]:
         raw = message.value()
         try:
-            decoded = decode_message(self.topic, raw)
+            decoded = decode_message(self.topic, raw, self.contract)
         except MessageError:
             text = raw.decode("utf-8", "replace")[:RAW_VALUE_LIMIT] if raw is not None else None
             return ("dead letter", text)
@@ -623,6 +627,21 @@ class Lander:
                 )
                 return
 
+    def _decode(self, batch: list[Message]) -> list[dict[str, Any] | MessageError]:
+        """Each message's row, or the error that dead-letters it. Customer events are checked a
+        batch at a time, their features by column (:mod:`churn_assets.batch_decode`)."""
+        if self.topic == Topics.CUSTOMERS:
+            return decode_customer_events([m.value() for m in batch], self.contract)
+        decoded: list[dict[str, Any] | MessageError] = []
+        for message in batch:
+            try:
+                message_model = decode_message(self.topic, message.value(), self.contract)
+            except MessageError as exc:
+                decoded.append(exc)
+                continue
+            decoded.append(_row_of(self.topic, message_model))
+        return decoded
+
     def _land_batch(self, con, consumer, outbox, batch: list[Message], report) -> None:
         now = datetime.now(UTC)
         rows: list[dict[str, Any]] = []
@@ -631,14 +650,12 @@ class Lander:
         dead: list[dict[str, Any]] = []
         first_offsets: dict[int, int] = {}
         last_offsets: dict[int, int] = {}
-        for message in batch:
+        for message, decoded in zip(batch, self._decode(batch), strict=True):
             p, offset = message.partition(), message.offset()
             first_offsets.setdefault(p, offset)
             last_offsets[p] = offset  # a partition's messages arrive in offset order
             raw = message.value()
-            try:
-                decoded = decode_message(self.topic, raw)
-            except MessageError as exc:
+            if isinstance(decoded, MessageError):
                 key = message.key()
                 dead.append(
                     {
@@ -649,12 +666,12 @@ class Lander:
                         "raw_value": raw.decode("utf-8", "replace")[:RAW_VALUE_LIMIT]
                         if raw is not None
                         else None,
-                        "reason": str(exc),
+                        "reason": str(decoded),
                         "landed_at": now,
                     }
                 )
                 continue
-            rows.append(_row_of(self.topic, decoded))
+            rows.append(decoded)
             row_partitions.append(p)
             row_offsets.append(offset)
         for p, first in first_offsets.items():

@@ -1,4 +1,6 @@
-"""A scoring model as stored in the registry: XGBoost booster + feature transformer + baseline.
+"""A scoring model as stored in the registry: XGBoost booster + feature transformer + baseline,
+and the feature contract it was trained with (``contract.json``; a version stored before
+contracts has none and was trained on the default contract).
 
 Artefacts are safe formats only: the booster as XGBoost UBJSON, the transformer and the baseline
 as JSON. Any further artefacts (e.g. the outlier reference, ``reference.parquet`` and
@@ -15,13 +17,16 @@ import numpy as np
 import pandas as pd
 import xgboost as xgb
 
+from churn_assets.contract import Contract, ContractError, contract_from_dict
 from churn_assets.features import FeatureTransformer
 from churn_assets.registry import ModelRegistry
+from churn_assets.schemas import DEFAULT_CONTRACT
 from churn_assets.training import LogisticBaseline
 
 __all__ = [
     "BASELINE_FILE",
     "BOOSTER_FILE",
+    "CONTRACT_FILE",
     "KNOWN_FILES",
     "TRANSFORMER_FILE",
     "ScoringModel",
@@ -31,7 +36,8 @@ __all__ = [
 BOOSTER_FILE = "model.ubj"
 TRANSFORMER_FILE = "transformer.json"
 BASELINE_FILE = "baseline.json"
-KNOWN_FILES = (BOOSTER_FILE, TRANSFORMER_FILE, BASELINE_FILE)
+CONTRACT_FILE = "contract.json"
+KNOWN_FILES = (BOOSTER_FILE, TRANSFORMER_FILE, BASELINE_FILE, CONTRACT_FILE)
 
 
 @dataclass
@@ -41,6 +47,7 @@ class ScoringModel:
     baseline: LogisticBaseline | None = None
     version: str | None = None
     extra_files: dict[str, bytes] = field(default_factory=dict)  # other artefacts, as bytes
+    contract: Contract = DEFAULT_CONTRACT
 
     def predict_matrix(self, x: np.ndarray) -> np.ndarray:
         """Churn probabilities for an already transformed matrix (no DMatrix built)."""
@@ -59,6 +66,8 @@ class ScoringModel:
         files = {
             BOOSTER_FILE: bytes(self.booster.save_raw(raw_format="ubj")),
             TRANSFORMER_FILE: self.transformer.to_json().encode(),
+            # Not key-sorted: the categories keep their declared order (the form lists them so).
+            CONTRACT_FILE: json.dumps(self.contract.as_dict()).encode(),
         }
         if self.baseline is not None:
             files[BASELINE_FILE] = json.dumps(self.baseline.to_dict(), allow_nan=False).encode()
@@ -77,12 +86,21 @@ class ScoringModel:
             if BASELINE_FILE in files
             else None
         )
+        contract = DEFAULT_CONTRACT
+        if CONTRACT_FILE in files:
+            try:
+                contract = contract_from_dict(json.loads(files[CONTRACT_FILE]))
+            except (ValueError, ContractError) as exc:
+                raise ContractError(
+                    f"model {version or ''} has a bad {CONTRACT_FILE}: {exc}"
+                ) from exc
         return cls(
             booster=booster,
             transformer=FeatureTransformer.from_json(files[TRANSFORMER_FILE]),
             baseline=baseline,
             version=version,
             extra_files={n: bytes(d) for n, d in files.items() if n not in KNOWN_FILES},
+            contract=contract,
         )
 
 

@@ -14,8 +14,9 @@ produces, so training, serving and monitoring see the same inputs:
 
 Each model version carries two extra artefacts made by :func:`reference_files`:
 
-* ``reference.parquet`` — a seeded sample of the training rows' eight raw features (Parquet), the
-  isolation forest's training data and the drift reference for monitoring;
+* ``reference.parquet`` — a seeded sample of the training rows' raw features (the transformer's
+  inputs: the contract's features; Parquet), the isolation forest's training data and the drift
+  reference for monitoring;
 * ``outliers.json`` — the fitted Mahalanobis detector plus contamination, seed and forest size.
 
 Both thresholds are the empirical ``1 - contamination`` quantile of the reference rows' scores, so
@@ -26,7 +27,7 @@ above the threshold.
 import io
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +39,6 @@ import sklearn
 from sklearn.ensemble import IsolationForest
 
 from churn_assets.features import FeatureTransformer
-from churn_assets.schemas import FEATURE_NAMES
 
 __all__ = [
     "OUTLIER_FILE",
@@ -242,10 +242,10 @@ class IsolationForestDetector:
 class OutlierScorer:
     """Both detectors over the transformed feature matrix.
 
-    ``reference_frame`` holds the eight raw features of the reference sample; it is transformed
-    with ``transformer`` to fit the isolation forest, and kept as :attr:`reference_frame` for
-    monitoring (drift reference). Scoring methods take an already transformed matrix (what serving
-    has in hand) and return ``(scores, flags)``.
+    ``reference_frame`` holds the raw features (the contract's) of the reference sample; it is
+    transformed with ``transformer`` to fit the isolation forest, and kept as
+    :attr:`reference_frame` for monitoring (drift reference). Scoring methods take an already
+    transformed matrix (what serving has in hand) and return ``(scores, flags)``.
     """
 
     def __init__(
@@ -302,20 +302,23 @@ def reference_files(
     """The outlier artefacts of a model trained on ``train_frame``: ``{name: bytes}``.
 
     * :data:`REFERENCE_FILE`: up to ``sample_rows`` training rows drawn without replacement with
-      ``numpy.random.default_rng(seed)`` (kept in their original order), only the eight raw
-      features, as Parquet;
+      ``numpy.random.default_rng(seed)`` (kept in their original order), only the raw features
+      the transformer reads (``transformer.inputs``, in ``train_frame``'s column order), as
+      Parquet;
     * :data:`OUTLIER_FILE`: JSON with the Mahalanobis detector fitted on *all* training rows,
       ``contamination``, ``seed``, the forest size and the matrix's column names.
     """
     contamination = _check_contamination(contamination)
     if sample_rows < 2:
         raise OutlierError(f"sample_rows must be at least 2, got {sample_rows}")
-    missing = [name for name in FEATURE_NAMES if name not in train_frame.columns]
+    inputs = set(transformer.inputs)
+    missing = [name for name in transformer.inputs if name not in train_frame.columns]
     if missing:
         raise OutlierError(f"training frame lacks the model features {missing}")
     if len(train_frame) < 2:
         raise OutlierError(f"need at least 2 training rows, got {len(train_frame)}")
-    raw = train_frame[list(FEATURE_NAMES)].reset_index(drop=True)
+    columns = [name for name in train_frame.columns if name in inputs]
+    raw = train_frame[columns].reset_index(drop=True)
     mahalanobis = MahalanobisDetector.fit(transformer.transform(raw), contamination)
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(raw), size=min(sample_rows, len(raw)), replace=False))
@@ -338,18 +341,26 @@ def reference_files(
     }
 
 
-def load_reference_frame(files: Mapping[str, bytes]) -> pd.DataFrame:
-    """The raw-feature reference sample stored in :data:`REFERENCE_FILE`."""
+def load_reference_frame(
+    files: Mapping[str, bytes], features: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """The raw-feature reference sample stored in :data:`REFERENCE_FILE`: all its columns (the
+    model's inputs), or ``features`` in that order (a feature it lacks is an error)."""
     if REFERENCE_FILE not in files:
         raise OutlierError(f"no {REFERENCE_FILE!r} among the model files {sorted(files)}")
     data = bytes(files[REFERENCE_FILE])
     if data[:4] != b"PAR1":
         raise OutlierError(f"{REFERENCE_FILE!r} is not a Parquet file")
     frame = pq.read_table(pa.BufferReader(data)).to_pandas()
-    missing = [name for name in FEATURE_NAMES if name not in frame.columns]
+    if features is None:
+        return frame
+    missing = [name for name in features if name not in frame.columns]
     if missing:
-        raise OutlierError(f"{REFERENCE_FILE!r} lacks the model features {missing}")
-    return frame[list(FEATURE_NAMES)]
+        raise OutlierError(
+            f"{REFERENCE_FILE!r} lacks the model features {missing} "
+            f"(it holds {list(frame.columns)})"
+        )
+    return frame[list(features)]
 
 
 def _load_document(files: Mapping[str, bytes]) -> dict[str, Any]:
@@ -404,7 +415,7 @@ def load_outlier_scorer(
         raise OutlierError(f"{OUTLIER_FILE!r} is malformed: {exc!r}") from exc
     return OutlierScorer(
         transformer,
-        load_reference_frame(files),
+        load_reference_frame(files, transformer.inputs),
         mahalanobis,
         contamination,
         seed,

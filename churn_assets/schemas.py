@@ -18,18 +18,20 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
 )
 
+from churn_assets.config import DEFAULT_CONTRACT as DEFAULT_CONTRACT_PATH
+from churn_assets.contract import Contract, features_model, load_contract
+
 __all__ = [
-    "CONTRACT_TYPES",
-    "PAYMENT_METHODS",
-    "INTERNET_SERVICES",
     "FEATURE_NAMES",
     "NUMERIC_FEATURES",
     "CATEGORICAL_FEATURES",
     "CATEGORY_VALUES",
     "CustomerFeatures",
     "CustomerEvent",
+    "CustomerEventEnvelope",
     "PredictionEvent",
     "FeedbackEvent",
     "DriftAlert",
@@ -44,36 +46,19 @@ __all__ = [
     "MessageError",
     "decode_message",
     "encode_message",
+    "features_schema",
+    "topic_schemas",
 ]
 
-CONTRACT_TYPES = ("month-to-month", "one_year", "two_year")
-PAYMENT_METHODS = ("electronic_check", "mailed_check", "bank_transfer", "credit_card")
-INTERNET_SERVICES = ("dsl", "fiber_optic", "none")
-
+# The default feature contract (config/features.yaml) names the features; nothing here
+# repeats them.
+DEFAULT_CONTRACT = load_contract(DEFAULT_CONTRACT_PATH)
+FEATURE_NAMES = DEFAULT_CONTRACT.names
+NUMERIC_FEATURES = tuple(f.name for f in DEFAULT_CONTRACT.of_kind("integer", "number"))
+CATEGORICAL_FEATURES = tuple(f.name for f in DEFAULT_CONTRACT.of_kind("category"))
 CATEGORY_VALUES: dict[str, tuple[str, ...]] = {
-    "contract_type": CONTRACT_TYPES,
-    "payment_method": PAYMENT_METHODS,
-    "internet_service": INTERNET_SERVICES,
+    f.name: tuple(f.categories) for f in DEFAULT_CONTRACT.of_kind("category")
 }
-
-NUMERIC_FEATURES = (
-    "customer_tenure",
-    "monthly_charges",
-    "total_charges",
-    "support_tickets",
-    "login_frequency",
-)
-CATEGORICAL_FEATURES = ("contract_type", "payment_method", "internet_service")
-FEATURE_NAMES = (
-    "customer_tenure",
-    "monthly_charges",
-    "total_charges",
-    "contract_type",
-    "payment_method",
-    "internet_service",
-    "support_tickets",
-    "login_frequency",
-)
 
 
 def _finite(value: float) -> float:
@@ -138,26 +123,33 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class CustomerFeatures(_Message):
-    """The product's eight model features, with the ranges the platform accepts."""
-
-    customer_tenure: Count = Field(ge=0, le=600, description="months since sign-up")
-    monthly_charges: Finite = Field(ge=0, le=10_000, description="current monthly bill")
-    total_charges: Finite = Field(ge=0, le=10_000_000, description="lifetime billed amount")
-    contract_type: Literal["month-to-month", "one_year", "two_year"]
-    payment_method: Literal["electronic_check", "mailed_check", "bank_transfer", "credit_card"]
-    internet_service: Literal["dsl", "fiber_optic", "none"]
-    support_tickets: Count = Field(ge=0, le=1_000, description="tickets opened, last 30 days")
-    login_frequency: Finite = Field(ge=0, le=10_000, description="logins, last 30 days")
+CustomerFeatures = features_model(DEFAULT_CONTRACT, name="CustomerFeatures", base=_Message)
+CustomerFeatures.__doc__ = (
+    "The model's features as the contract declares them: category spellings are stored "
+    "canonically, numbers are strict and within the contract's bounds."
+)
 
 
-class CustomerEvent(CustomerFeatures):
-    """``churn.customers`` v1: a customer's state as observed at ``event_time``."""
+class CustomerEventEnvelope(_Message):
+    """A customer event's fields besides its features (landing checks features by column)."""
 
     schema_version: Literal[1] = 1
     event_id: Identifier
     customer_id: Identifier
     event_time: Timestamp
+
+
+def _customer_event(features: type[_Message]) -> type[_Message]:
+    """``churn.customers`` v1 for a contract's features model: the envelope's fields added."""
+    return create_model(
+        "CustomerEvent",
+        __base__=features,
+        __doc__="``churn.customers`` v1: a customer's state as observed at ``event_time``.",
+        **{name: (f.annotation, f) for name, f in CustomerEventEnvelope.model_fields.items()},
+    )
+
+
+CustomerEvent = _customer_event(CustomerFeatures)
 
 
 class PredictionEvent(_Message):
@@ -237,6 +229,34 @@ TOPIC_SCHEMAS: dict[str, type[_Message]] = {
     Topics.OUTLIERS: OutlierEvent,
     Topics.DEAD_LETTER: DeadLetter,
 }
+_SCHEMAS_BY_DIGEST: dict[str, dict[str, type[_Message]]] = {DEFAULT_CONTRACT.digest: TOPIC_SCHEMAS}
+
+
+def topic_schemas(contract: Contract | None = None) -> dict[str, type[_Message]]:
+    """The topic schemas for ``contract`` (default: the default contract's): customer events and
+    the features of predictions carry that contract's features; built once per contract."""
+    if contract is None:
+        return TOPIC_SCHEMAS
+    found = _SCHEMAS_BY_DIGEST.get(contract.digest)
+    if found is None:
+        features = features_model(contract, name="CustomerFeatures", base=_Message)
+        event = _customer_event(features)
+        prediction = create_model(
+            "PredictionEvent",
+            __base__=PredictionEvent,
+            features=(features | None, None),
+        )
+        found = TOPIC_SCHEMAS | {Topics.CUSTOMERS: event, Topics.PREDICTIONS: prediction}
+        _SCHEMAS_BY_DIGEST[contract.digest] = found
+    return found
+
+
+def features_schema(contract: Contract | None = None) -> type[_Message]:
+    """The pydantic model of ``contract``'s features (the base of its customer events)."""
+    event = topic_schemas(contract)[Topics.CUSTOMERS]
+    return event.__mro__[1]
+
+
 DATA_TOPICS = (Topics.CUSTOMERS, Topics.PREDICTIONS, Topics.FEEDBACK)
 ALL_TOPICS = tuple(TOPIC_SCHEMAS)
 
@@ -254,9 +274,10 @@ def _short_errors(exc: ValidationError) -> str:
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
-def decode_message(topic: str, value: bytes | None) -> _Message:
-    """Parse and validate a raw Kafka value for ``topic``; raises :class:`MessageError`."""
-    schema = TOPIC_SCHEMAS.get(topic)
+def decode_message(topic: str, value: bytes | None, contract: Contract | None = None) -> _Message:
+    """Parse and validate a raw Kafka value for ``topic`` (customer events and prediction
+    features against ``contract``, default the default contract); raises :class:`MessageError`."""
+    schema = topic_schemas(contract).get(topic)
     if schema is None:
         raise MessageError(f"no schema registered for topic {topic!r}")
     if value is None:
@@ -272,7 +293,7 @@ def decode_message(topic: str, value: bytes | None) -> _Message:
         raise MessageError(f"not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise MessageError(f"expected a JSON object, got {type(payload).__name__}")
-    version = payload.get("schema_version")
+    version = payload.get("schema_version", 1)
     if version != 1:
         raise MessageError(f"unsupported schema_version {version!r} for {topic} (supported: 1)")
     try:
@@ -282,9 +303,12 @@ def decode_message(topic: str, value: bytes | None) -> _Message:
     raise MessageError(f"schema {schema.__name__} v1: {_short_errors(fast_error)}")
 
 
-def encode_message(topic: str, message: BaseModel | dict[str, Any]) -> bytes:
-    """Serialise ``message`` to JSON bytes and validate exactly those bytes against ``topic``."""
-    schema = TOPIC_SCHEMAS.get(topic)
+def encode_message(
+    topic: str, message: BaseModel | dict[str, Any], contract: Contract | None = None
+) -> bytes:
+    """Serialise ``message`` to JSON bytes and validate exactly those bytes against ``topic``
+    (and ``contract``, as :func:`decode_message`)."""
+    schema = topic_schemas(contract).get(topic)
     if schema is None:
         raise MessageError(f"no schema registered for topic {topic!r}")
     if isinstance(message, BaseModel):

@@ -1,14 +1,33 @@
 """Customer segments: risk tiers and observed churn by cohort (the ``customer_segments`` asset's
-logic, Dagster-free so tests and notebooks build the same table)."""
+logic, Dagster-free so tests and notebooks build the same table).
+
+The cohorts come from the feature contract: the predicted risk tier, every category and boolean
+feature, and bands of the contract's first integer feature (``<name>_band``), doubling in width
+from the feature's minimum (0-5, 6-11, 12-23, 24-47, 48+ above a minimum of 0).
+"""
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["COHORTS", "RISK_TIERS", "TENURE_BANDS", "risk_tier", "segment_table"]
+from churn_assets.contract import Contract, Feature
+from churn_assets.schemas import DEFAULT_CONTRACT
 
+__all__ = [
+    "BAND_OFFSETS",
+    "BAND_SUFFIX",
+    "RISK_TIER",
+    "RISK_TIERS",
+    "band_feature",
+    "cohort_types",
+    "risk_tier",
+    "segment_table",
+]
+
+RISK_TIER = "risk_tier"
 RISK_TIERS = ((0.0, 0.05, "low"), (0.05, 0.15, "medium"), (0.15, 1.01, "high"))
-TENURE_BANDS = ([-1, 5, 11, 23, 47, 10_000], ["0-5", "6-11", "12-23", "24-47", "48+"])
-COHORTS = ("risk_tier", "contract_type", "tenure_band", "payment_method")
+# Upper ends of the bands above the banded feature's minimum; the last band is open.
+BAND_OFFSETS = (5, 11, 23, 47)
+BAND_SUFFIX = "_band"
 
 
 def risk_tier(probability: np.ndarray) -> np.ndarray:
@@ -19,30 +38,63 @@ def risk_tier(probability: np.ndarray) -> np.ndarray:
     return tiers
 
 
-def segment_table(customers: pd.DataFrame, model_version: str | None) -> pd.DataFrame:
-    """One row per cohort value of :data:`COHORTS`: customers, observed churn rate and mean
-    predicted risk. ``customers`` has the features, ``risk`` (the model's probability) and
-    ``churned`` (bool)."""
-    missing = {"customer_id", "risk", "churned", "customer_tenure"} - set(customers.columns)
+def band_feature(contract: Contract) -> Feature | None:
+    """The feature whose bands are a cohort: the contract's first integer feature, if any."""
+    integers = contract.of_kind("integer")
+    return integers[0] if integers else None
+
+
+def cohort_types(contract: Contract) -> tuple[str, ...]:
+    """The cohort types :func:`segment_table` publishes for ``contract``, in order."""
+    banded = band_feature(contract)
+    return (
+        RISK_TIER,
+        *(f.name for f in contract.of_kind("category", "boolean")),
+        *((banded.name + BAND_SUFFIX,) if banded is not None else ()),
+    )
+
+
+def _bands(values: pd.Series, feature: Feature) -> pd.Series:
+    low = int(feature.minimum or 0)
+    uppers = [low + offset for offset in BAND_OFFSETS]
+    lowers = [low, *(upper + 1 for upper in uppers)]
+    labels = [f"{a}-{b}" for a, b in zip(lowers, uppers, strict=False)] + [f"{lowers[-1]}+"]
+    edges = [-np.inf, *(upper + 0.5 for upper in uppers), np.inf]
+    return pd.cut(values.astype(float), edges, labels=labels).astype(str)
+
+
+def segment_table(
+    customers: pd.DataFrame, model_version: str | None, contract: Contract | None = None
+) -> pd.DataFrame:
+    """One row per cohort value of :func:`cohort_types` (``contract``: the scoring model's,
+    default the default contract): customers, observed churn rate and mean predicted risk.
+    ``customers`` has the contract's features, ``risk`` (the model's probability) and
+    ``churned`` (bool). Cohort values are text (a boolean's are ``True`` and ``False``)."""
+    contract = DEFAULT_CONTRACT if contract is None else contract
+    cohorts = cohort_types(contract)
+    banded = band_feature(contract)
+    needed = {"customer_id", "risk", "churned"} | {
+        f.name for f in contract.of_kind("category", "boolean")
+    }
+    if banded is not None:
+        needed.add(banded.name)
+    missing = needed - set(customers.columns)
     if missing:
         raise ValueError(f"segment_table needs columns {sorted(missing)}")
-    frame = customers.assign(
-        risk_tier=risk_tier(customers["risk"].to_numpy()),
-        tenure_band=pd.cut(
-            customers["customer_tenure"], TENURE_BANDS[0], labels=TENURE_BANDS[1]
-        ).astype(str),
-    )
+    frame = customers.assign(**{RISK_TIER: risk_tier(customers["risk"].to_numpy())})
+    if banded is not None:
+        frame[banded.name + BAND_SUFFIX] = _bands(frame[banded.name], banded)
     parts = []
-    for cohort in COHORTS:
+    for cohort in cohorts:
         grouped = (
-            frame.groupby(cohort)
+            frame.assign(cohort=frame[cohort].astype(str))
+            .groupby("cohort")
             .agg(
                 customers=("customer_id", "size"),
                 observed_churn_rate=("churned", "mean"),
                 mean_predicted_risk=("risk", "mean"),
             )
             .reset_index()
-            .rename(columns={cohort: "cohort"})
         )
         parts.append(grouped.assign(cohort_type=cohort))
     return pd.concat(parts, ignore_index=True)[

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from churn_assets.schemas import CONTRACT_TYPES, INTERNET_SERVICES, PAYMENT_METHODS, Topics
+from churn_assets.schemas import CATEGORY_VALUES, Topics
 
 __all__ = [
     "SCENARIOS",
@@ -45,6 +45,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# The simulator speaks the default contract's vocabulary (config/features.yaml).
+CONTRACT_TYPES = CATEGORY_VALUES["contract_type"]
+PAYMENT_METHODS = CATEGORY_VALUES["payment_method"]
+INTERNET_SERVICES = CATEGORY_VALUES["internet_service"]
 SCENARIOS = ("none", "covariate_drift", "concept_drift", "outlier_burst")
 DAY_SECONDS = 86_400
 OUTLIER_BURST_DAYS = 3

@@ -8,8 +8,15 @@ whose churn happened at or before ``t`` are not in the population.
 The split is by time with purging: every training row's label window ends before the first
 validation snapshot, and every validation row's before the first test snapshot, so no outcome
 labels rows on both sides of a split.
+
+Snapshot data (a static export: each customer observed at one time only, or a few exports at a
+few observation times too close together for a purged time split) has no later period to test
+on. There each customer's observation is a row (features as of its observation time, label =
+churn at or after it within the horizon), and the split is by customer, stratified on the label
+and seeded: no customer in two parts. The training set records which split it used and why.
 """
 
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
@@ -29,10 +36,13 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from churn_assets.contract import Contract
 from churn_assets.features import FeatureTransformer, customer_features_as_of
-from churn_assets.schemas import FEATURE_NAMES
+from churn_assets.schemas import DEFAULT_CONTRACT
 
 __all__ = [
+    "GROUPED_SPLIT",
+    "TIME_SPLIT",
     "LeakageError",
     "TrainingSet",
     "TrainingError",
@@ -53,6 +63,7 @@ __all__ = [
     "predict_booster",
     "snapshot_window",
     "split_xy",
+    "split_by_customer",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,6 +75,17 @@ class TrainingError(RuntimeError):
 
 class LeakageError(AssertionError):
     """A feature used information from after its snapshot time."""
+
+
+# How a training set is split (its ``split_method``).
+TIME_SPLIT = "time"
+GROUPED_SPLIT = "customer_grouped_stratified"
+# Train, validation and test shares of the customers in a grouped split.
+GROUPED_FRACTIONS = (0.6, 0.2, 0.2)
+# Snapshot data: at most this many distinct observation times (exports), where a purged time
+# split does not fit, is split by customer instead of failing. More distinct times is an event
+# stream, which needs the history a time split asks for.
+MAX_EXPORT_SNAPSHOTS = 24
 
 
 # -- snapshots and labels ---------------------------------------------------------------------
@@ -130,33 +152,49 @@ def plan_snapshots(
 
 
 def _labels_at(
-    t: pd.Timestamp,
+    t: pd.Timestamp | pd.Series,
     population: pd.Series,
     events: pd.DataFrame,
     feedback: pd.DataFrame,
     horizon: pd.Timedelta,
+    *,
+    churn_from_observation: bool = False,
 ) -> pd.DataFrame:
+    """Labels at snapshot ``t``: 1 churned in ``(t, t + h]``, 0 still a customer after ``t + h``,
+    -1 unknown (censored), -2 already gone at ``t`` (a Series: each customer's own ``t``,
+    aligned with ``population``'s positions). ``churn_from_observation``: ``t`` is the
+    time the customer was observed at (snapshot data), so a churn at ``t`` itself counts as
+    churn within the horizon (``[t, t + h]``), not as gone before it."""
     churns = feedback.loc[feedback["churned"]]
     churn_time = churns.groupby("customer_id")["outcome_time"].min()
     end = t + horizon
     last_event = events.groupby("customer_id")["event_time"].max()
     last_retained = feedback.loc[~feedback["churned"]].groupby("customer_id")["outcome_time"].max()
     frame = pd.DataFrame({"customer_id": population.to_numpy()})
+    if isinstance(t, pd.Series):
+        t = t.reset_index(drop=True)
+        end = t + horizon
     ct = frame["customer_id"].map(churn_time)
     alive_after = (frame["customer_id"].map(last_event) > end) | (
         frame["customer_id"].map(last_retained) > end
     )
-    frame["label"] = np.where((ct > t) & (ct <= end), 1, np.where(alive_after, 0, -1))
-    frame.loc[ct <= t, "label"] = -2  # already gone at t
+    started = ct >= t if churn_from_observation else ct > t
+    frame["label"] = np.where(started & (ct <= end), 1, np.where(alive_after, 0, -1))
+    gone = ct < t if churn_from_observation else ct <= t
+    frame.loc[gone, "label"] = -2  # already gone at t
     return frame
 
 
 @dataclass(frozen=True)
 class TrainingSet:
-    frame: pd.DataFrame  # customer_id, snapshot_time, split, label, the eight features
-    plan: SnapshotPlan
+    # customer_id, snapshot_time, split, label, split_method, split_reason, the contract's
+    # features and the history features
+    frame: pd.DataFrame
+    plan: SnapshotPlan  # for a grouped split: each part's observation times
     known_at: pd.Timestamp | None  # None when rebuilt from a stored frame
     horizon_days: int
+    split_method: str = TIME_SPLIT
+    split_reason: str = ""
 
     def part(self, split: str) -> pd.DataFrame:
         return self.frame.loc[self.frame["split"] == split]
@@ -174,6 +212,11 @@ class TrainingSet:
             )
             for split in ("train", "validation", "test")
         }
+        # A set stored before grouped splits existed has no split columns: a time split.
+        method, reason = TIME_SPLIT, _time_split_reason(len(frame["snapshot_time"].unique()))
+        if "split_method" in frame.columns:
+            method = str(frame["split_method"].iloc[0])
+            reason = str(frame["split_reason"].iloc[0])
         return cls(
             frame=frame,
             plan=SnapshotPlan(
@@ -181,7 +224,118 @@ class TrainingSet:
             ),
             known_at=None,
             horizon_days=horizon_days,
+            split_method=method,
+            split_reason=reason,
         )
+
+
+def _time_split_reason(snapshots: int) -> str:
+    return f"event history: purged time split over {snapshots} snapshots"
+
+
+def _snapshot_data_reason(events: pd.DataFrame) -> str | None:
+    """Why ``events`` are snapshot data that a time split cannot serve, or None for a stream."""
+    customers = events["customer_id"].nunique()
+    times = events["event_time"].nunique()
+    if times == 1:
+        return (
+            f"single snapshot: all {customers} customers are observed at one time "
+            f"({events['event_time'].iloc[0]}), so there is no later period to test on"
+        )
+    if bool((events.groupby("customer_id")["event_time"].nunique() == 1).all()):
+        return (
+            f"static export: each of the {customers} customers is observed at one time only "
+            f"({times} distinct observation times), no history to split by time"
+        )
+    return None
+
+
+def split_by_customer(
+    frame: pd.DataFrame, *, seed: int, fractions: tuple[float, float, float] = GROUPED_FRACTIONS
+) -> np.ndarray:
+    """Train/validation/test per row, by customer: every row of a customer goes to one part;
+    customers who ever churned and those who never did are split apart in the same shares
+    (stratified), in a seeded random order. Raises :class:`TrainingError` if a class has too
+    few customers to give each part some."""
+    ever_churned = frame.groupby("customer_id", sort=True)["label"].max()
+    rng = np.random.default_rng(seed)
+    part_of: dict[Any, str] = {}
+    for label in (0, 1):
+        customers = ever_churned.index[ever_churned == label].to_numpy()
+        if len(customers) < 3:
+            kind = "churned" if label else "retained"
+            raise TrainingError(
+                f"only {len(customers)} {kind} customers with a known outcome: a grouped "
+                "split needs at least 3 (one per part) to train and evaluate"
+            )
+        order = rng.permutation(customers)
+        n_validation = max(1, round(len(order) * fractions[1]))
+        n_test = max(1, round(len(order) * fractions[2]))
+        n_train = len(order) - n_validation - n_test
+        for customer in order[:n_train]:
+            part_of[customer] = "train"
+        for customer in order[n_train : n_train + n_validation]:
+            part_of[customer] = "validation"
+        for customer in order[n_train + n_validation :]:
+            part_of[customer] = "test"
+    return frame["customer_id"].map(part_of).to_numpy(dtype=object)
+
+
+def _snapshot_rows(
+    events: pd.DataFrame,
+    feedback: pd.DataFrame,
+    horizon: pd.Timedelta,
+    feature_builder: Callable[[pd.DataFrame, datetime], pd.DataFrame],
+    *,
+    own_times_only: bool = False,
+) -> pd.DataFrame:
+    """One row per customer observation: features as of the observation time, the label of
+    churn at or after it within the horizon. Features and labels of a customer read only its
+    own events and outcomes, so each time reads only the customers observed then.
+
+    ``own_times_only``: the builder is :func:`customer_features_as_of`, whose features of a
+    customer depend on its events' times relative to the snapshot only, and each customer is
+    observed at one time. Then one call with every observation moved to a common time gives
+    the same rows (the absolute ``last_event_time`` is put back) as one call per time, which a
+    static export with a time per row would make thousands of.
+    """
+    if own_times_only and events["event_time"].nunique() > MAX_EXPORT_SNAPSHOTS:
+        common = events["event_time"].max()
+        own_time = events.groupby("customer_id")["event_time"].max()
+        features = feature_builder(events.assign(event_time=common), common.to_pydatetime())
+        times = features["customer_id"].map(own_time)
+        if "last_event_time" in features.columns:
+            features["last_event_time"] = times
+        labels = _labels_at(
+            times,
+            features["customer_id"],
+            events,
+            feedback,
+            horizon,
+            churn_from_observation=True,
+        )
+        rows = features.assign(label=labels["label"].to_numpy(), snapshot_time=times)
+        rows = rows.loc[rows["label"] >= 0]
+        return rows.sort_values(["snapshot_time", "customer_id"], kind="stable").reset_index(
+            drop=True
+        )
+    parts = []
+    for t in sorted(pd.Timestamp(t) for t in events["event_time"].unique()):
+        observed = events.loc[events["event_time"] == t, "customer_id"].unique()
+        own_events = events.loc[events["customer_id"].isin(observed)]
+        features = feature_builder(own_events, t.to_pydatetime())
+        features = features.loc[features["customer_id"].isin(observed)]
+        labels = _labels_at(
+            t,
+            features["customer_id"],
+            own_events,
+            feedback.loc[feedback["customer_id"].isin(observed)],
+            horizon,
+            churn_from_observation=True,
+        )
+        rows = features.assign(label=labels["label"].to_numpy())
+        parts.append(rows.loc[rows["label"] >= 0].assign(snapshot_time=t))
+    return pd.concat(parts, ignore_index=True)
 
 
 def build_training_set(
@@ -191,24 +345,57 @@ def build_training_set(
     horizon_days: int,
     step_days: int,
     label_grace_days: int,
-    feature_builder: Callable[[pd.DataFrame, datetime], pd.DataFrame] = customer_features_as_of,
+    feature_builder: Callable[[pd.DataFrame, datetime], pd.DataFrame] | None = None,
+    contract: Contract = DEFAULT_CONTRACT,
+    seed: int = 0,
 ) -> TrainingSet:
-    """Features as of each snapshot and the churn label within the horizon after it."""
+    """Features as of each snapshot and the churn label within the horizon after it.
+
+    An event history is split by time (purged); snapshot data by customer (see the module
+    docstring), seeded with ``seed``. ``feature_builder`` defaults to
+    :func:`customer_features_as_of` for ``contract``.
+    """
     if events.empty:
         raise TrainingError("no landed customer events: land churn.customers first")
     if feedback.empty:
         raise TrainingError("no landed outcomes: land ml.feedback first")
+    default_builder = feature_builder is None
+    if feature_builder is None:
+        feature_builder = functools.partial(customer_features_as_of, contract=contract)
     known_at = max(events["event_time"].max(), feedback["observed_at"].max())
     # Only outcomes reported by the time of training count.
     feedback = feedback.loc[feedback["observed_at"] <= known_at]
-    plan = plan_snapshots(
-        events["event_time"].min(),
-        known_at,
-        horizon_days=horizon_days,
-        step_days=step_days,
-        label_grace_days=label_grace_days,
-    )
     horizon = pd.Timedelta(days=horizon_days)
+    snapshot_reason = _snapshot_data_reason(events)
+    if snapshot_reason is None:
+        try:
+            plan = plan_snapshots(
+                events["event_time"].min(),
+                known_at,
+                horizon_days=horizon_days,
+                step_days=step_days,
+                label_grace_days=label_grace_days,
+            )
+        except TrainingError as exc:
+            times = events["event_time"].nunique()
+            if times > MAX_EXPORT_SNAPSHOTS:
+                raise
+            snapshot_reason = (
+                f"snapshot exports: {times} observation times are too few for a purged time "
+                f"split ({exc})"
+            )
+    if snapshot_reason is not None:
+        once = bool(events.groupby("customer_id")["event_time"].nunique().max() == 1)
+        return _grouped_training_set(
+            events,
+            feedback,
+            known_at,
+            horizon_days,
+            feature_builder,
+            seed,
+            snapshot_reason,
+            own_times_only=default_builder and once,
+        )
     parts = []
     for split, times in (
         ("train", plan.train),
@@ -224,19 +411,82 @@ def build_training_set(
     frame = pd.concat(parts, ignore_index=True)
     if frame.empty:
         raise TrainingError("the snapshots produced no labelled rows")
-    return TrainingSet(frame=frame, plan=plan, known_at=known_at, horizon_days=horizon_days)
+    reason = _time_split_reason(len(plan.all))
+    frame = frame.assign(split_method=TIME_SPLIT, split_reason=reason)
+    return TrainingSet(
+        frame=frame,
+        plan=plan,
+        known_at=known_at,
+        horizon_days=horizon_days,
+        split_method=TIME_SPLIT,
+        split_reason=reason,
+    )
+
+
+def _grouped_training_set(
+    events: pd.DataFrame,
+    feedback: pd.DataFrame,
+    known_at: pd.Timestamp,
+    horizon_days: int,
+    feature_builder: Callable[[pd.DataFrame, datetime], pd.DataFrame],
+    seed: int,
+    why: str,
+    *,
+    own_times_only: bool = False,
+) -> TrainingSet:
+    """Snapshot data: a row per customer observation, split by customer (stratified)."""
+    frame = _snapshot_rows(
+        events,
+        feedback,
+        pd.Timedelta(days=horizon_days),
+        feature_builder,
+        own_times_only=own_times_only,
+    )
+    if frame.empty:
+        raise TrainingError(
+            f"no observation has a known outcome within the {horizon_days}-day horizon "
+            "(land ml.feedback, or import the export with its label column)"
+        )
+    frame["split"] = split_by_customer(frame, seed=seed)
+    reason = (
+        f"{why}; split by customer, stratified on the label, seeded ({seed}), "
+        f"{'/'.join(str(round(f * 100)) for f in GROUPED_FRACTIONS)} % train/validation/test"
+    )
+    frame = frame.assign(split_method=GROUPED_SPLIT, split_reason=reason)
+    log.info("training set: %s", reason)
+    times = {
+        split: sorted(pd.Timestamp(t) for t in frame.loc[frame["split"] == split, "snapshot_time"])
+        for split in ("train", "validation", "test")
+    }
+    plan = SnapshotPlan(
+        train=sorted(set(times["train"])),
+        validation=sorted(set(times["validation"])),
+        test=sorted(set(times["test"])),
+    )
+    return TrainingSet(
+        frame=frame,
+        plan=plan,
+        known_at=known_at,
+        horizon_days=horizon_days,
+        split_method=GROUPED_SPLIT,
+        split_reason=reason,
+    )
 
 
 def assert_point_in_time(
     events: pd.DataFrame,
     as_of: datetime,
-    feature_builder: Callable[[pd.DataFrame, datetime], pd.DataFrame] = customer_features_as_of,
+    feature_builder: Callable[[pd.DataFrame, datetime], pd.DataFrame] | None = None,
+    contract: Contract = DEFAULT_CONTRACT,
 ) -> None:
     """Time-travel check: features as of ``t`` must not change when the future is deleted.
 
     Builds features from all events and from the events up to ``as_of`` only; any column that
     differs used information from after ``as_of``. Raises :class:`LeakageError` naming them.
+    ``feature_builder`` defaults to :func:`customer_features_as_of` for ``contract``.
     """
+    if feature_builder is None:
+        feature_builder = functools.partial(customer_features_as_of, contract=contract)
     full = feature_builder(events, as_of).set_index("customer_id").sort_index()
     truncated = (
         feature_builder(events.loc[events["event_time"] <= pd.Timestamp(as_of)], as_of)
@@ -259,36 +509,42 @@ def assert_point_in_time(
         raise LeakageError(f"features {leaking} use information from after {as_of}")
 
 
-_LANDED_EVENTS_COLUMNS = (
-    "customer_id, event_time, customer_tenure, monthly_charges, total_charges, contract_type, "
-    "payment_method, internet_service, support_tickets, login_frequency"
-)
 _LANDED_FEEDBACK_COLUMNS = "customer_id, request_id, churned, outcome_time, observed_at"
 
 
 def landed_frames(
     con: Any,
+    contract: Contract = DEFAULT_CONTRACT,
     *,
     events: str = "landed_customer_events",
     feedback: str = "landed_feedback",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The landed customer events and outcomes that training reads, from the warehouse tables
-    (the default) or from any DuckDB relation with their columns, such as
-    ``read_parquet('<read model>')`` (trusted relation names, never user input)."""
-    events_frame = con.execute(f"SELECT {_LANDED_EVENTS_COLUMNS} FROM {events}").df()
+    """The landed customer events (with ``contract``'s features) and outcomes that training
+    reads, from the warehouse tables (the default) or from any DuckDB relation with their
+    columns, such as ``read_parquet('<read model>')`` (trusted relation names, never user
+    input). A feature the events lack is an error naming it."""
+    present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {events}").fetchall()}
+    missing = [name for name in contract.names if name not in present]
+    if missing:
+        raise TrainingError(
+            f"the landed customer events have no column for the contract's features {missing}; "
+            "land churn.customers with this contract first"
+        )
+    columns = ", ".join(["customer_id", "event_time", *contract.names])
+    events_frame = con.execute(f"SELECT {columns} FROM {events}").df()
     feedback_frame = con.execute(f"SELECT {_LANDED_FEEDBACK_COLUMNS} FROM {feedback}").df()
-    for frame, columns in (
+    for frame, timestamps in (
         (events_frame, ["event_time"]),
         (feedback_frame, ["outcome_time", "observed_at"]),
     ):
-        for column in columns:
+        for column in timestamps:
             frame[column] = pd.to_datetime(frame[column], utc=True)
     return events_frame, feedback_frame
 
 
-def data_fingerprint(frame: pd.DataFrame) -> str:
+def data_fingerprint(frame: pd.DataFrame, contract: Contract = DEFAULT_CONTRACT) -> str:
     """SHA-256 of the training rows (order-independent), recorded with each model version."""
-    columns = ["customer_id", "snapshot_time", "label", *FEATURE_NAMES]
+    columns = ["customer_id", "snapshot_time", "label", *contract.names]
     hashed = pd.util.hash_pandas_object(frame[columns].astype(str), index=False).to_numpy()
     return hashlib.sha256(np.sort(hashed).tobytes()).hexdigest()
 

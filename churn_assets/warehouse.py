@@ -15,12 +15,18 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
+from churn_assets.contract import Contract, Feature
+from churn_assets.schemas import DEFAULT_CONTRACT
+
 __all__ = [
     "BUSINESS_KEYS",
     "LANDING_TABLES",
     "LEGACY_EPOCH",
     "SCHEMA_SQL",
     "TABLE_DDL",
+    "customer_events_ddl",
+    "schema_sql",
+    "table_ddl",
     "WarehouseMigrationError",
     "business_key_index",
     "connect",
@@ -69,26 +75,7 @@ CREATE TABLE IF NOT EXISTS landing_offsets (
     updated_at TIMESTAMPTZ NOT NULL,
     PRIMARY KEY (kafka_epoch, topic, kafka_partition)
 );""",
-    "landed_customer_events": """
-CREATE TABLE IF NOT EXISTS landed_customer_events (
-    kafka_epoch VARCHAR NOT NULL DEFAULT 'legacy',
-    kafka_topic VARCHAR NOT NULL,
-    kafka_partition INTEGER NOT NULL,
-    kafka_offset BIGINT NOT NULL,
-    event_id VARCHAR NOT NULL,
-    customer_id VARCHAR NOT NULL,
-    event_time TIMESTAMPTZ NOT NULL,
-    customer_tenure INTEGER NOT NULL,
-    monthly_charges DOUBLE NOT NULL,
-    total_charges DOUBLE NOT NULL,
-    contract_type VARCHAR NOT NULL,
-    payment_method VARCHAR NOT NULL,
-    internet_service VARCHAR NOT NULL,
-    support_tickets INTEGER NOT NULL,
-    login_frequency DOUBLE NOT NULL,
-    landed_at TIMESTAMPTZ NOT NULL,
-    PRIMARY KEY (kafka_epoch, kafka_topic, kafka_partition, kafka_offset)
-);""",
+    "landed_customer_events": "",  # from the contract: see customer_events_ddl
     "landed_predictions": """
 CREATE TABLE IF NOT EXISTS landed_predictions (
     kafka_epoch VARCHAR NOT NULL DEFAULT 'legacy',
@@ -149,7 +136,93 @@ CREATE TABLE IF NOT EXISTS landing_replays (
 );""",
 }
 
-SCHEMA_SQL = "\n".join(TABLE_DDL.values()) + "\n"
+
+class WarehouseMigrationError(RuntimeError):
+    """The warehouse has a table layout this code cannot migrate; nothing was changed."""
+
+
+# A contract kind -> the DuckDB type of its column in ``landed_customer_events``.
+_KIND_TYPES = {
+    "integer": "INTEGER",
+    "number": "DOUBLE",
+    "category": "VARCHAR",
+    "boolean": "BOOLEAN",
+}
+# The column types an existing table may hold for a kind (older or wider integer columns).
+_COMPATIBLE_TYPES = {
+    "integer": {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT"},
+    "number": {"DOUBLE", "FLOAT", "DECIMAL"},
+    "category": {"VARCHAR"},
+    "boolean": {"BOOLEAN"},
+}
+_INT32 = 2**31 - 1
+# The columns of landed_customer_events that are not features.
+_EVENT_COLUMNS = frozenset(
+    {
+        "kafka_epoch",
+        "kafka_topic",
+        "kafka_partition",
+        "kafka_offset",
+        "event_id",
+        "customer_id",
+        "event_time",
+        "landed_at",
+    }
+)
+
+
+def _column_type(feature: Feature) -> str:
+    """The DuckDB type of a feature's column; an integer wider than 32 bits takes BIGINT."""
+    if feature.kind == "integer" and any(
+        bound is not None and abs(bound) > _INT32 for bound in (feature.minimum, feature.maximum)
+    ):
+        return "BIGINT"
+    if feature.kind == "integer" and (feature.minimum is None or feature.maximum is None):
+        return "BIGINT"
+    return _KIND_TYPES[feature.kind]
+
+
+def customer_events_ddl(contract: Contract) -> str:
+    """``landed_customer_events`` for ``contract``: the Kafka coordinates, the event's identity
+    and one column per feature (NOT NULL where the contract rejects a missing value)."""
+    taken = sorted(set(contract.names) & _EVENT_COLUMNS)
+    if taken:
+        raise WarehouseMigrationError(
+            f"feature names {taken} are columns of every customer event (with "
+            f"{', '.join(sorted(_EVENT_COLUMNS))}); rename the features in the contract"
+        )
+    features = "".join(
+        f"    {f.name} {_column_type(f)}{' NOT NULL' if f.missing == 'reject' else ''},\n"
+        for f in contract.features
+    )
+    return (
+        "\nCREATE TABLE IF NOT EXISTS landed_customer_events (\n"
+        "    kafka_epoch VARCHAR NOT NULL DEFAULT 'legacy',\n"
+        "    kafka_topic VARCHAR NOT NULL,\n"
+        "    kafka_partition INTEGER NOT NULL,\n"
+        "    kafka_offset BIGINT NOT NULL,\n"
+        "    event_id VARCHAR NOT NULL,\n"
+        "    customer_id VARCHAR NOT NULL,\n"
+        "    event_time TIMESTAMPTZ NOT NULL,\n"
+        f"{features}"
+        "    landed_at TIMESTAMPTZ NOT NULL,\n"
+        "    PRIMARY KEY (kafka_epoch, kafka_topic, kafka_partition, kafka_offset)\n"
+        ");"
+    )
+
+
+def table_ddl(contract: Contract) -> dict[str, str]:
+    """Every warehouse table's ``CREATE TABLE IF NOT EXISTS``, customer events per ``contract``."""
+    return TABLE_DDL | {"landed_customer_events": customer_events_ddl(contract)}
+
+
+def schema_sql(contract: Contract) -> str:
+    return "\n".join(table_ddl(contract).values()) + "\n"
+
+
+TABLE_DDL.update(landed_customer_events=customer_events_ddl(DEFAULT_CONTRACT))
+# The tables of the default contract (what warehouses held before contracts).
+SCHEMA_SQL = schema_sql(DEFAULT_CONTRACT)
 
 # A dead process's temporary read-model file: ``.<name>.<pid>.tmp`` (publish_read_model and the
 # JSON read models beside it write one, then rename it into place).
@@ -178,10 +251,6 @@ def connect(path: Path, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyC
         yield con
     finally:
         con.close()
-
-
-class WarehouseMigrationError(RuntimeError):
-    """The warehouse has a table layout this code cannot migrate; nothing was changed."""
 
 
 def _columns(con: duckdb.DuckDBPyConnection, table: str) -> list[str]:
@@ -330,16 +399,91 @@ def _migrate_to_business_keys(con: duckdb.DuckDBPyConnection) -> None:
         )
 
 
-def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+def _column_types(con: duckdb.DuckDBPyConnection, table: str) -> dict[str, tuple[str, bool]]:
+    """Column name -> (DuckDB type, nullable)."""
+    rows = con.execute(
+        "SELECT column_name, data_type, is_nullable FROM information_schema.columns "
+        "WHERE table_catalog = current_database() AND table_schema = 'main' "
+        "AND table_name = ? ORDER BY ordinal_position",
+        [table],
+    ).fetchall()
+    return {name: (kind.split("(")[0], nullable == "YES") for name, kind, nullable in rows}
+
+
+def _reconcile_feature_columns(con: duckdb.DuckDBPyConnection, contract: Contract) -> None:
+    """Fit an existing ``landed_customer_events`` to ``contract`` without losing a row.
+
+    A contract feature the table lacks is added as a nullable column (the rows landed before
+    have no value for it); a column the contract no longer declares stays with its data and
+    loses NOT NULL, so new events without it land. A column whose type does not fit the
+    feature's kind stops here (nothing changed): landing would otherwise fail on every row.
+    """
+    table = "landed_customer_events"
+    present = _column_types(con, table)
+    wrong = [
+        f"{f.name} is {present[f.name][0]}, the contract says {f.kind}"
+        for f in contract.features
+        if f.name in present and present[f.name][0] not in _COMPATIBLE_TYPES[f.kind]
+    ]
+    if wrong:
+        raise WarehouseMigrationError(
+            f"{table} has columns the feature contract cannot use ({'; '.join(wrong)}); rename "
+            "the feature in the contract or migrate the column (nothing was changed)"
+        )
+    added = [f for f in contract.features if f.name not in present]
+    relaxed = [
+        name
+        for name, (_, nullable) in present.items()
+        if name not in _EVENT_COLUMNS and name not in contract.names and not nullable
+    ]
+    if not added and not relaxed:
+        return
+    con.begin()
+    try:
+        for feature in added:
+            con.execute(f"ALTER TABLE {table} ADD COLUMN {feature.name} {_column_type(feature)}")
+        if relaxed:
+            # DuckDB alters no column of a table with an index: drop and rebuild the unique
+            # business-key index around it (rows only gain NULLs, so it rebuilds as it was).
+            con.execute(f"DROP INDEX IF EXISTS {business_key_index(table)}")
+            for name in relaxed:
+                con.execute(f"ALTER TABLE {table} ALTER COLUMN {name} DROP NOT NULL")
+            con.execute(_business_key_ddl(table))
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
+    if added:
+        log.warning(
+            "%s: added nullable columns %s for the feature contract; rows landed before have "
+            "no value there",
+            table,
+            ", ".join(f.name for f in added),
+        )
+    if relaxed:
+        log.warning(
+            "%s: columns %s are not in the feature contract any more; they keep their data and "
+            "take NULL for new events",
+            table,
+            ", ".join(relaxed),
+        )
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection, contract: Contract | None = None) -> None:
     """Create the landing tables, migrating an older warehouse first.
 
     Migrations, each idempotent: tables from before log epochs get ``kafka_epoch``; landed tables
     get their business-key unique index (deduplicated first); ``dead_letters`` gets
-    ``published_at``.
+    ``published_at``. Those warehouses predate contracts, so they migrate with the default
+    contract's columns. With a ``contract``, ``landed_customer_events`` is then fitted to it
+    (missing feature columns added, nullable; see :func:`_reconcile_feature_columns`); without
+    one, a new warehouse gets the default contract's columns and an existing one is left as is.
     """
     _migrate_to_epochs(con)
-    con.execute(SCHEMA_SQL)
+    con.execute(schema_sql(contract or DEFAULT_CONTRACT))
     _migrate_to_business_keys(con)
+    if contract is not None:
+        _reconcile_feature_columns(con, contract)
 
 
 def read_model_path(read_models_dir: Path, name: str) -> Path:

@@ -93,7 +93,9 @@ def distribution_chart(
     """Reference vs live distribution of one feature: shares per category, or density
     histograms on shared bins."""
     if categorical:
-        categories = sorted(set(reference.dropna()) | set(live.dropna()))
+        # As text: a boolean's True/False are categories too, and Bokeh's factors are strings.
+        reference, live = reference.dropna().astype(str), live.dropna().astype(str)
+        categories = sorted(set(reference) | set(live))
         ref_share = reference.value_counts(normalize=True).reindex(categories, fill_value=0)
         live_share = live.value_counts(normalize=True).reindex(categories, fill_value=0)
         return grouped_bars(

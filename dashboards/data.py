@@ -25,9 +25,10 @@ import requests
 from pydantic import ValidationError
 
 from churn_assets.config import Settings
+from churn_assets.contract import Contract, ContractError, Feature, contract_from_dict
 from churn_assets.monitoring import read_monitoring
 from churn_assets.rollout_control import serving_url
-from churn_assets.schemas import FEATURE_NAMES, CustomerFeatures
+from churn_assets.schemas import DEFAULT_CONTRACT, features_schema
 from churn_assets.warehouse import (
     LEGACY_EPOCH,
     ReadModelMissing,
@@ -39,14 +40,18 @@ __all__ = [
     "ADMIN_TOKEN_ENV",
     "ActionResult",
     "DAGSTER_RUNS_QUERY",
-    "DEFAULT_FEATURES",
-    "FEATURE_LABELS",
     "FormCheck",
+    "FormContract",
+    "FormField",
     "ReadModels",
     "ServingClient",
     "Unavailable",
     "dagster_graphql_url",
     "dagster_runs",
+    "default_features",
+    "feature_label",
+    "form_contract",
+    "form_fields",
     "kafka_lag",
     "open_alerts",
     "reference_sample",
@@ -311,28 +316,108 @@ def reference_sample(settings: Settings, ref: str = "champion") -> pd.DataFrame 
 
 # -- the prediction form ---------------------------------------------------------------------------
 
-FEATURE_LABELS = {
-    "customer_tenure": "Tenure (months)",
-    "monthly_charges": "Monthly charges",
-    "total_charges": "Total charges",
-    "contract_type": "Contract",
-    "payment_method": "Payment method",
-    "internet_service": "Internet service",
-    "support_tickets": "Support tickets (30 days)",
-    "login_frequency": "Logins (30 days)",
-}
 
-# A typical month-to-month fibre customer, a year in: a sensible starting point for the form.
-DEFAULT_FEATURES: dict[str, Any] = {
-    "customer_tenure": 12,
-    "monthly_charges": 70.0,
-    "total_charges": 840.0,
-    "contract_type": "month-to-month",
-    "payment_method": "electronic_check",
-    "internet_service": "fiber_optic",
-    "support_tickets": 1,
-    "login_frequency": 12.0,
-}
+@dataclass(frozen=True)
+class FormContract:
+    """The feature contract the prediction form is built from, and where it came from."""
+
+    contract: Contract
+    source: str
+
+
+def form_contract(settings: Settings, ref: str = "champion") -> FormContract:
+    """The contract ``ref`` (the champion) was trained with (its ``contract.json``; a version
+    from before contracts was trained on the default contract), or the configured contract
+    while no model is registered. A stored contract that cannot be read is an error: the form
+    must not offer other features than the model takes."""
+    from churn_assets.model import CONTRACT_FILE
+    from churn_assets.registry import ModelRegistry, RegistryError
+
+    registry = ModelRegistry(settings.registry_dir)
+    try:
+        version = registry.get(ref)
+    except RegistryError as exc:
+        return FormContract(settings.contract, f"the configured contract ({exc})")
+    if CONTRACT_FILE not in version.files:
+        return FormContract(DEFAULT_CONTRACT, f"{version.version}'s contract (the default)")
+    try:
+        stored = json.loads(registry.read_file(version.version, CONTRACT_FILE))
+        contract = contract_from_dict(stored)
+    except (RegistryError, ValueError) as exc:
+        raise ContractError(f"{version.version}'s {CONTRACT_FILE} cannot be used: {exc}") from exc
+    return FormContract(contract, f"{version.version}'s contract")
+
+
+@dataclass(frozen=True)
+class FormField:
+    """One input of the prediction form: ``kind`` chooses the widget (integer and number:
+    a number box within ``start``/``end``; category: a choice of ``options``; boolean: a
+    checkbox). ``required`` is false where the contract fills a missing value."""
+
+    name: str
+    kind: str
+    label: str
+    default: Any
+    options: tuple[str, ...] = ()
+    start: float | None = None
+    end: float | None = None
+    required: bool = True
+
+
+def feature_label(feature: Feature) -> str:
+    """The form's label of a feature: its description (capitalised), else its name."""
+    text = feature.description or feature.name.replace("_", " ")
+    return text[:1].upper() + text[1:]
+
+
+def form_fields(contract: Contract, reference: pd.DataFrame | None = None) -> list[FormField]:
+    """One field per feature of ``contract``, in its order. Defaults: a number's median in
+    ``reference`` (the model's training reference) when it has the column, else its minimum
+    (or 0), within its bounds; a category's first value; false."""
+    fields = []
+    for feature in contract.features:
+        default: Any
+        if feature.kind in ("integer", "number"):
+            default = _number_default(feature, reference)
+        elif feature.kind == "category":
+            default = next(iter(feature.categories))
+        else:
+            default = False
+        fields.append(
+            FormField(
+                name=feature.name,
+                kind=feature.kind,
+                label=feature_label(feature),
+                default=default,
+                options=tuple(feature.categories),
+                start=feature.minimum,
+                end=feature.maximum,
+                required=feature.missing == "reject",
+            )
+        )
+    return fields
+
+
+def _number_default(feature: Feature, reference: pd.DataFrame | None) -> int | float:
+    value = 0.0
+    if feature.minimum is not None:
+        value = feature.minimum
+    if reference is not None and feature.name in reference.columns:
+        column = pd.to_numeric(reference[feature.name], errors="coerce").dropna()
+        if not column.empty:
+            value = float(column.median())
+    if feature.minimum is not None:
+        value = max(value, feature.minimum)
+    if feature.maximum is not None:
+        value = min(value, feature.maximum)
+    if feature.kind == "integer":
+        return int(round(value))
+    return round(float(value), 2)
+
+
+def default_features(contract: Contract, reference: pd.DataFrame | None = None) -> dict[str, Any]:
+    """The form's starting values (:func:`form_fields`' defaults), by feature name."""
+    return {field.name: field.default for field in form_fields(contract, reference)}
 
 
 @dataclass(frozen=True)
@@ -347,16 +432,17 @@ class FormCheck:
         return self.features is not None
 
 
-def validate_features(raw: Mapping[str, Any]) -> FormCheck:
-    """Validate form values with :class:`CustomerFeatures` (the ranges serving enforces);
-    errors are keyed by feature and phrased for the form."""
+def validate_features(raw: Mapping[str, Any], contract: Contract) -> FormCheck:
+    """Validate form values with ``contract``'s feature schema (the ranges and categories
+    serving enforces); errors are keyed by feature and phrased for the form."""
     errors: dict[str, str] = {}
-    for name in FEATURE_NAMES:
-        if raw.get(name) is None or raw.get(name) == "":
-            errors[name] = "required"
+    for feature in contract.features:
+        if feature.missing == "reject" and (raw.get(feature.name) in (None, "")):
+            errors[feature.name] = "required"
     if not errors:
+        values = {name: (None if raw.get(name) == "" else raw.get(name)) for name in contract.names}
         try:
-            model = CustomerFeatures.model_validate({name: raw[name] for name in FEATURE_NAMES})
+            model = features_schema(contract).model_validate(values)
         except ValidationError as exc:
             for error in exc.errors():
                 name = str(error["loc"][0]) if error["loc"] else "form"
@@ -481,8 +567,9 @@ class ServingClient:
     def explain(
         self, features: Mapping[str, Any], version: str, customer_id: str | None = None
     ) -> dict[str, Any] | Unavailable:
-        """SHAP contributions of every model input for ``version``."""
-        path = f"/explain?version={version}&top_k={len(FEATURE_NAMES)}"
+        """SHAP contributions of each of the form's features for ``version`` (as many as there
+        are features)."""
+        path = f"/explain?version={version}&top_k={len(features)}"
         body = _request_body(features, customer_id)
         return self._post_json(path, body, f"Explanation ({version})")
 
@@ -537,7 +624,7 @@ class ServingClient:
 
 
 def _request_body(features: Mapping[str, Any], customer_id: str | None) -> dict[str, Any]:
-    body = {name: features[name] for name in FEATURE_NAMES}
+    body = dict(features)
     if customer_id:
         body["customer_id"] = customer_id
     return body

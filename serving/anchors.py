@@ -19,7 +19,7 @@ __all__ = ["AnchorService"]
 
 log = logging.getLogger(__name__)
 
-# Child-process cache: model version -> (explainer, encoder)
+# Child-process cache: model version -> (explainer, the contract's feature names, categories)
 _EXPLAINERS: dict[str, Any] = {}
 
 
@@ -29,11 +29,12 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _encode(frame: Any, categories: Mapping[str, tuple[str, ...]]) -> np.ndarray:
-    from churn_assets.schemas import FEATURE_NAMES
-
+def _encode(
+    frame: Any, names: tuple[str, ...], categories: Mapping[str, tuple[str, ...]]
+) -> np.ndarray:
+    """The columns ``names`` as numbers: a category as its index, a boolean as 0 or 1."""
     columns = []
-    for name in FEATURE_NAMES:
+    for name in names:
         if name in categories:
             lookup = {value: float(i) for i, value in enumerate(categories[name])}
             columns.append(np.array([lookup[v] for v in frame[name]], dtype=float))
@@ -54,16 +55,17 @@ def _explain_in_child(
 
     from churn_assets.model import ScoringModel
     from churn_assets.outliers import load_reference_frame
-    from churn_assets.schemas import FEATURE_NAMES
 
     if version not in _EXPLAINERS:
         from alibi.explainers import AnchorTabular
 
         model = ScoringModel.from_files(files)
+        # The features of the contract the version was trained with, in its order.
+        names = model.contract.names
         categories = dict(model.transformer.categories)
 
         def predictor(encoded: np.ndarray) -> np.ndarray:
-            frame = pd.DataFrame(encoded, columns=list(FEATURE_NAMES))
+            frame = pd.DataFrame(encoded, columns=list(names))
             for name, values in categories.items():
                 frame[name] = [values[int(round(i))] for i in frame[name]]
             return (model.predict_frame(frame) >= decision).astype(int)
@@ -71,16 +73,16 @@ def _explain_in_child(
         reference = load_reference_frame(files)
         explainer = AnchorTabular(
             predictor,
-            feature_names=list(FEATURE_NAMES),
+            feature_names=list(names),
             categorical_names={
-                FEATURE_NAMES.index(name): list(values) for name, values in categories.items()
+                names.index(name): list(values) for name, values in categories.items()
             },
             seed=seed,
         )
-        explainer.fit(_encode(reference, categories), disc_perc=(25, 50, 75))
-        _EXPLAINERS[version] = (explainer, categories)
-    explainer, categories = _EXPLAINERS[version]
-    row = _encode(pd.DataFrame([dict(record)]), categories)[0]
+        explainer.fit(_encode(reference, names, categories), disc_perc=(25, 50, 75))
+        _EXPLAINERS[version] = (explainer, names, categories)
+    explainer, names, categories = _EXPLAINERS[version]
+    row = _encode(pd.DataFrame([dict(record)]), names, categories)[0]
     explanation = explainer.explain(row, threshold=threshold)
     return {
         "method": "anchors",

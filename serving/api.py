@@ -8,7 +8,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,7 +22,7 @@ from serving.errors import (
     log_rejected,
 )
 from serving.feedback import FeedbackPublisher
-from serving.plane import MAX_BATCH, BatchPredictRequest, PredictRequest, ServingPlane
+from serving.plane import MAX_BATCH, ServingPlane
 
 __all__ = [
     "BodySizeLimit",
@@ -81,7 +81,8 @@ class ErrorBody(BaseModel):
 _ERROR_DESCRIPTIONS = {
     401: "Admin token missing or wrong (or CHURN_ADMIN_TOKEN not set on the server)",
     404: "A model version that is not registered or cannot be loaded",
-    409: "The router's state does not allow it (e.g. no challenger to promote)",
+    409: "The router's state does not allow it (e.g. no challenger to promote, or a version "
+    "that needs inputs the served contract does not give)",
     503: "A dependency (Kafka, the registry) is unavailable; retry",
 }
 
@@ -167,6 +168,24 @@ def create_router(
         return "admin"
 
     AuthHeader = Annotated[str | None, Header(description="Bearer <CHURN_ADMIN_TOKEN>")]
+    # The request bodies are the served contract's (the champion's at start-up), documented
+    # with its example record.
+    requests = plane.requests
+    # SHAP names one contribution per model input: the contract's features and derived ones.
+    inputs = len(plane.contract.names) + len(plane.contract.derived)
+    summary = "A record as a CRM exports it"
+    Record = Annotated[
+        requests.single,
+        Body(openapi_examples={"record": {"summary": summary, "value": requests.example}}),
+    ]
+    Records = Annotated[
+        requests.batch,
+        Body(
+            openapi_examples={
+                "records": {"summary": summary, "value": {"instances": [requests.example]}}
+            }
+        ),
+    ]
 
     # Nothing here holds up the event loop: scoring runs on the plane's scoring thread, SHAP on
     # its explanation thread (a first explanation takes seconds), and the handlers that read
@@ -178,7 +197,7 @@ def create_router(
         summary="Score one customer (routed)",
         responses=_errors(503),
     )
-    async def predict(body: PredictRequest) -> dict[str, Any]:
+    async def predict(body: Record) -> dict[str, Any]:
         row = body.model_dump(exclude_none=True)
         return (await plane.scored(lambda: plane.predict([row])))[0].as_dict()
 
@@ -188,7 +207,7 @@ def create_router(
         summary=f"Score up to {MAX_BATCH} customers",
         responses=_errors(503),
     )
-    async def predict_batch(body: BatchPredictRequest) -> dict[str, Any]:
+    async def predict_batch(body: Records) -> dict[str, Any]:
         rows = [r.model_dump(exclude_none=True) for r in body.instances]
         predictions = await plane.scored(lambda: plane.predict(rows))
         return {"predictions": [p.as_dict() for p in predictions]}
@@ -200,9 +219,11 @@ def create_router(
         responses=_errors(404, 409, 503),
     )
     async def explain(
-        body: PredictRequest,
+        body: Record,
         method: Literal["shap", "anchors"] = "shap",
-        top_k: Annotated[int, Query(ge=1, le=11)] = 5,
+        top_k: Annotated[
+            int, Query(ge=1, le=inputs, description=f"contributions to list (1-{inputs})")
+        ] = 5,
         version: Annotated[str | None, Query(pattern=r"^v[0-9]+$")] = None,
     ) -> dict[str, Any]:
         row = body.model_dump(exclude_none=True)
@@ -274,7 +295,7 @@ def create_router(
         "/router/policy",
         tags=["admin"],
         summary="Set strategy and canary weight",
-        responses=_errors(401, 404, 503),
+        responses=_errors(401, 404, 409, 503),
     )
     def set_policy(body: PolicyChange, authorization: AuthHeader = None) -> dict[str, Any]:
         actor = require_admin(authorization)

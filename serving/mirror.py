@@ -18,6 +18,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from churn_assets.broker import BrokerError
 from churn_assets.config import Settings
+from churn_assets.contract import Contract
 from churn_assets.kafka import client_config
 from churn_assets.schemas import MessageError, PredictionEvent, Topics, encode_message
 from serving.metrics import MIRROR_DROP_REASONS, ServingMetrics
@@ -136,10 +137,11 @@ class PredictionMirror:
 
     # -- the request path -------------------------------------------------------------------
 
-    def publish(self, event: PredictionEvent) -> bool:
-        """Queue ``event`` for delivery; ``False`` when it was dropped (the reason is counted)."""
+    def publish(self, event: PredictionEvent, contract: Contract | None = None) -> bool:
+        """Queue ``event`` for delivery, its features checked against ``contract`` (default: the
+        default contract); ``False`` when it was dropped (the reason is counted)."""
         try:
-            value = encode_message(Topics.PREDICTIONS, event)
+            value = encode_message(Topics.PREDICTIONS, event, contract)
         except (MessageError, ValueError) as exc:
             self._drop("encode_error", str(exc), getattr(event, "request_id", None))
             return False

@@ -18,12 +18,22 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+)
 
 from churn_assets.config import Settings
+from churn_assets.contract import Contract, ContractError, features_model
 from churn_assets.model import ScoringModel, load_model
 from churn_assets.registry import ModelRegistry, RegistryError
-from churn_assets.schemas import FEATURE_NAMES, CustomerFeatures, Identifier, PredictionEvent
+from churn_assets.schemas import Identifier, Topics, topic_schemas
+from churn_assets.validation import check_columns
 from serving.errors import InvalidInput, NotFound, ServingError, Unavailable
 from serving.metrics import ServingMetrics
 from serving.router import (
@@ -38,9 +48,13 @@ from serving.router import (
 
 __all__ = [
     "MAX_BATCH",
+    "Batch",
     "Prediction",
-    "PredictRequest",
+    "RequestModels",
     "ServingPlane",
+    "request_example",
+    "request_models",
+    "validate_columns",
     "validate_records",
 ]
 
@@ -49,15 +63,13 @@ T = TypeVar("T")
 
 MAX_BATCH = 1000
 MODEL_NAME = "churn"
+ID_FIELDS = ("customer_id", "request_id")
 
 
-class PredictRequest(CustomerFeatures):
-    """One record to score: the eight features, an optional customer and request id.
+class _RequestIds(BaseModel):
+    """What every request may carry besides the contract's features."""
 
-    Unknown fields, NaN/inf, out-of-range values and unknown categories are rejected.
-    """
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     customer_id: Identifier | None = None
     request_id: Identifier | None = None
@@ -70,33 +82,117 @@ def _batch_size(value: Any) -> Any:
     return value
 
 
-class BatchPredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+@dataclass(frozen=True)
+class RequestModels:
+    """The request models of one contract: a record (its features, an optional customer and
+    request id; unknown fields, NaN/inf, out-of-range values and unknown categories are
+    rejected) and a batch of records, with an example record for the docs."""
 
-    instances: Annotated[
-        list[PredictRequest],
-        BeforeValidator(_batch_size),
-        Field(min_length=1, max_length=MAX_BATCH),
-    ]
+    contract: Contract
+    single: type[BaseModel]
+    batch: type[BaseModel]
+    example: dict[str, Any]
 
 
-def validate_records(rows: Sequence[Mapping[str, Any]]) -> list[PredictRequest]:
-    """Validate raw rows; raises :class:`InvalidInput` with every field error, row-indexed."""
+_REQUEST_MODELS: dict[str, RequestModels] = {}
+_REQUEST_MODELS_LOCK = threading.Lock()
+
+
+def request_models(contract: Contract) -> RequestModels:
+    """The request models for ``contract``, built once per contract digest."""
+    with _REQUEST_MODELS_LOCK:
+        found = _REQUEST_MODELS.get(contract.digest)
+        if found is None:
+            single = features_model(contract, name="PredictRequest", base=_RequestIds)
+            single.__doc__ = (
+                "One record to score: the served contract's features, an optional customer and "
+                "request id. Unknown fields, NaN/inf, out-of-range values and unknown categories "
+                "are rejected; categories take any case, spacing or punctuation, or an alias."
+            )
+            batch = create_model(
+                "BatchPredictRequest",
+                __config__=ConfigDict(extra="forbid"),
+                instances=(
+                    Annotated[
+                        list[single],  # type: ignore[valid-type]
+                        BeforeValidator(_batch_size),
+                        Field(min_length=1, max_length=MAX_BATCH),
+                    ],
+                    ...,
+                ),
+            )
+            found = RequestModels(contract, single, batch, request_example(contract))
+            _REQUEST_MODELS[contract.digest] = found
+        return found
+
+
+def request_example(contract: Contract) -> dict[str, Any]:
+    """A valid record for ``contract``: each feature's declared ``example``; for a feature
+    without one, a number within its bounds, ``false``, or a category's first alias (else its
+    name in words)."""
+    example: dict[str, Any] = {}
+    for feature in contract.features:
+        if feature.example is not None:
+            example[feature.name] = feature.example
+        elif feature.kind in ("integer", "number"):
+            low = feature.minimum if feature.minimum is not None else 0.0
+            high = feature.maximum if feature.maximum is not None else low + 48
+            value = low + min((high - low) / 2, 24.0)
+            example[feature.name] = int(value) if feature.kind == "integer" else value
+        elif feature.kind == "boolean":
+            example[feature.name] = False
+        else:
+            canonical, aliases = next(iter(feature.categories.items()))
+            example[feature.name] = (
+                aliases[0] if aliases else canonical.replace("_", " ").capitalize()
+            )
+    return example
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Validated records: each record's canonical features (a missing value the contract fills
+    is ``None``) and its optional customer and request id."""
+
+    features: list[dict[str, Any]]
+    customer_ids: list[str | None]
+    request_ids: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The records as request rows again (features and the ids given)."""
+        return [
+            {
+                **{k: v for k, v in features.items() if v is not None},
+                **({"customer_id": c} if c is not None else {}),
+                **({"request_id": r} if r is not None else {}),
+            }
+            for features, c, r in zip(
+                self.features, self.customer_ids, self.request_ids, strict=True
+            )
+        ]
+
+
+def _check_batch_size(rows: int) -> None:
     if not rows:
         raise InvalidInput([{"loc": ["instances"], "msg": "at least one record is required"}])
-    if len(rows) > MAX_BATCH:
+    if rows > MAX_BATCH:
         raise InvalidInput(
-            [
-                {
-                    "loc": ["instances"],
-                    "msg": f"at most {MAX_BATCH} records per request, got {len(rows)}",
-                }
-            ]
+            [{"loc": ["instances"], "msg": f"at most {MAX_BATCH} records per request, got {rows}"}]
         )
+
+
+def validate_records(rows: Sequence[Mapping[str, Any]], contract: Contract) -> Batch:
+    """Validate raw rows against ``contract``; raises :class:`InvalidInput` with every field
+    error, row-indexed."""
+    _check_batch_size(len(rows))
+    model = request_models(contract).single
     valid, errors = [], []
     for index, row in enumerate(rows):
         try:
-            valid.append(PredictRequest.model_validate(row))
+            valid.append(model.model_validate(row))
         except ValidationError as exc:
             for error in exc.errors():
                 errors.append(
@@ -104,7 +200,71 @@ def validate_records(rows: Sequence[Mapping[str, Any]]) -> list[PredictRequest]:
                 )
     if errors:
         raise InvalidInput(errors)
-    return valid
+    names = set(contract.names)
+    return Batch(
+        features=[r.model_dump(include=names) for r in valid],
+        customer_ids=[r.customer_id for r in valid],
+        request_ids=[r.request_id for r in valid],
+    )
+
+
+_IDS: TypeAdapter[str | None] = TypeAdapter(Identifier | None)
+
+
+def validate_columns(columns: Mapping[str, Sequence[Any]], contract: Contract) -> Batch:
+    """Validate whole columns (the V2 protocol's one input per feature, plus optional
+    ``customer_id`` and ``request_id``) against ``contract`` with
+    :func:`~churn_assets.validation.check_columns`; raises :class:`InvalidInput`: a missing or
+    unknown column once, a bad value with its row."""
+    lengths = {name: len(values) for name, values in columns.items()}
+    if len(set(lengths.values())) > 1:
+        raise InvalidInput(
+            [{"loc": ["inputs"], "msg": f"inputs have different lengths: {lengths}"}]
+        )
+    rows = max(lengths.values(), default=0)
+    _check_batch_size(rows)
+    features = {k: v for k, v in columns.items() if k not in ID_FIELDS}
+    check = check_columns(contract, features)
+    errors: list[dict[str, Any]] = []
+    whole = {"missing column", "unknown column"}
+    for name in sorted({e.column for e in check.errors if e.reason in whole}):
+        reason = "missing column" if name in contract.names else "unknown column"
+        msg = (
+            f"missing input; the served contract's features: {', '.join(contract.names)}"
+            if reason == "missing column"
+            else f"unknown input; the served contract's features: {', '.join(contract.names)}"
+        )
+        errors.append({"loc": ["inputs", name], "msg": msg})
+    errors += [
+        {"loc": [e.row, e.column], "msg": e.reason} for e in check.errors if e.reason not in whole
+    ]
+    ids: dict[str, list[str | None]] = {}
+    for name in ID_FIELDS:
+        values = columns.get(name)
+        ids[name] = [None] * rows
+        for row, value in enumerate(values or ()):
+            try:
+                ids[name][row] = _IDS.validate_python(value)
+            except ValidationError as exc:
+                errors.append({"loc": [row, name], "msg": exc.errors()[0]["msg"]})
+    if errors:
+        raise InvalidInput(errors)
+    records: list[dict[str, Any]] = [{} for _ in range(rows)]
+    for feature in contract.features:
+        values = check.columns[feature.name]
+        for row in range(rows):
+            records[row][feature.name] = _native(feature.kind, values[row])
+    return Batch(records, ids["customer_id"], ids["request_id"])
+
+
+def _native(kind: str, value: Any) -> Any:
+    """A checked column's value as the JSON value a record holds."""
+    if kind in ("integer", "number"):
+        number = float(value)
+        if np.isnan(number):
+            return None
+        return int(number) if kind == "integer" else number
+    return value
 
 
 def _one_change_at_a_time(method: Callable[..., RouterState]) -> Callable[..., RouterState]:
@@ -142,7 +302,14 @@ class _Loaded:
 
 
 class ServingPlane:
-    """Everything a request needs, shared by all transports in one process."""
+    """Everything a request needs, shared by all transports in one process.
+
+    Requests are validated against :attr:`contract`, the contract the champion was trained with
+    when the process started (its request models: :attr:`requests`). A challenger, or a
+    champion a promotion or rollback would bring, is served only when requests of that shape
+    give it every input it needs (:meth:`Contract.missing_inputs`): at start-up an incompatible
+    challenger is logged and left out, and a router change to one is refused with 409.
+    """
 
     def __init__(
         self,
@@ -177,6 +344,8 @@ class ServingPlane:
         from serving.monitoring import MonitoringFeed
 
         self.monitoring = MonitoringFeed(settings.read_models_dir, self.metrics)
+        self.contract: Contract
+        self.requests: RequestModels
         self.state = self._initial_state()
         self._publish_weights()
 
@@ -199,10 +368,36 @@ class ServingPlane:
             challenger=aliases.get("challenger"),
             canary_weight=self.settings.router.canary_weight,
         ).validate()
-        for version in (state.champion, state.challenger):
-            if version:
-                self._get(version)
-        return self.store.save(state, action="init", actor="system", detail={})
+        state, dropped = self._serve_contract_of(state)
+        detail = {"changes": [dropped]} if dropped else {}
+        return self.store.save(state, action="init", actor="system", detail=detail)
+
+    def _serve_contract_of(self, state: RouterState) -> tuple[RouterState, str | None]:
+        """Serve the contract of ``state``'s champion; a challenger that requests of that
+        shape cannot serve is left out (logged), with what it lacks."""
+        self.contract = self._get(state.champion).model.contract
+        self.requests = request_models(self.contract)
+        if not state.challenger:
+            return state, None
+        problem = self.incompatibility(state.challenger)
+        if problem is None:
+            return state, None
+        log.warning("challenger not served: %s", problem)
+        return replace(
+            state,
+            challenger=None,
+            strategy="shadow" if state.strategy == "canary" else state.strategy,
+        ).validate(), f"challenger {state.challenger} dropped: {problem}"
+
+    def incompatibility(self, version: str) -> str | None:
+        """Why ``version`` cannot answer requests of the served contract, or ``None``."""
+        missing = self._get(version).model.contract.missing_inputs(self.contract)
+        if not missing:
+            return None
+        return (
+            f"{version} needs inputs that requests of the served contract (the champion's, "
+            f"{self.contract.digest[:12]}) do not give: {'; '.join(missing)}"
+        )
 
     def _restored_state(self, stored: RouterState) -> RouterState:
         """The stored state, reconciled with the registry's aliases (see :func:`reconcile`): a
@@ -211,9 +406,9 @@ class ServingPlane:
         state, changes = reconcile(stored, aliases.get("champion"), aliases.get("challenger"))
         if "champion" not in aliases:
             log.warning("the registry has no champion alias; serving the stored router state")
-        for version in (state.champion, state.challenger):
-            if version:
-                self._get(version)
+        state, dropped = self._serve_contract_of(state)
+        if dropped:
+            changes = (*changes, dropped)
         if not changes:
             log.info("router state restored: %s", stored)
             return stored
@@ -250,7 +445,7 @@ class ServingPlane:
             if loaded is None:
                 try:
                     model = load_model(self.registry, version)
-                except RegistryError as exc:
+                except (RegistryError, ContractError) as exc:
                     raise NotFound(f"model version {version!r} cannot be loaded: {exc}") from exc
                 threshold = float(
                     self.registry.get(version)
@@ -298,17 +493,25 @@ class ServingPlane:
         return await asyncio.get_running_loop().run_in_executor(self._explaining, work)
 
     # -- scoring --------------------------------------------------------------------------------
-    def predict(self, rows: Sequence[Mapping[str, Any]]) -> list[Prediction]:
+    def validate(self, rows: Sequence[Mapping[str, Any]] | Batch) -> Batch:
+        """``rows`` checked against the served contract (a :class:`Batch` is already)."""
+        return rows if isinstance(rows, Batch) else validate_records(rows, self.contract)
+
+    def predict(self, rows: Sequence[Mapping[str, Any]] | Batch) -> list[Prediction]:
         """Validate, route, score and mirror a batch of records."""
-        requests = validate_records(rows)
+        batch = self.validate(rows)
         started = time.perf_counter()
         state = self.state
-        routes = [route(state, r.customer_id or r.request_id or uuid.uuid4().hex) for r in requests]
+        keys = [
+            c or r or uuid.uuid4().hex
+            for c, r in zip(batch.customer_ids, batch.request_ids, strict=True)
+        ]
+        routes = [route(state, key) for key in keys]
         by_version: dict[str, list[int]] = {}
         for index, target in enumerate(routes):
             by_version.setdefault(target.primary, []).append(index)
-        records = [r.model_dump(include=set(FEATURE_NAMES)) for r in requests]
-        results: list[Prediction | None] = [None] * len(requests)
+        records = batch.features
+        results: list[Prediction | None] = [None] * len(batch)
         pending = list(by_version.items())
         while pending:
             version, indices = pending.pop(0)
@@ -333,8 +536,8 @@ class ServingPlane:
             elapsed_ms = (time.perf_counter() - started) * 1000
             for position, i in enumerate(indices):
                 results[i] = Prediction(
-                    request_id=requests[i].request_id or uuid.uuid4().hex,
-                    customer_id=requests[i].customer_id,
+                    request_id=batch.request_ids[i] or uuid.uuid4().hex,
+                    customer_id=batch.customer_ids[i],
                     probability=float(probabilities[position]),
                     model_version=version,
                     arm=routes[i].arm,
@@ -343,11 +546,11 @@ class ServingPlane:
                     latency_ms=elapsed_ms,
                 )
         predictions = [p for p in results if p is not None]
-        for prediction, request in zip(predictions, requests, strict=True):
-            self._record(prediction, request)
+        for prediction, features in zip(predictions, records, strict=True):
+            self._record(prediction, features)
         shadows = {s for target in routes for s in target.shadows}
         if shadows:
-            self._shadow_pool.submit(self._score_shadows, shadows, requests, predictions)
+            self._shadow_pool.submit(self._score_shadows, shadows, records, predictions)
         return predictions
 
     def _count_errors(self, version: str, arms: Sequence[str]) -> None:
@@ -371,7 +574,7 @@ class ServingPlane:
             ).inc(detected)
         return scores, flags
 
-    def _record(self, prediction: Prediction, request: PredictRequest) -> None:
+    def _record(self, prediction: Prediction, features: Mapping[str, Any]) -> None:
         key = (prediction.model_version, prediction.arm)
         self.metrics.predictions_total.labels(
             version=prediction.model_version, arm=prediction.arm, status="ok"
@@ -383,13 +586,15 @@ class ServingPlane:
             self._latencies.setdefault(key, deque(maxlen=5000)).append(prediction.latency_ms)
             count_key = (*key, "ok")
             self._counts[count_key] = self._counts.get(count_key, 0) + 1
-        self._mirror(prediction, request)
+        self._mirror(prediction, features)
 
-    def _mirror(self, prediction: Prediction, request: PredictRequest) -> None:
+    def _mirror(self, prediction: Prediction, features: Mapping[str, Any]) -> None:
         if self.mirror is None:
             return
+        # The event's features are the served contract's, and so is its schema.
+        event = topic_schemas(self.contract)[Topics.PREDICTIONS]
         self.mirror.publish(
-            PredictionEvent(
+            event(
                 request_id=prediction.request_id,
                 customer_id=prediction.customer_id,
                 model_name=MODEL_NAME,
@@ -398,18 +603,16 @@ class ServingPlane:
                 score=prediction.probability,
                 latency_ms=prediction.latency_ms,
                 status="ok",
-                features=CustomerFeatures.model_validate(
-                    request.model_dump(include=set(FEATURE_NAMES))
-                ),
+                features=dict(features),
                 predicted_at=datetime.now(UTC),
-            )
+            ),
+            self.contract,
         )
 
     def _score_shadows(
-        self, versions: set[str], requests: list[PredictRequest], primaries: list[Prediction]
+        self, versions: set[str], records: list[dict[str, Any]], primaries: list[Prediction]
     ) -> None:
         """Off the request path: score the shadow versions, record pairs, mirror them."""
-        records = [r.model_dump(include=set(FEATURE_NAMES)) for r in requests]
         for version in versions:
             try:
                 loaded = self._get(version)
@@ -418,7 +621,7 @@ class ServingPlane:
                 probabilities = loaded.model.predict_matrix(x)
                 elapsed_ms = (time.perf_counter() - started) * 1000
                 threshold = self._get(self.state.champion).threshold
-                for request, primary, p in zip(requests, primaries, probabilities, strict=True):
+                for features, primary, p in zip(records, primaries, probabilities, strict=True):
                     shadow = replace(
                         primary,
                         probability=float(p),
@@ -439,36 +642,51 @@ class ServingPlane:
                             "shadow_latency_ms": elapsed_ms,
                         }
                     )
-                    self._record(shadow, request)
+                    self._record(shadow, features)
             except Exception:  # shadow failures never reach callers; they are counted
                 log.exception("shadow scoring of %s failed", version)
-                self._count_errors(version, ["shadow"] * len(requests))
+                self._count_errors(version, ["shadow"] * len(records))
 
-    def predict_version(self, version: str, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        """Score with one version directly (the per-version V2 models); no routing, no mirror."""
-        requests = validate_records(rows)
+    def contract_of(self, version: str) -> Contract:
+        """The contract ``version`` was trained with (the one its own V2 model serves)."""
+        return self._get(version).model.contract
+
+    def predict_version(
+        self, version: str, rows: Sequence[Mapping[str, Any]] | Batch
+    ) -> np.ndarray:
+        """Score with one version directly (the per-version V2 models), validated against that
+        version's own contract; no routing, no mirror."""
         loaded = self._get(version)
-        records = [r.model_dump(include=set(FEATURE_NAMES)) for r in requests]
-        return loaded.model.predict_records(records)
+        batch = rows if isinstance(rows, Batch) else validate_records(rows, loaded.model.contract)
+        return loaded.model.predict_records(batch.features)
 
     def drain_shadows(self, timeout_s: float = 10.0) -> None:
         """Wait for queued shadow work (tests, shutdown)."""
         self._shadow_pool.submit(lambda: None).result(timeout=timeout_s)
 
     # -- explanations ---------------------------------------------------------------------------
+    def _explained_version(self, batch: Batch, version: str | None) -> _Loaded:
+        target = version or route(self.state, batch.customer_ids[0] or uuid.uuid4().hex).primary
+        if version is not None:
+            problem = self.incompatibility(version)
+            if problem is not None:
+                raise ServingError(f"cannot explain with {problem}", 409)
+        return self._get(target)
+
     def explain(self, row: Mapping[str, Any], *, version: str | None = None, top_k: int = 5):
-        request = validate_records([row])[0]
-        target = version or route(self.state, request.customer_id or uuid.uuid4().hex).primary
-        loaded = self._get(target)
+        batch = self.validate([row])
+        loaded = self._explained_version(batch, version)
         with self._lock:
             if loaded.explainer is None:
                 from churn_assets.explain import ShapExplainer
 
                 loaded.explainer = ShapExplainer(loaded.model)
-        explanation = loaded.explainer.explain_records(
-            [request.model_dump(include=set(FEATURE_NAMES))]
-        )[0]
-        return {**explanation.as_dict(top_k), "model_version": target, "method": "shap"}
+        explanation = loaded.explainer.explain_records(batch.features)[0]
+        return {
+            **explanation.as_dict(top_k),
+            "model_version": loaded.model.version,
+            "method": "shap",
+        }
 
     async def explain_anchors(
         self, row: Mapping[str, Any], *, version: str | None = None
@@ -476,9 +694,9 @@ class ServingPlane:
         """Alibi AnchorTabular rule for the record, computed in a separate process."""
         from churn_assets.outliers import REFERENCE_FILE
 
-        request = validate_records([row])[0]
-        target = version or route(self.state, request.customer_id or uuid.uuid4().hex).primary
-        loaded = self._get(target)
+        batch = self.validate([row])
+        loaded = self._explained_version(batch, version)
+        target = loaded.model.version or ""
         files = loaded.model.to_files()
         if REFERENCE_FILE not in files:
             raise ServingError(f"{target} has no reference sample to fit anchors on", 409)
@@ -487,17 +705,16 @@ class ServingPlane:
 
             self._anchors = AnchorService(seed=self.settings.training.seed)
         return await self._anchors.explain(
-            target,
-            files,
-            request.model_dump(include=set(FEATURE_NAMES)),
-            decision=loaded.threshold,
+            target, files, batch.features[0], decision=loaded.threshold
         )
 
     # -- administration -------------------------------------------------------------------------
     def _change(self, new_state: RouterState, action: str, actor: str, **detail: Any):
         for version in (new_state.champion, new_state.challenger):
             if version:
-                self._get(version)
+                problem = self.incompatibility(version)
+                if problem is not None:
+                    raise ServingError(f"router not changed: {problem}", 409)
         # The registry first: a crash between the two leaves the registry ahead of the saved
         # router state, which the next start reconciles as the change it was (a promotion
         # recorded the other way round would read as a rollback made in the registry).

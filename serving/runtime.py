@@ -4,10 +4,13 @@
 * ``churn`` with versions ``v1``, ``v2``, ...: one registered version, no routing.
 * ``churn-explainer``: SHAP contributions for the routed version.
 
-Requests carry either one named input per feature (MLServer's pandas codec; optional
-``customer_id`` and ``request_id`` columns) or a single ``records`` input of JSON strings, one
-record each. Every input's shape must match its data and its values its datatype. Validation
-errors become MLServer errors with status 422 (gRPC INVALID_ARGUMENT), naming the input.
+Requests carry either one named input per feature of the served contract (the champion's;
+a ``churn`` version's own contract for that version; optional ``customer_id`` and ``request_id``
+inputs) or a single ``records`` input of JSON strings, one record each. Every input's shape must
+match its data and its values its datatype; the columns are then checked against the contract
+(:func:`~serving.plane.validate_columns`). The models' metadata lists the inputs: an integer
+feature is INT64, a number FP64, a boolean BOOL, a category BYTES. Validation errors become
+MLServer errors with status 422 (gRPC INVALID_ARGUMENT), naming the input.
 
 Scoring runs on the plane's scoring thread and SHAP on its explanation thread
 (:meth:`ServingPlane.scored`, :meth:`ServingPlane.explained`), never on the event loop that serves
@@ -21,20 +24,29 @@ from typing import Any
 import numpy as np
 import orjson
 from mlserver import MLModel
-from mlserver.codecs import NumpyCodec, PandasCodec, StringCodec
+from mlserver.codecs import NumpyCodec, StringCodec
 from mlserver.errors import MLServerError
-from mlserver.types import Datatype, InferenceRequest, InferenceResponse, RequestInput, TensorData
+from mlserver.types import (
+    Datatype,
+    InferenceRequest,
+    InferenceResponse,
+    MetadataTensor,
+    RequestInput,
+    TensorData,
+)
 
+from churn_assets.contract import Contract
 from serving.errors import ServingError
-from serving.plane import ServingPlane
+from serving.plane import ID_FIELDS, Batch, ServingPlane, validate_columns, validate_records
 
 __all__ = [
     "ExplainerRuntime",
     "RouterRuntime",
     "VersionRuntime",
+    "batch_from_request",
+    "input_metadata",
     "install_plane",
     "invalid_input",
-    "records_from_request",
 ]
 
 _PLANE: ServingPlane | None = None
@@ -52,12 +64,15 @@ def _plane() -> ServingPlane:
     return _PLANE
 
 
-def _native(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return value
+DATATYPES = {"integer": "INT64", "number": "FP64", "boolean": "BOOL", "category": "BYTES"}
+
+
+def input_metadata(contract: Contract) -> list[MetadataTensor]:
+    """The V2 inputs of ``contract``: one per feature, named and typed, one value per record."""
+    return [
+        MetadataTensor(name=feature.name, datatype=DATATYPES[feature.kind], shape=[-1])
+        for feature in contract.features
+    ]
 
 
 _INTEGERS = {"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"}
@@ -89,8 +104,8 @@ def _kind(datatype: str) -> str:
     return "strings" if datatype == "BYTES" else "booleans"
 
 
-def _check_input(item: RequestInput) -> int:
-    """The number of elements of one input, once its shape matches its data and every value
+def _check_input(item: RequestInput) -> list[Any]:
+    """The elements of one input, flat, once its shape matches its data and every value
     its datatype (MLServer decodes gRPC requests without validating them, and its codecs fail
     with a 500 on a string in an INT64 input)."""
     datatype = item.datatype.value if isinstance(item.datatype, Datatype) else str(item.datatype)
@@ -125,41 +140,57 @@ def _check_input(item: RequestInput) -> int:
                 f"input {item.name!r} ({datatype}): element {index} is {shown} "
                 f"({type(value).__name__}); {datatype} takes {_kind(datatype)}"
             )
-    return len(values)
+    if datatype == "BYTES":
+        for index, value in enumerate(values):
+            if isinstance(value, bytes):
+                try:
+                    values[index] = value.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise invalid_input(
+                        f"input {item.name!r} (BYTES): element {index} is not UTF-8 text: {exc}"
+                    ) from None
+    return values
 
 
-def records_from_request(payload: InferenceRequest) -> list[dict[str, Any]]:
-    """Rows from either codec: per-feature inputs (pandas) or a ``records`` JSON input."""
+def batch_from_request(payload: InferenceRequest, contract: Contract) -> Batch:
+    """The request's records checked against ``contract``: per-feature inputs as columns, or a
+    ``records`` input of JSON objects row by row."""
     if not payload.inputs:
         raise invalid_input("the request has no inputs: send one per feature, or 'records'")
-    lengths = {item.name: _check_input(item) for item in payload.inputs}
+    names = [item.name for item in payload.inputs]
+    if len(set(names)) < len(names):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        raise invalid_input(f"inputs named more than once: {', '.join(repeated)}")
+    columns = {item.name: _check_input(item) for item in payload.inputs}
+    lengths = {name: len(values) for name, values in columns.items()}
     if not any(lengths.values()):
         raise invalid_input(f"the request holds no records: every input is empty {lengths}")
-    names = [item.name for item in payload.inputs]
     if names == ["records"]:
-        rows = []
-        try:
-            raws = StringCodec.decode_input(payload.inputs[0])
-        except ValueError as exc:  # UnicodeDecodeError among them
-            raise invalid_input(f"records: not UTF-8 strings: {exc}") from None
-        for raw in raws:
-            try:
-                row = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                raise invalid_input(f"records: not valid JSON: {exc}") from None
-            if not isinstance(row, dict):
-                raise invalid_input("records: each element must be a JSON object")
-            rows.append(row)
-        return rows
+        return validate_records(_records(columns["records"]), contract)
     if "records" in names:
         raise invalid_input("send either a single 'records' input or one input per feature")
     if len(set(lengths.values())) > 1:
         raise invalid_input(f"inputs have different lengths: {lengths}")
-    try:
-        frame = PandasCodec.decode_request(payload)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise invalid_input(f"the inputs cannot be decoded as columns: {exc}") from None
-    return [{key: _native(value) for key, value in row.items()} for row in frame.to_dict("records")]
+    unknown = [name for name in names if name not in contract.names and name not in ID_FIELDS]
+    if unknown:
+        raise invalid_input(
+            f"unknown inputs {', '.join(unknown)}; the model's inputs: "
+            f"{', '.join((*contract.names, *ID_FIELDS))}"
+        )
+    return validate_columns(columns, contract)
+
+
+def _records(raws: list[Any]) -> list[dict[str, Any]]:
+    rows = []
+    for raw in raws:
+        try:
+            row = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise invalid_input(f"records: not valid JSON: {exc}") from None
+        if not isinstance(row, dict):
+            raise invalid_input("records: each element must be a JSON object")
+        rows.append(row)
+    return rows
 
 
 def _fail(exc: ServingError) -> MLServerError:
@@ -176,7 +207,9 @@ class RouterRuntime(MLModel):
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         plane = _plane()
         try:
-            predictions = await plane.scored(lambda: plane.predict(records_from_request(payload)))
+            predictions = await plane.scored(
+                lambda: plane.predict(batch_from_request(payload, plane.contract))
+            )
         except ServingError as exc:
             raise _fail(exc) from None
         outputs = [
@@ -209,7 +242,9 @@ class VersionRuntime(MLModel):
         plane, version = _plane(), self.version or ""
         try:
             probabilities = await plane.scored(
-                lambda: plane.predict_version(version, records_from_request(payload))
+                lambda: plane.predict_version(
+                    version, batch_from_request(payload, plane.contract_of(version))
+                )
             )
         except ServingError as exc:
             raise _fail(exc) from None
@@ -235,7 +270,8 @@ class ExplainerRuntime(MLModel):
         if method not in (None, "shap", "anchors"):
             raise invalid_input(f"parameters.method must be 'shap' or 'anchors', not {method!r}")
         try:
-            rows = await plane.scored(lambda: records_from_request(payload))
+            batch = await plane.scored(lambda: batch_from_request(payload, plane.contract))
+            rows = batch.rows()
             if method == "anchors":
                 explanations = [await plane.explain_anchors(row) for row in rows]
             else:

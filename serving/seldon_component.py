@@ -4,7 +4,8 @@
         --parameters '[{"name": "version", "value": "champion", "type": "STRING"}]'
 
 Seldon passes ``--parameters`` as keyword arguments. Input: an ndarray (or a list of rows) with
-the eight features in ``features_names`` order (names required), validated like every other path.
+the features of the version's contract (the one it was trained with) in ``features_names`` order
+(names required), validated like every other path.
 Seldon builds one numpy array from a JSON ``ndarray``, so a row that mixes strings and numbers
 arrives as strings only: a numeric feature's text is read back as the JSON number it was
 (``"12.0"`` → 12.0; text that is not a JSON number, or ``"true"``, stays text and is refused).
@@ -19,9 +20,9 @@ import numpy as np
 import orjson
 
 from churn_assets.config import load_settings
+from churn_assets.contract import Contract
 from churn_assets.model import load_model
 from churn_assets.registry import ModelRegistry
-from churn_assets.schemas import FEATURE_NAMES, NUMERIC_FEATURES
 from serving.errors import InvalidInput
 from serving.plane import validate_records
 
@@ -30,11 +31,11 @@ __all__ = ["ChurnSeldonModel"]
 log = logging.getLogger(__name__)
 
 
-def _value(name: str, value: Any) -> Any:
+def _value(contract: Contract, name: str, value: Any) -> Any:
     """A cell as the JSON value the client sent (see the module's docstring)."""
     if isinstance(value, np.generic):
         value = value.item()
-    if name in NUMERIC_FEATURES and isinstance(value, str):
+    if name in contract.numeric_names and isinstance(value, str):
         try:
             number = orjson.loads(value)
         except orjson.JSONDecodeError:
@@ -66,16 +67,22 @@ class ChurnSeldonModel:
         rows = np.asarray(X, dtype=object)
         if rows.ndim != 2:
             raise InvalidInput([{"loc": ["data"], "msg": "expected a 2-D array of rows"}])
-        if sorted(names) != sorted(FEATURE_NAMES):
+        contract = self.model.contract
+        if sorted(names) != sorted(contract.names):
             raise InvalidInput(
-                [{"loc": ["names"], "msg": f"names must be the eight features {FEATURE_NAMES}"}]
+                [
+                    {
+                        "loc": ["names"],
+                        "msg": f"names must be the model's features {', '.join(contract.names)}",
+                    }
+                ]
             )
         records = [
-            {name: _value(name, value) for name, value in zip(names, row, strict=True)}
+            {name: _value(contract, name, value) for name, value in zip(names, row, strict=True)}
             for row in rows
         ]
         try:
-            valid = validate_records(records)
+            valid = validate_records(records, contract)
         except InvalidInput as exc:
             # Inside seldon-core-microservice, this exception becomes an HTTP 400 reply.
             from seldon_core.flask_utils import SeldonMicroserviceException
@@ -83,8 +90,7 @@ class ChurnSeldonModel:
             raise SeldonMicroserviceException(
                 str(exc), status_code=400, reason="BAD_INPUT"
             ) from exc
-        features = [r.model_dump(include=set(FEATURE_NAMES)) for r in valid]
-        return self.model.predict_records(features).reshape(-1, 1)
+        return self.model.predict_records(valid.features).reshape(-1, 1)
 
     def class_names(self) -> list[str]:
         return ["churn_probability"]

@@ -45,7 +45,13 @@ from serving.metrics import ServingMetrics
 from serving.mirror import PredictionMirror
 from serving.openapi import publish_openapi
 from serving.plane import ServingPlane
-from serving.runtime import ExplainerRuntime, RouterRuntime, VersionRuntime, install_plane
+from serving.runtime import (
+    ExplainerRuntime,
+    RouterRuntime,
+    VersionRuntime,
+    input_metadata,
+    install_plane,
+)
 
 __all__ = ["ADMIN_TOKEN_ENV", "ServingProcess", "create_server", "run"]
 
@@ -104,7 +110,8 @@ def _model_settings(plane: ServingPlane) -> list[ModelSettings]:
     other registered version that cannot be loaded (an old one, a champion a rollback would
     return to) is quarantined: left out of the V2 models, logged, and reported in
     ``/router/metrics`` and ``model_quarantined``; an old damaged version never keeps the
-    current ones from serving."""
+    current ones from serving. Each model's metadata names its inputs: the served contract's
+    for the router and the explainer, a version's own for that version."""
     state = plane.state
     routed = {state.champion, state.challenger} - {None}
     versions = []
@@ -117,15 +124,17 @@ def _model_settings(plane: ServingPlane) -> list[ModelSettings]:
             plane.quarantine(version, str(exc))
             continue
         versions.append(version)
+    served = input_metadata(plane.contract)
     models = [
-        ModelSettings(name="churn-router", implementation=RouterRuntime),
-        ModelSettings(name="churn-explainer", implementation=ExplainerRuntime),
+        ModelSettings(name="churn-router", implementation=RouterRuntime, inputs=served),
+        ModelSettings(name="churn-explainer", implementation=ExplainerRuntime, inputs=served),
     ]
     models += [
         ModelSettings(
             name="churn",
             implementation=VersionRuntime,
             parameters=ModelParameters(version=version),
+            inputs=input_metadata(plane.contract_of(version)),
         )
         for version in versions
     ]

@@ -48,10 +48,8 @@ from churn_assets.registry import (
     read_verified,
     read_version_dir,
 )
-from churn_assets.schemas import FEATURE_NAMES
 from serving.errors import InvalidInput
-from serving.plane import validate_records
-from serving.runtime import records_from_request
+from serving.runtime import batch_from_request, input_metadata
 
 __all__ = [
     "MODEL_SETTINGS_FILE",
@@ -185,24 +183,25 @@ def model_dir_overrides(
 class ChurnModel(MLModel):
     """MLServer runtime for one exported version folder (Seldon Core 2, ``mlserver start``).
 
-    Inputs as for the ``churn`` models of ``churn serve`` (one input per feature with the pandas
-    codec, or a single ``records`` input of JSON objects), validated by the same rules; outputs
+    Inputs as for the ``churn`` models of ``churn serve`` (one input per feature of the version's
+    contract, or a single ``records`` input of JSON objects), validated by the same rules; outputs
     ``probability`` and ``model_version`` (the churn version of the manifest).
     """
 
     async def load(self) -> bool:
         folder = Path(await get_model_uri(self.settings))
         self._scoring = load_version_folder(folder)
+        if not self.inputs:  # the metadata names the contract's inputs
+            self.inputs = input_metadata(self._scoring.contract)
         log.info("model %s serves churn %s from %s", self.name, self._scoring.version, folder)
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         try:
-            requests = validate_records(records_from_request(payload))
+            requests = batch_from_request(payload, self._scoring.contract)
         except InvalidInput as exc:
             raise MLServerError(str(exc), exc.status_code) from None
-        features = [r.model_dump(include=set(FEATURE_NAMES)) for r in requests]
-        probabilities = self._scoring.predict_records(features)
+        probabilities = self._scoring.predict_records(requests.features)
         return InferenceResponse(
             id=payload.id,
             model_name=self.name,

@@ -9,18 +9,24 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import xgboost as xgb
 from mlserver.grpc import dataplane_pb2 as pb
 
 from churn_assets.broker import EmbeddedBroker
 from churn_assets.candidate import train_candidate
 from churn_assets.config import load_settings
+from churn_assets.contract import Contract, contract_from_dict
+from churn_assets.features import FeatureTransformer
 from churn_assets.kafka import ensure_topics
+from churn_assets.model import ScoringModel
 from churn_assets.registry import ModelRegistry
-from churn_assets.schemas import FEATURE_NAMES
+from churn_assets.schemas import DEFAULT_CONTRACT, FEATURE_NAMES
+from churn_assets.simulator import sample_customers
 from churn_assets.training import build_training_set
 from tests.ml_fixtures import small_frames
 
@@ -42,6 +48,80 @@ def build_registry(root: Path) -> Path:
         )
         registry.set_alias(alias, version.version)
     return root
+
+
+# The documented request as a CRM spells it (the default contract's features), and the same with
+# the two features of the ten-feature contract.
+DOCUMENTED_REQUEST = {
+    "customer_tenure": 24,
+    "monthly_charges": 79.99,
+    "total_charges": 1919.76,
+    "contract_type": "Two year",
+    "payment_method": "Credit card",
+    "internet_service": "Fiber optic",
+    "support_tickets": 2,
+    "login_frequency": 5.2,
+}
+EXTENDED_REQUEST = {
+    **DOCUMENTED_REQUEST,
+    "senior_citizen": True,
+    "tech_support": "No internet service",
+}
+
+
+def extended_contract() -> Contract:
+    """The default contract plus a boolean ``senior_citizen`` and a category ``tech_support``."""
+    raw = DEFAULT_CONTRACT.as_dict()
+    raw["features"] += [
+        {"name": "senior_citizen", "kind": "boolean", "description": "65 or older"},
+        {
+            "name": "tech_support",
+            "kind": "category",
+            "description": "tech support subscription",
+            "categories": {"yes": [], "no": [], "no_internet": ["No internet service"]},
+        },
+    ]
+    return contract_from_dict(raw)
+
+
+def contract_model(contract: Contract, *, seed: int = 0, rows: int = 800) -> ScoringModel:
+    """A small booster trained on ``contract``'s features without Dagster: the simulator's
+    customers, the features they lack drawn at random (seeded), churn made likelier by a
+    ``true`` boolean and by a category's first value so the extra features matter."""
+    frame = sample_customers(rows, seed=seed)
+    rng = np.random.default_rng(seed)
+    label = frame["label"].to_numpy().astype(bool)
+    for feature in contract.features:
+        if feature.name in frame.columns:
+            continue
+        if feature.kind == "boolean":
+            values = rng.random(rows) < 0.3
+            label |= values & (rng.random(rows) < 0.3)
+        elif feature.kind == "category":
+            values = rng.choice(list(feature.categories), rows)
+            label |= (values == next(iter(feature.categories))) & (rng.random(rows) < 0.3)
+        else:
+            low = feature.minimum if feature.minimum is not None else 0.0
+            high = feature.maximum if feature.maximum is not None else low + 100
+            values = rng.uniform(low, min(high, low + 100), rows)
+            if feature.kind == "integer":
+                values = np.round(values).astype(int)
+        frame[feature.name] = values
+    transformer = FeatureTransformer.fit(frame, contract)
+    booster = xgb.train(
+        {"objective": "binary:logistic", "max_depth": 3, "seed": seed, "nthread": 1},
+        xgb.DMatrix(transformer.transform(frame), label=label.astype(int)),
+        num_boost_round=20,
+    )
+    return ScoringModel(booster=booster, transformer=transformer, contract=contract)
+
+
+def register_model(registry: ModelRegistry, model: ScoringModel, alias: str | None = None) -> str:
+    """Register ``model`` (decision threshold 0.5), aliased if ``alias``; its version."""
+    version = registry.register(model.to_files(), {"metrics": {"test_threshold": 0.5}})
+    if alias is not None:
+        registry.set_alias(alias, version.version)
+    return version.version
 
 
 def free_port() -> int:
@@ -127,14 +207,18 @@ def copy_registry(source: Path, settings_registry_dir: Path) -> None:
     shutil.copytree(source, settings_registry_dir)
 
 
-def infer_request(rows, model="churn-router", version=""):
-    """A gRPC V2 request with one typed tensor per column (pandas codec) for ``rows``."""
+def infer_request(rows, model="churn-router", version="", names=FEATURE_NAMES):
+    """A gRPC V2 request with one typed tensor per column (pandas codec) for ``rows``: the
+    features ``names`` and ``customer_id``."""
     request = pb.ModelInferRequest(model_name=model, model_version=version)
     request.parameters["content_type"].string_param = "pd"
-    for name in ("customer_id", *FEATURE_NAMES):
+    for name in ("customer_id", *names):
         values = [row[name] for row in rows]
         tensor = request.inputs.add(name=name, shape=[len(rows)])
-        if isinstance(values[0], str):
+        if isinstance(values[0], bool):
+            tensor.datatype = "BOOL"
+            tensor.contents.bool_contents.extend(values)
+        elif isinstance(values[0], str):
             tensor.datatype = "BYTES"
             tensor.parameters["content_type"].string_param = "str"
             tensor.contents.bytes_contents.extend(v.encode() for v in values)
@@ -148,15 +232,17 @@ def infer_request(rows, model="churn-router", version=""):
 
 
 @contextlib.contextmanager
-def served_with_broker(root: Path) -> Iterator[RunningServer]:
-    """Under ``root``: a config, a trained registry (v1 champion, v2 challenger), an embedded
-    broker with every topic (``/feedback`` answers 200 only once Kafka acknowledges), and a
-    ready ``churn serve`` on them; all stopped on exit."""
+def served_with_broker(
+    root: Path, build: Callable[[Path], object] = build_registry
+) -> Iterator[RunningServer]:
+    """Under ``root``: a config, a registry ``build`` fills (default: v1 champion and v2
+    challenger, trained), an embedded broker with every topic (``/feedback`` answers 200 only
+    once Kafka acknowledges), and a ready ``churn serve`` on them; all stopped on exit."""
     from tests.conftest import write_config
 
     config_path = write_config(root)
     settings = load_settings(config_path)
-    build_registry(settings.registry_dir)
+    build(settings.registry_dir)
     broker = EmbeddedBroker(settings.run_dir)
     broker.start()
     running = None

@@ -4,7 +4,7 @@ import dagster as dg
 
 from churn_assets.landing import Lander, LandingReport
 from churn_assets.resources import PlatformResource
-from churn_assets.schemas import DATA_TOPICS
+from churn_assets.schemas import DATA_TOPICS, Topics
 from churn_assets.warehouse import LANDING_TABLES
 
 __all__ = ["WAREHOUSE_POOL", "landing_assets", "landing_asset_key"]
@@ -45,7 +45,8 @@ def _build_landing_asset(topic: str) -> dg.AssetsDefinition:
         kinds={"kafka", "duckdb"},
         pool=WAREHOUSE_POOL,
         description=(
-            f"Messages of Kafka topic `{topic}`, validated against their schema and landed into "
+            f"Messages of Kafka topic `{topic}`, validated against their schema (customer events "
+            "and prediction features against the configured feature contract) and landed into "
             f"DuckDB table `{table}` with an exactly-once effect (offsets stored in the same "
             "transaction; a message whose own id has landed already is counted as a replay, "
             "not inserted; invalid messages go to `dead_letters` with the reason and, at least "
@@ -75,7 +76,12 @@ def _build_landing_asset(topic: str) -> dg.AssetsDefinition:
                 f"{topic}: {report.dead_letters_pending} dead letters are not confirmed on the "
                 "dead-letter topic yet; the next landing run republishes them"
             )
-        return dg.MaterializeResult(metadata=_metadata(report, counts, table))
+        metadata = _metadata(report, counts, table)
+        if topic != Topics.FEEDBACK:
+            # Customer events (and prediction features) were validated against this contract.
+            metadata["feature_contract"] = dg.MetadataValue.text(str(settings.contract_path))
+            metadata["contract_digest"] = dg.MetadataValue.text(settings.contract.digest)
+        return dg.MaterializeResult(metadata=metadata)
 
     return _landing
 

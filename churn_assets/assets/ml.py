@@ -48,8 +48,8 @@ __all__ = [
 
 def _load_landed(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
     with connect(settings.warehouse_path) as con:
-        ensure_schema(con)
-        return landed_frames(con)
+        ensure_schema(con, settings.contract)
+        return landed_frames(con, settings.contract)
 
 
 def _replace_table(settings: Settings, table: str, frame: pd.DataFrame) -> int:
@@ -77,7 +77,9 @@ def customer_features(
     if events.empty:
         raise TrainingError("no landed customer events: run the landing assets first")
     as_of = events["event_time"].max()
-    frame = customer_features_as_of(events, as_of.to_pydatetime()).assign(as_of=as_of)
+    frame = customer_features_as_of(
+        events, as_of.to_pydatetime(), contract=settings.contract
+    ).assign(as_of=as_of)
     rows = _replace_table(settings, "customer_features", frame)
     context.log.info(f"features for {rows} customers as of {as_of}")
     return dg.MaterializeResult(
@@ -104,7 +106,9 @@ def training_set(
     context: dg.AssetExecutionContext, platform: PlatformResource
 ) -> dg.MaterializeResult:
     """Point-in-time training rows: features as of each snapshot, label = churn within the
-    horizon after it; time-based train/validation/test split with purging."""
+    horizon after it; time-based train/validation/test split with purging, or for snapshot
+    data (a static export) a seeded, label-stratified split by customer (metadata says which
+    and why)."""
     settings = platform.settings()
     built = _training_set(settings)
     rows = _replace_table(settings, "training_set", built.frame)
@@ -115,6 +119,9 @@ def training_set(
             "dagster/row_count": rows,
             "snapshots": len(built.plan.all),
             "known_at": str(built.known_at),
+            "split_method": built.split_method,
+            "split_reason": built.split_reason,
+            "contract_digest": settings.contract.digest,
             "splits": dg.MetadataValue.md(
                 markdown_table(
                     [
@@ -140,7 +147,9 @@ def training_set_point_in_time(platform: PlatformResource) -> dg.AssetCheckResul
             ).fetchall()
         ]
     for snapshot in snapshots:
-        assert_point_in_time(events, pd.Timestamp(snapshot).to_pydatetime())
+        assert_point_in_time(
+            events, pd.Timestamp(snapshot).to_pydatetime(), contract=settings.contract
+        )
     return dg.AssetCheckResult(passed=True, metadata={"snapshots_checked": len(snapshots)})
 
 
@@ -166,8 +175,8 @@ def _stored_training_set(settings: Settings) -> TrainingSet:
 def candidate_model(
     context: dg.AssetExecutionContext, config: CandidateModelConfig, platform: PlatformResource
 ) -> dg.MaterializeResult:
-    """XGBoost candidate and logistic-regression baseline, evaluated on the time holdout;
-    staged for the quality gates."""
+    """XGBoost candidate and logistic-regression baseline on the configured feature contract,
+    evaluated on the holdout (test split); staged for the quality gates."""
     settings = platform.settings()
     built = _stored_training_set(settings)
     registry = ModelRegistry(settings.registry_dir)
@@ -197,7 +206,6 @@ def candidate_model(
         "test_log_loss": metrics["test_log_loss"],
         "test_calibration_error": metrics["test_calibration_error"],
         "baseline_roc_auc": baseline["roc_auc"],
-        "simulator_best_auc": report["simulator_best_auc"],
         "threshold": metrics["test_threshold"],
         "best_iteration": report["best_iteration"],
         "shuffled_labels": report["shuffled_labels"],
@@ -214,7 +222,14 @@ def candidate_model(
         ),
         "training_window": dg.MetadataValue.json(report["training_window"]),
         "data_fingerprint": report["data_fingerprint"],
+        "contract_digest": report["contract_digest"],
+        "split_method": report["split"]["method"],
+        "split_reason": report["split"]["reason"],
+        "rows_by_split": dg.MetadataValue.json(report["rows"]),
     }
+    if report["simulator_best_auc"] is not None:
+        # Only under the default contract, whose features the simulator's formula reads.
+        metadata["simulator_best_auc"] = report["simulator_best_auc"]
     if report["champion"]:
         metadata["champion_version"] = report["champion"]["version"]
         metadata["champion_roc_auc"] = report["champion"]["roc_auc"]
@@ -312,6 +327,8 @@ def registered_model(
             "simulator_best_auc": report["simulator_best_auc"],
             "training_window": report["training_window"],
             "data_fingerprint": report["data_fingerprint"],
+            "contract_digest": report["contract_digest"],
+            "split": report["split"],
             "params": report["params"],
             "rows": report["rows"],
             "horizon_days": report["horizon_days"],
@@ -383,7 +400,7 @@ def customer_segments(
     customers["risk"] = model.predict_frame(customers)
     churned = set(feedback.loc[feedback["churned"], "customer_id"])
     customers["churned"] = customers["customer_id"].isin(churned)
-    segments = segment_table(customers, model.version)
+    segments = segment_table(customers, model.version, model.contract)
     rows = _replace_table(settings, "customer_segments", segments)
     return dg.MaterializeResult(
         metadata={

@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from churn_assets.assets.landing import WAREHOUSE_POOL
 from churn_assets.config import Settings
+from churn_assets.contract import Contract
 from churn_assets.kafka import make_producer
 from churn_assets.model import ScoringModel, load_model
 from churn_assets.monitoring import publish_monitoring_section
@@ -23,11 +24,12 @@ from churn_assets.outliers import load_outlier_scorer, load_reference_frame
 from churn_assets.plots import markdown_table
 from churn_assets.registry import ModelRegistry
 from churn_assets.resources import PlatformResource
-from churn_assets.schemas import FEATURE_NAMES, DriftAlert, OutlierEvent, Topics, encode_message
+from churn_assets.schemas import DriftAlert, OutlierEvent, Topics, encode_message
 from churn_assets.warehouse import connect, ensure_schema, publish_read_model
 
 __all__ = [
     "drift_report",
+    "live_events_sql",
     "live_performance",
     "monitoring_assets",
     "monitoring_checks",
@@ -35,11 +37,16 @@ __all__ = [
 ]
 
 LIVE_EVENTS_SQL = """
-SELECT event_id, customer_id, event_time, customer_tenure, monthly_charges, total_charges,
-       contract_type, payment_method, internet_service, support_tickets, login_frequency
+SELECT event_id, customer_id, event_time, {features}
 FROM landed_customer_events
 WHERE event_time > (SELECT max(event_time) FROM landed_customer_events) - to_seconds(?)
 """
+
+
+def live_events_sql(contract: Contract) -> str:
+    """The live window's query for ``contract``'s feature columns (names the contract has
+    checked: lower-case letters, digits and underscores; quoted all the same)."""
+    return LIVE_EVENTS_SQL.format(features=", ".join(f'"{name}"' for name in contract.names))
 
 
 class MonitoringError(RuntimeError):
@@ -53,11 +60,19 @@ def _champion(settings: Settings) -> tuple[ScoringModel, dict[str, bytes]]:
     return model, files
 
 
-def _live_events(settings: Settings) -> pd.DataFrame:
+def _live_events(settings: Settings, contract: Contract) -> pd.DataFrame:
+    """The landed events of the live window with ``contract``'s features (the champion's)."""
     seconds = settings.monitoring.live_window_days * 86_400
     with connect(settings.warehouse_path) as con:
-        ensure_schema(con)
-        live = con.execute(LIVE_EVENTS_SQL, [seconds]).df()
+        ensure_schema(con, settings.contract)
+        columns = {row[0] for row in con.execute("DESCRIBE landed_customer_events").fetchall()}
+        lacking = [name for name in contract.names if name not in columns]
+        if lacking:
+            raise MonitoringError(
+                f"landed_customer_events has no column for the champion's features {lacking}: "
+                "land events with the contract the champion was trained on"
+            )
+        live = con.execute(live_events_sql(contract), [seconds]).df()
     if live.empty:
         raise MonitoringError("no landed customer events in the live window; land data first")
     live["event_time"] = pd.to_datetime(live["event_time"], utc=True)
@@ -101,11 +116,13 @@ def drift_report(
     settings = platform.settings()
     cfg = settings.monitoring.drift_detection
     model, files = _champion(settings)
-    reference = load_reference_frame(files)
-    live = _live_events(settings)
+    contract = model.contract
+    reference = load_reference_frame(files, contract.names)
+    live = _live_events(settings, contract)
     report = compute_drift(
-        reference[list(FEATURE_NAMES)],
-        live[list(FEATURE_NAMES)],
+        reference,
+        live[list(contract.names)],
+        contract=contract,
         threshold=cfg.threshold,
         correction=cfg.correction,
         mmd_sample=cfg.mmd_sample,
@@ -225,7 +242,7 @@ def outlier_report(
     contamination = settings.monitoring.outlier_detection.contamination
     model, files = _champion(settings)
     scorer = load_outlier_scorer(model.transformer, files)
-    live = _live_events(settings)
+    live = _live_events(settings, model.contract)
     x = model.transformer.transform(live)
     iso_scores, iso_flags = scorer.score_isolation_forest(x)
     maha_scores, maha_flags = scorer.score_mahalanobis(x)
@@ -290,7 +307,7 @@ def outlier_report(
             "events_sent": sent,
             "top_outliers": dg.MetadataValue.md(
                 markdown_table(
-                    top[["customer_id", *FEATURE_NAMES, "isolation_forest_score"]]
+                    top[["customer_id", *model.contract.names, "isolation_forest_score"]]
                     .round(3)
                     .to_dict("records")
                 )
@@ -315,7 +332,7 @@ def live_performance(
 
     settings = platform.settings()
     with connect(settings.warehouse_path) as con:
-        ensure_schema(con)
+        ensure_schema(con, settings.contract)
         predictions = con.execute("SELECT * FROM landed_predictions").df()
         feedback = con.execute("SELECT * FROM landed_feedback").df()
     if predictions.empty:

@@ -1,42 +1,69 @@
-"""Analytics: customer segments by predicted risk, churn by cohort, global feature importance."""
+"""Analytics: customer segments by predicted risk, churn by cohort, global feature importance.
+
+The cohorts are those the customer_segments asset published (churn_assets.segments: the
+contract's category and boolean features and bands of its first integer feature), labelled from
+the champion's contract."""
+
+import re
 
 import pandas as pd
 import panel as pn
 import param
 
+from churn_assets.contract import Contract
+from churn_assets.segments import BAND_SUFFIX, RISK_TIER, cohort_types
 from dashboards import charts
-from dashboards.data import Unavailable
+from dashboards.data import Unavailable, feature_label, form_contract
 from dashboards.pages.common import Context, explanation, heading, table
 
-__all__ = ["AnalyticsPage"]
+__all__ = ["AnalyticsPage", "cohort_labels"]
 
-COHORTS = {
-    "contract_type": "Contract",
-    "tenure_band": "Tenure (months)",
-    "payment_method": "Payment method",
-}
 TIER_ORDER = ("low", "medium", "high")  # churn_assets.segments.RISK_TIERS
+BAND_START = re.compile(r"^(-?\d+)")
+
+
+def cohort_labels(types: list[str], contract: Contract) -> dict[str, str]:
+    """Cohort type -> its label: the feature's label, ``(bands)`` added for a banded one."""
+    labels = {}
+    for cohort_type in types:
+        name = cohort_type.removesuffix(BAND_SUFFIX)
+        try:
+            label = feature_label(contract.feature(name))
+        except KeyError:
+            label = name.replace("_", " ").capitalize()
+        labels[cohort_type] = f"{label} (bands)" if name != cohort_type else label
+    return labels
 
 
 class AnalyticsPage(pn.viewable.Viewer):
     """Read models published by the customer_segments and feature_importance assets."""
 
-    cohort = param.Selector(
-        default="contract_type", objects=list(COHORTS), doc="Cohort to compare churn across."
-    )
+    cohort = param.Selector(doc="Cohort to compare churn across.")
 
     def __init__(self, context: Context, **params) -> None:
         super().__init__(**params)
         self.context = context
         self.segments = context.read_models.frame("customer_segments", what="Customer segments")
         self.importance = context.read_models.frame("feature_importance", what="Feature importance")
+        contract = form_contract(context.settings).contract
+        if isinstance(self.segments, Unavailable):
+            types = list(cohort_types(contract))
+        else:
+            types = list(dict.fromkeys(self.segments["cohort_type"]))
+        types = [t for t in types if t != RISK_TIER] or ["none"]
+        self.labels = cohort_labels(types, contract)
+        self.param.cohort.objects = types
+        self.cohort = types[0]
 
     def _cohort_frame(self, cohort_type: str) -> pd.DataFrame:
         assert not isinstance(self.segments, Unavailable)
         rows = self.segments.loc[self.segments["cohort_type"] == cohort_type]
-        if cohort_type == "risk_tier":
+        if cohort_type == RISK_TIER:
             order = {tier: i for i, tier in enumerate(TIER_ORDER)}
             rows = rows.assign(_order=rows["cohort"].map(order)).sort_values("_order")
+        elif cohort_type.endswith(BAND_SUFFIX):
+            starts = rows["cohort"].astype(str).str.extract(BAND_START, expand=False)
+            rows = rows.assign(_order=pd.to_numeric(starts, errors="coerce")).sort_values("_order")
         else:
             rows = rows.sort_values("cohort")
         return rows.reset_index(drop=True)
@@ -73,7 +100,8 @@ class AnalyticsPage(pn.viewable.Viewer):
             return explanation(self.segments)
         rows = self._cohort_frame(self.cohort)
         if rows.empty:
-            return pn.pane.Alert(f"No {COHORTS[self.cohort]} cohorts published.", alert_type="info")
+            label = self.labels.get(self.cohort, self.cohort)
+            return pn.pane.Alert(f"No {label} cohorts published.", alert_type="info")
         chart = charts.grouped_bars(
             list(rows["cohort"]),
             {
@@ -104,7 +132,10 @@ class AnalyticsPage(pn.viewable.Viewer):
 
     def __panel__(self):
         selector = pn.widgets.Select.from_param(
-            self.param.cohort, label="Cohort", options={v: k for k, v in COHORTS.items()}, width=260
+            self.param.cohort,
+            label="Cohort",
+            options={label: key for key, label in self.labels.items()},
+            width=260,
         )
         return pn.Column(
             heading("Analytics", 2),

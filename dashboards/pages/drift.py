@@ -5,9 +5,8 @@ import pandas as pd
 import panel as pn
 import param
 
-from churn_assets.schemas import CATEGORICAL_FEATURES, FEATURE_NAMES
 from dashboards import charts
-from dashboards.data import Unavailable, open_alerts, reference_sample
+from dashboards.data import Unavailable, form_contract, open_alerts, reference_sample
 from dashboards.pages.common import Context, explanation, heading, stat_cards, table
 
 __all__ = ["DriftPage"]
@@ -16,13 +15,17 @@ __all__ = ["DriftPage"]
 class DriftPage(pn.viewable.Viewer):
     """Feature and multivariate drift of the live window against the champion's reference."""
 
-    feature = param.Selector(
-        default=FEATURE_NAMES[1], objects=list(FEATURE_NAMES), doc="Feature to compare."
-    )
+    feature = param.Selector(doc="Feature to compare (one of the champion's contract).")
 
     def __init__(self, context: Context, **params) -> None:
         super().__init__(**params)
         self.context = context
+        contract = form_contract(context.settings).contract
+        # Categories and booleans are compared as shares of each value; numbers as densities.
+        self.categorical = {f.name for f in contract.of_kind("category", "boolean")}
+        self.param.feature.objects = list(contract.names)
+        if self.feature not in contract.names:
+            self.feature = contract.names[0]
         self.threshold = context.settings.monitoring.drift_detection.threshold
         self.history = context.read_models.drift_history()
         self.monitoring = context.read_models.monitoring()
@@ -71,7 +74,7 @@ class DriftPage(pn.viewable.Viewer):
                 self._reference[self.feature],
                 self._live[self.feature],
                 self.feature,
-                categorical=self.feature in CATEGORICAL_FEATURES,
+                categorical=self.feature in self.categorical,
             ),
             sizing_mode="stretch_width",
         )

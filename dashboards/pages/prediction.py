@@ -1,15 +1,17 @@
-"""Prediction testing: the eight features in a form, the routed answer of the serving API, and
-the champion's and challenger's probabilities with their SHAP contributions side by side."""
+"""Prediction testing: the champion's features in a form (one widget per feature of the contract
+it was trained with), the routed answer of the serving API, and the champion's and challenger's
+probabilities with their SHAP contributions side by side."""
 
 import panel as pn
 import param
 
-from churn_assets.schemas import CATEGORY_VALUES, FEATURE_NAMES
 from dashboards import charts
 from dashboards.data import (
-    DEFAULT_FEATURES,
-    FEATURE_LABELS,
+    FormField,
     Unavailable,
+    form_contract,
+    form_fields,
+    reference_sample,
     validate_features,
 )
 from dashboards.pages.common import Context, explanation, heading, stat_cards
@@ -27,7 +29,14 @@ class PredictionPage(pn.viewable.Viewer):
     def __init__(self, context: Context, **params) -> None:
         super().__init__(**params)
         self.context = context
-        self.inputs = self._inputs()
+        found = form_contract(context.settings)
+        self.contract, self.contract_source = found.contract, found.source
+        reference = reference_sample(context.settings)
+        self.fields = form_fields(
+            self.contract, None if isinstance(reference, Unavailable) else reference
+        )
+        self.labels = {f.name: f.label for f in self.fields}
+        self.inputs = {f.name: self._widget(f) for f in self.fields}
         self.customer = pn.widgets.TextInput.from_param(
             self.param.customer_id, label="Customer id (optional)"
         )
@@ -38,31 +47,38 @@ class PredictionPage(pn.viewable.Viewer):
         self.compare = pn.FlexBox(sizing_mode="stretch_width", flex_wrap="wrap")
 
     @staticmethod
-    def _inputs() -> dict[str, pn.widgets.Widget]:
-        widgets: dict[str, pn.widgets.Widget] = {}
-        for name in FEATURE_NAMES:
-            label, value = FEATURE_LABELS[name], DEFAULT_FEATURES[name]
-            if name in CATEGORY_VALUES:
-                widget = pn.widgets.Select(
-                    label=label, options=list(CATEGORY_VALUES[name]), value=value
-                )
-            elif isinstance(value, int):
-                widget = pn.widgets.IntInput(label=label, value=value, start=0)
-            else:
-                widget = pn.widgets.FloatInput(label=label, value=value, start=0.0, step=1.0)
-            widget.css_classes = [f"feature-{name}"]
-            widgets[name] = widget
-        return widgets
+    def _widget(field: FormField) -> pn.widgets.Widget:
+        """The widget for one contract feature, by its kind."""
+        widget: pn.widgets.Widget
+        if field.kind == "category":
+            widget = pn.widgets.Select(
+                label=field.label, options=list(field.options), value=field.default
+            )
+        elif field.kind == "boolean":
+            widget = pn.widgets.Checkbox(label=field.label, value=field.default)
+        elif field.kind == "integer":
+            widget = pn.widgets.IntInput(
+                label=field.label,
+                value=field.default,
+                start=None if field.start is None else int(field.start),
+                end=None if field.end is None else int(field.end),
+            )
+        else:
+            widget = pn.widgets.FloatInput(
+                label=field.label, value=field.default, start=field.start, end=field.end, step=1.0
+            )
+        widget.css_classes = [f"feature-{field.name}", f"feature-kind-{field.kind}"]
+        return widget
 
     def values(self) -> dict:
         return {name: widget.value for name, widget in self.inputs.items()}
 
     def _on_submit(self, _event=None) -> None:
-        check = validate_features(self.values())
+        check = validate_features(self.values(), self.contract)
         self.routed.objects, self.compare.objects = [], []
         if not check.ok:
             lines = "\n".join(
-                f"- **{FEATURE_LABELS.get(name, name)}**: {message}"
+                f"- **{self.labels.get(name, name)}**: {message}"
                 for name, message in check.errors.items()
             )
             self.errors.objects = [
@@ -153,8 +169,10 @@ class PredictionPage(pn.viewable.Viewer):
             heading("Prediction testing", 2),
             pn.pane.Markdown(
                 "Scores one customer through the serving API (`POST /predict`, routed by the "
-                "current policy) and explains it with each loaded version (`POST /explain`).",
+                "current policy) and explains it with each loaded version (`POST /explain`). "
+                f"The form has the features of {self.contract_source}.",
                 margin=(0, 10),
+                css_classes=["form-contract"],
             ),
             pn.FlexBox(form, results, flex_wrap="wrap", sizing_mode="stretch_width"),
             sizing_mode="stretch_width",

@@ -11,9 +11,6 @@ page is loaded at 1280, 768 and 390 pixels wide with no console errors, and scre
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from dataclasses import asdict
@@ -49,9 +46,9 @@ from churn_assets.schemas import FEATURE_NAMES, NUMERIC_FEATURES
 from churn_assets.segments import segment_table
 from churn_assets.simulator import SimulationConfig, sample_customers, simulate_frames
 from churn_assets.warehouse import publish_read_model
-from tests.browser import chromium
+from tests.browser import Dashboard, chromium
 from tests.conftest import write_config
-from tests.serving_fixtures import ADMIN_TOKEN, build_registry, free_port, start_server
+from tests.serving_fixtures import ADMIN_TOKEN, build_registry, start_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -60,7 +57,8 @@ LANDED_PER_PARTITION, PRODUCED_PER_PARTITION = 7, 10
 PAGES = {
     "monitoring": ("Monitoring", ["Serving", "Requests/s", "Error rate", "Kafka lag"]),
     "drift": ("Drift", ["Open alerts", "Latest report", "Multivariate drift", "monthly_charges"]),
-    "prediction": ("Prediction testing", ["Tenure (months)", "Contract", "Predict"]),
+    # The form's labels are the contract's descriptions (config/features.yaml).
+    "prediction": ("Prediction testing", ["Months since sign-up", "Contract term", "Predict"]),
     "models": ("Model management", ["Registered versions", "Rollout decisions", "Champion"]),
     "analytics": ("Analytics", ["Customer segments", "Churn by cohort", "Global feature"]),
 }
@@ -294,58 +292,6 @@ def produce_backlog(settings: Settings) -> None:
 # -- processes -------------------------------------------------------------------------------------
 
 
-class Dashboard:
-    def __init__(self, config_path: Path, serving_url: str, log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/app"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CHURN_")}
-        env |= {
-            "CHURN_CONFIG": str(config_path),
-            "CHURN_SERVING__HTTP_PORT": serving_url.rsplit(":", 1)[1],
-            "CHURN_DAGSTER__WEBSERVER_PORT": str(free_port()),  # nothing listens: explained
-            "CHURN_ADMIN_TOKEN": ADMIN_TOKEN,
-        }
-        self.log_path = log_path
-        with log_path.open("a") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "churn_assets.cli",
-                    "--config",
-                    str(config_path),
-                    "dashboard",
-                    "--port",
-                    str(self.port),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=REPO_ROOT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"panel serve exited:\n{log_path.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/liveness", timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"panel serve not up in 60 s:\n{log_path.read_text()[-4000:]}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
     root = tmp_path_factory.mktemp("dashboard")
@@ -500,6 +446,8 @@ def _fill_form(page, features: dict, customer_id: str) -> None:
         field = page.locator(f".feature-{name}")
         if isinstance(value, str):
             field.locator("select").select_option(value)
+        elif isinstance(value, bool):
+            field.locator("input").set_checked(value)
         else:
             box = field.locator("input")
             box.fill(str(value))
@@ -510,10 +458,21 @@ def _fill_form(page, features: dict, customer_id: str) -> None:
 
 
 def test_prediction_form_round_trips_to_the_serving_process(platform, browser):
-    _settings, server, dashboard = platform
+    settings, server, dashboard = platform
     tab = Page(browser, 1280)
     try:
         page = tab.open(f"{dashboard.url}?page=prediction", "Predict")
+        # One field per feature of the champion's contract, each its kind's widget.
+        contract = load_model(ModelRegistry(settings.registry_dir), "champion").contract
+        assert set(SAMPLE) == set(contract.names)
+        widgets = {"integer": "input", "number": "input", "category": "select"}
+        widgets["boolean"] = "input[type=checkbox]"
+        for feature in contract.features:
+            field = page.locator(f".feature-{feature.name}.feature-kind-{feature.kind}")
+            expect(field).to_have_count(1)
+            expect(field.locator(widgets[feature.kind])).to_have_count(1)
+        expect(page.locator("[class*='feature-kind-']")).to_have_count(len(contract.names))
+        expect(page.get_by_text("The form has the features of v1's contract")).to_be_visible()
         _fill_form(page, SAMPLE, "browser-customer-1")
         page.get_by_role("button", name="Predict").click()
         routed = page.locator(".routed-answer")
@@ -542,7 +501,7 @@ def test_prediction_form_round_trips_to_the_serving_process(platform, browser):
         page.get_by_role("button", name="Predict").click()
         error = page.locator(".form-errors li").first
         error.wait_for(timeout=10_000)
-        assert error.inner_text() == "Tenure (months): required"
+        assert error.inner_text() == "Months since sign-up: required"  # the description
         assert routed.count() == 0
         assert tab.errors == []
     finally:

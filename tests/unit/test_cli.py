@@ -49,3 +49,21 @@ def test_missing_config_file(tmp_path):
     result = CliRunner().invoke(main, ["--config", str(tmp_path / "missing.yaml"), "status"])
     assert result.exit_code == 1
     assert "config file not found" in result.output
+
+
+def test_the_simulator_refuses_a_contract_it_does_not_speak(tmp_path, config_factory):
+    import yaml
+
+    from churn_assets.config import REPO_ROOT
+
+    raw = yaml.safe_load((REPO_ROOT / "config" / "features.yaml").read_text())
+    raw["features"].append({"name": "senior_citizen", "kind": "boolean"})
+    contract = tmp_path / "features.yaml"
+    contract.write_text(yaml.safe_dump(raw))
+    path = config_factory(features={"contract": str(contract)})
+    result = CliRunner().invoke(main, ["--config", str(path), "simulate", "--customers", "10"])
+    assert result.exit_code == 1
+    assert "cannot simulate: the simulator produces the default contract's features" in (
+        result.output
+    )
+    assert "churn import" in result.output

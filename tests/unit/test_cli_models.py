@@ -6,7 +6,9 @@ import pytest
 from click.testing import CliRunner
 
 from churn_assets.cli_models import models
+from churn_assets.contract import contract_from_dict
 from churn_assets.registry import ModelRegistry
+from churn_assets.schemas import DEFAULT_CONTRACT
 
 pytestmark = pytest.mark.unit
 
@@ -92,6 +94,56 @@ def test_show_prints_the_manifest_as_json(config_path, two_versions):
     assert shown["code_version"] == v2.code_version
     assert shown["parent_version"] == "v1"
     assert shown["aliases"] == ["challenger"]
+    # Registered before contracts (no contract.json): the default contract.
+    assert shown["contract"] == {
+        "digest": DEFAULT_CONTRACT.digest,
+        "source": "the default contract (no contract.json)",
+        **DEFAULT_CONTRACT.as_dict(),
+    }
+
+
+def _extended_contract_json() -> bytes:
+    raw = DEFAULT_CONTRACT.as_dict()
+    raw["features"] += [
+        {"name": "senior_citizen", "kind": "boolean"},
+        {"name": "tech_support", "kind": "category", "categories": ["yes", "no", "no_internet"]},
+    ]
+    return json.dumps(raw).encode()
+
+
+def test_show_prints_the_contract_the_version_was_trained_with(config_path, registry):
+    contract = contract_from_dict(json.loads(_extended_contract_json()))
+    registry.register(
+        {"model.ubj": b"one", "contract.json": _extended_contract_json()},
+        {"contract_digest": contract.digest},
+    )
+    result = run(config_path, "show", "v1")
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)["contract"]
+    assert shown["digest"] == contract.digest and shown["source"] == "contract.json"
+    features = {f["name"]: f for f in shown["features"]}
+    assert list(features)[-2:] == ["senior_citizen", "tech_support"]
+    assert features["senior_citizen"]["kind"] == "boolean"
+    assert features["tech_support"]["categories"] == {"yes": [], "no": [], "no_internet": []}
+    assert (
+        features["customer_tenure"] | {"kind": "integer", "min": 0, "max": 600}
+        == features["customer_tenure"]
+    )
+    assert [d["name"] for d in shown["derived"]] == [d.name for d in contract.derived]
+
+
+def test_show_refuses_a_contract_that_does_not_match_its_recorded_digest(config_path, registry):
+    registry.register(
+        {"model.ubj": b"one", "contract.json": _extended_contract_json()},
+        {"contract_digest": DEFAULT_CONTRACT.digest},
+    )
+    registry.register({"model.ubj": b"two", "contract.json": b'{"format": 1, "features": []}'}, {})
+    result = run(config_path, "show", "v1")
+    assert result.exit_code == 1 and "contract digest" in result.stderr, result.output
+    result = run(config_path, "show", "v2")
+    assert result.exit_code == 1, result.output
+    assert "v2 has a bad contract.json" in result.stderr and "'features'" in result.stderr
+    assert "Traceback" not in result.output
 
 
 def test_show_unknown_version_is_a_clear_error(config_path, two_versions):

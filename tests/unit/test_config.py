@@ -128,3 +128,25 @@ def test_the_time_compressed_profile_loads_and_compresses():
     assert compressed.retraining.cooldown_minutes < shipped.retraining.cooldown_minutes
     assert compressed.simulator.scenario == "covariate_drift"
     assert compressed.storage == shipped.storage and compressed.data_dir == shipped.data_dir
+
+
+def test_the_default_feature_contract_is_the_repository_file(config_factory):
+    settings = load_settings(config_factory())
+    assert settings.contract_path == REPO_ROOT / "config" / "features.yaml"
+    assert settings.contract.names[0] == "customer_tenure"
+
+
+def test_a_bad_feature_contract_stops_loading_naming_the_feature(tmp_path, config_factory):
+    contract = tmp_path / "my-features.yaml"
+    contract.write_text(
+        "format: 1\nfeatures:\n"
+        "  - {name: tenure, kind: integer, min: 0}\n"
+        "  - {name: plan, kind: category, categories: {basic: [Starter], pro: [starter]}}\n"
+    )
+    path = config_factory(features={"contract": str(contract)})
+    with pytest.raises(ConfigError, match="feature 'plan': 'starter' would spell both"):
+        load_settings(path)
+    contract.write_text("format: 1\nfeatures:\n  - {name: tenure, kind: integer, min: 0}\n")
+    assert load_settings(path).contract.names == ("tenure",)
+    with pytest.raises(ConfigError, match="feature contract not found"):
+        load_settings(config_factory(features={"contract": str(tmp_path / "none.yaml")}))

@@ -12,14 +12,15 @@ import pytest
 
 from churn_assets.config import load_settings
 from churn_assets.monitoring import publish_monitoring_section
+from churn_assets.schemas import DEFAULT_CONTRACT
 from dashboards.data import (
     DAGSTER_RUNS_QUERY,
-    DEFAULT_FEATURES,
     ReadModels,
     ServingClient,
     Unavailable,
     dagster_graphql_url,
     dagster_runs,
+    default_features,
     kafka_lag,
     open_alerts,
     registry_versions,
@@ -29,6 +30,8 @@ from dashboards.data import (
 from tests.serving_fixtures import free_port
 
 pytestmark = pytest.mark.unit
+
+DEFAULT_FEATURES = default_features(DEFAULT_CONTRACT)
 
 
 @pytest.fixture
@@ -155,12 +158,13 @@ def test_admin_call_to_a_down_server_fails_with_the_reason(settings, monkeypatch
 
 
 def test_form_validation_uses_the_platform_schema():
-    assert validate_features(DEFAULT_FEATURES).features == DEFAULT_FEATURES
-    missing = validate_features(DEFAULT_FEATURES | {"customer_tenure": None})
+    assert validate_features(DEFAULT_FEATURES, DEFAULT_CONTRACT).features == DEFAULT_FEATURES
+    missing = validate_features(DEFAULT_FEATURES | {"customer_tenure": None}, DEFAULT_CONTRACT)
     assert not missing.ok and missing.errors == {"customer_tenure": "required"}
     bad = validate_features(
         DEFAULT_FEATURES
-        | {"support_tickets": -1, "contract_type": "weekly", "monthly_charges": float("nan")}
+        | {"support_tickets": -1, "contract_type": "weekly", "monthly_charges": float("nan")},
+        DEFAULT_CONTRACT,
     )
     assert not bad.ok
     assert set(bad.errors) == {"support_tickets", "contract_type", "monthly_charges"}

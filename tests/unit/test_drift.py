@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from scipy.stats import false_discovery_control
 
+from churn_assets.contract import contract_from_dict
 from churn_assets.drift import PREDICTION, DriftReport, adjust_p_values, drift_report
 from churn_assets.features import FeatureTransformer
 from churn_assets.schemas import CATEGORICAL_FEATURES, FEATURE_NAMES, NUMERIC_FEATURES
@@ -279,3 +280,80 @@ def test_importing_the_module_does_not_import_tensorflow():
         "assert 'tensorflow' not in sys.modules and 'alibi_detect' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# -- the contract decides the features and each one's test --------------------------------------
+
+KIND_CONTRACT = contract_from_dict(
+    {
+        "format": 1,
+        "features": [
+            {"name": "visits", "kind": "integer", "min": 0, "max": 1000},
+            {"name": "spend", "kind": "number", "min": 0},
+            {"name": "plan", "kind": "category", "categories": ["basic", "plus", "pro"]},
+            {"name": "paperless", "kind": "boolean"},
+        ],
+    }
+)
+KIND_ROWS = 2_000
+KIND_DETECTOR = {"visits": "ks", "spend": "ks", "plan": "chi2", "paperless": "chi2"}
+
+
+def kind_window(seed: int, shifted: str | None = None) -> pd.DataFrame:
+    """Rows of :data:`KIND_CONTRACT` (seeded); ``shifted`` names the one feature whose
+    distribution moves (by about a fifth of the population, well above the effect floor)."""
+    rng = np.random.default_rng(seed)
+    plan_shares = (0.3, 0.3, 0.4) if shifted == "plan" else (0.5, 0.3, 0.2)
+    return pd.DataFrame(
+        {
+            "visits": rng.poisson(4.5 if shifted == "visits" else 3.0, KIND_ROWS),
+            "spend": rng.normal(58.0 if shifted == "spend" else 50.0, 10.0, KIND_ROWS),
+            "plan": rng.choice(["basic", "plus", "pro"], KIND_ROWS, p=plan_shares),
+            "paperless": rng.random(KIND_ROWS) < (0.4 if shifted == "paperless" else 0.2),
+        }
+    )
+
+
+@pytest.mark.parametrize("feature", KIND_CONTRACT.names)
+def test_each_kind_of_feature_is_tested_by_its_kind_and_a_shift_is_flagged(feature):
+    reference = kind_window(seed=1)
+    report = drift_report(
+        reference, kind_window(seed=2, shifted=feature), mmd=False, contract=KIND_CONTRACT
+    )
+    assert [test.feature for test in report.features] == list(KIND_CONTRACT.names)
+    assert {test.feature: test.detector for test in report.features} == KIND_DETECTOR
+    assert report.drifted_features == [feature]
+    shifted = {test.feature: test for test in report.features}[feature]
+    assert shifted.p_value_corrected < 1e-6 and shifted.effect_size >= shifted.min_effect
+
+
+def test_no_shift_of_any_kind_is_not_flagged():
+    for seed in (2, 3, 4):
+        report = drift_report(kind_window(seed=1), kind_window(seed=seed), contract=KIND_CONTRACT)
+        assert report.drifted_features == [], seed
+        assert report.multivariate["detector"] == "mmd"
+        assert not report.drift, (seed, report.multivariate)
+
+
+def test_a_boolean_may_be_stored_as_one_and_zero_but_not_as_text():
+    reference = kind_window(seed=1)
+    live = kind_window(seed=2, shifted="paperless")
+    as_numbers = drift_report(
+        reference.astype({"paperless": int}),
+        live.astype({"paperless": float}),
+        mmd=False,
+        contract=KIND_CONTRACT,
+    )
+    as_bools = drift_report(reference, live, mmd=False, contract=KIND_CONTRACT)
+    assert as_numbers.features == as_bools.features
+    worded = live.assign(paperless=np.where(live["paperless"], "yes", "no"))
+    with pytest.raises(ValueError, match=r"live window .*paperless is a boolean but holds 'no'"):
+        drift_report(reference, worded, mmd=False, contract=KIND_CONTRACT)
+    with pytest.raises(ValueError, match=r"unknown features \['customer_tenure'\]"):
+        drift_report(
+            reference,
+            live,
+            mmd=False,
+            contract=KIND_CONTRACT,
+            min_effect={"customer_tenure": 0.2},
+        )

@@ -183,7 +183,13 @@ def test_scoring_model_round_trip_keeps_the_extra_files(transformer, train, held
     )
     model = ScoringModel(booster=booster, transformer=transformer, extra_files=dict(files))
     stored = model.to_files()
-    assert set(stored) == {"model.ubj", "transformer.json", REFERENCE_FILE, OUTLIER_FILE}
+    assert set(stored) == {
+        "model.ubj",
+        "transformer.json",
+        "contract.json",
+        REFERENCE_FILE,
+        OUTLIER_FILE,
+    }
     again = ScoringModel.from_files(stored)
     assert again.extra_files == files
     assert again.to_files() == stored

@@ -74,3 +74,24 @@ def test_serving_path_never_imports_tensorflow():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_feature_names_live_in_the_default_contract_only():
+    """Landing, serving, training, drift and dashboard code take their features from a contract:
+    the default contract's names appear only in config/features.yaml, the simulator (which
+    speaks that contract's vocabulary) and tests."""
+    from churn_assets.schemas import DEFAULT_CONTRACT
+
+    names = [*DEFAULT_CONTRACT.names, *DEFAULT_CONTRACT.trends, *DEFAULT_CONTRACT.category_values]
+    names += [d.name for d in DEFAULT_CONTRACT.derived]
+    allowed = {REPO_ROOT / "churn_assets" / "simulator.py"}
+    found = []
+    for package in ("churn_assets", "serving", "dashboards", "sensors"):
+        for path in sorted((REPO_ROOT / package).rglob("*.py")):
+            if path in allowed:
+                continue
+            text = path.read_text()
+            found += [
+                f"{path.relative_to(REPO_ROOT)}: {n}" for n in sorted(set(names)) if n in text
+            ]
+    assert found == []

@@ -161,12 +161,14 @@ def test_scoring_model_files_are_safe_formats(candidate):
         "model.ubj",
         "transformer.json",
         "baseline.json",
+        "contract.json",
         "reference.parquet",
         "outliers.json",
     }
     assert files["transformer.json"].startswith(b"{")
     again = ScoringModel.from_files(files)
     assert again.transformer == candidate.model.transformer
+    assert again.contract.digest == candidate.model.contract.digest
 
 
 def test_bounded_search_is_seeded_and_returns_the_best_trial(training_set, settings):
