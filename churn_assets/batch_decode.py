@@ -8,11 +8,9 @@ number, NaN and infinities refused, categories stored canonically); a row the co
 refuses but the message model would take is still refused, with the column check's reason.
 """
 
-import math
 from collections.abc import Sequence
 from typing import Annotated, Any, NotRequired, TypedDict
 
-import numpy as np
 import orjson
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
@@ -71,7 +69,7 @@ def decode_customer_events(
         if payload is not None and row not in problems and known.issuperset(payload)
     ]
     envelopes = _envelopes([payloads[row] for row in candidates])  # type: ignore[misc]
-    features = [_plain(checked.columns[f.name], f.kind) for f in contract.features]
+    features = [checked.values(f) for f in contract.features]
     rows = list(zip(*features, strict=True))
     decoded: list[dict[str, Any] | MessageError] = [None] * len(values)  # type: ignore[list-item]
     for row, envelope in zip(candidates, envelopes, strict=True):
@@ -108,12 +106,3 @@ def _reason(raw: bytes | None, contract: Contract, errors: list[RowError]) -> Me
         return exc
     shown = "; ".join(f"{e.column}: {e.reason}" for e in errors) or "refused by the column check"
     return MessageError(f"schema CustomerEvent v1: {shown}")
-
-
-def _plain(column: np.ndarray, kind: str) -> list[Any]:
-    """A checked column as the warehouse stores it (a filled missing value is ``None``)."""
-    if kind == "integer":
-        return [None if math.isnan(v) else int(v) for v in column.tolist()]
-    if kind == "number":
-        return [None if math.isnan(v) else v for v in column.tolist()]
-    return column.tolist()

@@ -199,13 +199,11 @@ def plan_import(
     labels = _labels(frame, mapping, errors)
     plan.rejects = sorted(errors, key=lambda e: (e.row, e.column))
     bad = {e.row for e in errors}
+    columns = {f.name: checked.values(f) for f in contract.features}
     for row in range(len(frame)):
         if row in bad:
             continue
-        values = {
-            name: _plain(checked.columns[name][row], contract.feature(name).kind)
-            for name in contract.names
-        }
+        values = {name: column[row] for name, column in columns.items()}
         observed = times[row]
         identity = orjson.dumps(
             [ids[row], observed.isoformat(), values], option=orjson.OPT_SORT_KEYS
@@ -231,14 +229,6 @@ def plan_import(
                 }
             )
     return plan
-
-
-def _plain(value: Any, kind: str) -> Any:
-    if kind == "integer":
-        return int(value)
-    if kind == "number":
-        return float(value)
-    return value
 
 
 def _times(frame: pd.DataFrame, mapping: ImportMapping, errors: list[RowError]) -> list[datetime]:

@@ -45,6 +45,16 @@ class ColumnCheck:
     def ok(self) -> bool:
         return not self.errors
 
+    def values(self, feature: Feature) -> list[Any]:
+        """``feature``'s checked column as the plain values a record or a table holds: ``int``
+        for an integer, ``float`` for a number, ``None`` for a missing value."""
+        column = self.columns[feature.name]
+        if feature.kind == "integer":
+            return [None if math.isnan(v) else int(v) for v in column.tolist()]
+        if feature.kind == "number":
+            return [None if math.isnan(v) else v for v in column.tolist()]
+        return column.tolist()
+
 
 def check_columns(
     contract: Contract,

@@ -249,22 +249,9 @@ def validate_columns(columns: Mapping[str, Sequence[Any]], contract: Contract) -
                 errors.append({"loc": [row, name], "msg": exc.errors()[0]["msg"]})
     if errors:
         raise InvalidInput(errors)
-    records: list[dict[str, Any]] = [{} for _ in range(rows)]
-    for feature in contract.features:
-        values = check.columns[feature.name]
-        for row in range(rows):
-            records[row][feature.name] = _native(feature.kind, values[row])
+    values = [check.values(feature) for feature in contract.features]
+    records = [dict(zip(contract.names, row, strict=True)) for row in zip(*values, strict=True)]
     return Batch(records, ids["customer_id"], ids["request_id"])
-
-
-def _native(kind: str, value: Any) -> Any:
-    """A checked column's value as the JSON value a record holds."""
-    if kind in ("integer", "number"):
-        number = float(value)
-        if np.isnan(number):
-            return None
-        return int(number) if kind == "integer" else number
-    return value
 
 
 def _one_change_at_a_time(method: Callable[..., RouterState]) -> Callable[..., RouterState]:
