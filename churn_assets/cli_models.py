@@ -118,21 +118,18 @@ def show(ctx: click.Context, ref: str) -> None:
 def _contract_of(registry: ModelRegistry, version: ModelVersion) -> dict[str, Any]:
     """The version's contract (its ``contract.json``, verified; a version registered before
     contracts was trained on the default contract) with its digest."""
-    from churn_assets.contract import ContractError, contract_from_dict
-    from churn_assets.model import CONTRACT_FILE
-    from churn_assets.schemas import DEFAULT_CONTRACT
+    from churn_assets.contract import ContractError
+    from churn_assets.model import CONTRACT_FILE, stored_contract
 
-    if CONTRACT_FILE in version.files:
-        raw = registry.read_file(version.version, CONTRACT_FILE)
-        try:
-            contract = contract_from_dict(json.loads(raw))
-        except (ValueError, ContractError) as exc:
-            raise click.ClickException(
-                f"{version.version} has a bad {CONTRACT_FILE}: {exc}"
-            ) from None
-        source = CONTRACT_FILE
-    else:
-        contract, source = DEFAULT_CONTRACT, f"the default contract (no {CONTRACT_FILE})"
+    try:
+        contract = stored_contract(registry, version)
+    except ContractError as exc:
+        raise click.ClickException(str(exc)) from None
+    source = (
+        CONTRACT_FILE
+        if CONTRACT_FILE in version.files
+        else f"the default contract (no {CONTRACT_FILE})"
+    )
     recorded = version.metadata.get("contract_digest")
     if recorded is not None and recorded != contract.digest:
         raise click.ClickException(

@@ -19,7 +19,7 @@ import xgboost as xgb
 
 from churn_assets.contract import Contract, ContractError, contract_from_dict
 from churn_assets.features import FeatureTransformer
-from churn_assets.registry import ModelRegistry
+from churn_assets.registry import ModelRegistry, ModelVersion
 from churn_assets.schemas import DEFAULT_CONTRACT
 from churn_assets.training import LogisticBaseline
 
@@ -30,7 +30,9 @@ __all__ = [
     "KNOWN_FILES",
     "TRANSFORMER_FILE",
     "ScoringModel",
+    "contract_from_files",
     "load_model",
+    "stored_contract",
 ]
 
 BOOSTER_FILE = "model.ubj"
@@ -86,14 +88,7 @@ class ScoringModel:
             if BASELINE_FILE in files
             else None
         )
-        contract = DEFAULT_CONTRACT
-        if CONTRACT_FILE in files:
-            try:
-                contract = contract_from_dict(json.loads(files[CONTRACT_FILE]))
-            except (ValueError, ContractError) as exc:
-                raise ContractError(
-                    f"model {version or ''} has a bad {CONTRACT_FILE}: {exc}"
-                ) from exc
+        contract = contract_from_files(files, version)
         return cls(
             booster=booster,
             transformer=FeatureTransformer.from_json(files[TRANSFORMER_FILE]),
@@ -102,6 +97,27 @@ class ScoringModel:
             extra_files={n: bytes(d) for n, d in files.items() if n not in KNOWN_FILES},
             contract=contract,
         )
+
+
+def contract_from_files(files: Mapping[str, bytes], version: str | None = None) -> Contract:
+    """The contract a version's files hold (``contract.json``); a version stored before
+    contracts has none and was trained on the default contract."""
+    if CONTRACT_FILE not in files:
+        return DEFAULT_CONTRACT
+    try:
+        return contract_from_dict(json.loads(files[CONTRACT_FILE]))
+    except (ValueError, ContractError) as exc:
+        raise ContractError(f"{version or 'the model'} has a bad {CONTRACT_FILE}: {exc}") from exc
+
+
+def stored_contract(registry: ModelRegistry, version: ModelVersion) -> Contract:
+    """``version``'s contract, reading (and hash-checking) its ``contract.json`` only."""
+    files = (
+        {CONTRACT_FILE: registry.read_file(version.version, CONTRACT_FILE)}
+        if CONTRACT_FILE in version.files
+        else {}
+    )
+    return contract_from_files(files, version.version)
 
 
 def load_model(registry: ModelRegistry, ref: str) -> ScoringModel:

@@ -25,10 +25,10 @@ import requests
 from pydantic import ValidationError
 
 from churn_assets.config import Settings
-from churn_assets.contract import Contract, ContractError, Feature, contract_from_dict
+from churn_assets.contract import Contract, ContractError, Feature
 from churn_assets.monitoring import read_monitoring
 from churn_assets.rollout_control import serving_url
-from churn_assets.schemas import DEFAULT_CONTRACT, features_schema
+from churn_assets.schemas import features_schema
 from churn_assets.warehouse import (
     LEGACY_EPOCH,
     ReadModelMissing,
@@ -330,7 +330,7 @@ def form_contract(settings: Settings, ref: str = "champion") -> FormContract:
     from before contracts was trained on the default contract), or the configured contract
     while no model is registered. A stored contract that cannot be read is an error: the form
     must not offer other features than the model takes."""
-    from churn_assets.model import CONTRACT_FILE
+    from churn_assets.model import CONTRACT_FILE, stored_contract
     from churn_assets.registry import ModelRegistry, RegistryError
 
     registry = ModelRegistry(settings.registry_dir)
@@ -338,14 +338,12 @@ def form_contract(settings: Settings, ref: str = "champion") -> FormContract:
         version = registry.get(ref)
     except RegistryError as exc:
         return FormContract(settings.contract, f"the configured contract ({exc})")
-    if CONTRACT_FILE not in version.files:
-        return FormContract(DEFAULT_CONTRACT, f"{version.version}'s contract (the default)")
     try:
-        stored = json.loads(registry.read_file(version.version, CONTRACT_FILE))
-        contract = contract_from_dict(stored)
-    except (RegistryError, ValueError) as exc:
+        contract = stored_contract(registry, version)
+    except RegistryError as exc:
         raise ContractError(f"{version.version}'s {CONTRACT_FILE} cannot be used: {exc}") from exc
-    return FormContract(contract, f"{version.version}'s contract")
+    default = "" if CONTRACT_FILE in version.files else " (the default)"
+    return FormContract(contract, f"{version.version}'s contract{default}")
 
 
 @dataclass(frozen=True)
