@@ -14,6 +14,7 @@ from pathlib import Path
 
 import duckdb
 import pandas as pd
+import pyarrow.parquet as pq
 
 from churn_assets.contract import Contract, Feature
 from churn_assets.schemas import DEFAULT_CONTRACT
@@ -505,9 +506,14 @@ def load_read_model(read_models_dir: Path, name: str) -> pd.DataFrame:
             f"read model {name!r} has not been published yet ({path}); "
             "materialise the asset that publishes it in Dagster"
         )
+    # One open file for the whole read: DuckDB's read_parquet opens the path again to scan, and a
+    # publisher renaming a new file into place in between gave it the old footer with the new
+    # file's bytes ("TProtocolException: Invalid data"). The open handle pins one version.
+    with path.open("rb") as handle:
+        table = pq.read_table(handle)
     con = duckdb.connect()
     try:
-        return con.execute("SELECT * FROM read_parquet(?)", [str(path)]).df()
+        return con.from_arrow(table).df()  # DuckDB's own conversion, as read_parquet's .df()
     finally:
         con.close()
 

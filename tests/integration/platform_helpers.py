@@ -125,3 +125,6 @@ class PlatformRun:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)

@@ -44,6 +44,7 @@ def test_reader_never_meets_the_writer_lock(broker_settings, churn_cli):
     finally:
         if lander.poll() is None:
             lander.kill()
+            lander.wait(timeout=30)  # reaped here, not reported by a later test's GC
         lander.stderr.close()
     assert reads >= 5
     # The live file really was locked meanwhile: that is why readers use the read models.

@@ -143,6 +143,7 @@ def test_up_runs_the_platform_and_ctrl_c_stops_everything(churn_cli, settings_pa
         finally:
             if process.poll() is None:
                 process.kill()
+                process.wait(timeout=30)
     assert process.returncode == 0, log_path.read_text()[-4000:]
     assert "broker stopped" in log_path.read_text()
     deadline = time.monotonic() + 60
