@@ -83,23 +83,18 @@ def landed_data_fingerprint(settings: Settings) -> str:
     a registered version was already trained on exactly this data."""
     import duckdb
 
-    from churn_assets.warehouse import ReadModelMissing, read_model_path
+    from churn_assets.warehouse import read_model_table
 
-    paths = {
-        name: read_model_path(settings.read_models_dir, name)
-        for name in ("landed_customer_events", "landed_feedback")
-    }
-    for name, path in paths.items():
-        if not path.is_file():
-            raise ReadModelMissing(f"read model {name!r} has not been published yet ({path})")
-    events_path, feedback_path = (p.as_posix().replace("'", "''") for p in paths.values())
+    # Read through one open file each (read_model_table), so a running platform publishing a
+    # newer version meanwhile is never half-read.
+    landed_events = read_model_table(settings.read_models_dir, "landed_customer_events")
+    landed_outcomes = read_model_table(settings.read_models_dir, "landed_feedback")
     con = duckdb.connect()
     try:
+        con.register("landed_events", landed_events)
+        con.register("landed_outcomes", landed_outcomes)
         events, feedback = landed_frames(
-            con,
-            settings.contract,
-            events=f"read_parquet('{events_path}')",
-            feedback=f"read_parquet('{feedback_path}')",
+            con, settings.contract, events="landed_events", feedback="landed_outcomes"
         )
     finally:
         con.close()

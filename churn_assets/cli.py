@@ -236,7 +236,12 @@ def status(ctx: click.Context) -> None:
     from churn_assets.broker import read_state
     from churn_assets.kafka import scan_topic
     from churn_assets.schemas import ALL_TOPICS
-    from churn_assets.warehouse import LANDING_TABLES, read_model_path
+    from churn_assets.warehouse import (
+        LANDING_TABLES,
+        read_model_path,
+        read_model_rows,
+        read_model_table,
+    )
 
     settings = _settings(ctx)
     if settings.kafka.uses_embedded_broker:
@@ -260,57 +265,49 @@ def status(ctx: click.Context) -> None:
             click.echo(f"  {topic:22} {sum(e.messages for e in extents):>9}  {parts}")
     read_models = settings.read_models_dir
     click.echo(f"landed (published read models in {read_models}):")
+    # Each read model is read through one open file (read_model_table / read_model_rows), so a
+    # version published meanwhile by a running platform is never half-read.
     con = duckdb.connect()
     try:
         # Valid messages whose own id had landed already (a re-produced message, or the same
         # message in a restarted broker's new log), summed over the log epochs.
-        replays = read_model_path(read_models, "landing_replays")
         replayed: dict[str, int] = {}
-        if replays.exists():
+        if read_model_path(read_models, "landing_replays").exists():
+            con.register(
+                "replays", read_model_table(read_models, "landing_replays", ["topic", "replayed"])
+            )
             replayed = {
                 topic: int(count)
                 for topic, count in con.execute(
-                    "SELECT topic, sum(replayed) FROM read_parquet(?) GROUP BY topic",
-                    [str(replays)],
+                    "SELECT topic, sum(replayed) FROM replays GROUP BY topic"
                 ).fetchall()
             }
         for topic, table in LANDING_TABLES.items():
-            path = read_model_path(read_models, table)
-            if path.exists():
-                rows = con.execute("SELECT count(*) FROM read_parquet(?)", [str(path)]).fetchall()[
-                    0
-                ]
+            if read_model_path(read_models, table).exists():
                 click.echo(
-                    f"  {table:24} {rows[0] if rows else 0:>9} rows, "
+                    f"  {table:24} {read_model_rows(read_models, table):>9} rows, "
                     f"replayed (not inserted): {replayed.get(topic, 0)}"
                 )
             else:
                 click.echo(f"  {table:24} not landed yet")
-        dlq = read_model_path(read_models, "dead_letters")
-        if dlq.exists():
-            columns = {
-                d[0]
-                for d in con.execute(
-                    "SELECT * FROM read_parquet(?) LIMIT 0", [str(dlq)]
-                ).description
-            }
+        if read_model_path(read_models, "dead_letters").exists():
+            dlq = read_model_table(read_models, "dead_letters")
+            con.register("dlq", dlq)
             # Published before the outbox: every dead letter counts as unconfirmed.
-            unconfirmed = "published_at IS NULL" if "published_at" in columns else "true"
+            unconfirmed = "published_at IS NULL" if "published_at" in dlq.column_names else "true"
             total, pending = con.execute(
-                f"SELECT count(*), count(*) FILTER (WHERE {unconfirmed}) FROM read_parquet(?)",
-                [str(dlq)],
+                f"SELECT count(*), count(*) FILTER (WHERE {unconfirmed}) FROM dlq"
             ).fetchall()[0]
             click.echo(
                 f"  {'dead_letters':24} {total:>9} rows, "
                 f"not yet confirmed on churn.dead-letter: {pending}"
             )
-        offsets = read_model_path(read_models, "landing_offsets")
-        if offsets.exists():
+        if read_model_path(read_models, "landing_offsets").exists():
+            con.register("offsets", read_model_table(read_models, "landing_offsets"))
             click.echo("last landed offsets (next offset to read):")
             for topic, partition, next_offset, updated in con.execute(
-                "SELECT topic, kafka_partition, next_offset, updated_at FROM read_parquet(?) "
-                "ORDER BY topic, kafka_partition",
-                [str(offsets)],
+                "SELECT topic, kafka_partition, next_offset, updated_at FROM offsets "
+                "ORDER BY topic, kafka_partition"
             ).fetchall():
                 click.echo(f"  {topic:22} p{partition}: {next_offset} (at {updated})")
     finally:

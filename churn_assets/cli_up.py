@@ -230,19 +230,18 @@ def _landed_ids(settings: Settings, table: str, prefix: str) -> int:
     """Distinct landed message ids ``<prefix><n>``, from the table's read model."""
     import duckdb
 
-    from churn_assets.warehouse import read_model_path
+    from churn_assets.warehouse import read_model_path, read_model_table
 
-    path = read_model_path(settings.read_models_dir, table)
-    if not path.is_file():
+    if not read_model_path(settings.read_models_dir, table).is_file():
         return 0
     con = duckdb.connect()
     try:
+        con.register("ids", read_model_table(settings.read_models_dir, table, ["event_id"]))
         # Exactly this simulation's ids: the default base's prefix "ev-42-" must not count
         # another seed-42 simulation's "ev-42-<digest>-<n>".
         rows = con.execute(
-            "SELECT count(DISTINCT event_id) FROM read_parquet(?) "
-            "WHERE regexp_full_match(event_id, ?)",
-            [str(path), re.escape(prefix) + r"[0-9]+"],
+            "SELECT count(DISTINCT event_id) FROM ids WHERE regexp_full_match(event_id, ?)",
+            [re.escape(prefix) + r"[0-9]+"],
         ).fetchall()
     finally:
         con.close()
@@ -296,7 +295,7 @@ def _landed_state(settings: Settings) -> dict[str, Any]:
     import duckdb
 
     from churn_assets.registry import current_code_version
-    from churn_assets.warehouse import read_model_path
+    from churn_assets.warehouse import read_model_path, read_model_table
 
     state: dict[str, Any] = {
         "training": settings.training.model_dump(
@@ -308,11 +307,11 @@ def _landed_state(settings: Settings) -> dict[str, Any]:
     con = duckdb.connect()
     try:
         for table in ("landed_customer_events", "landed_feedback"):
-            path = read_model_path(settings.read_models_dir, table)
-            if not path.is_file():
+            if not read_model_path(settings.read_models_dir, table).is_file():
                 return {}
+            con.register("landed", read_model_table(settings.read_models_dir, table, ["landed_at"]))
             rows, newest = con.execute(
-                "SELECT count(*), max(landed_at)::VARCHAR FROM read_parquet(?)", [str(path)]
+                "SELECT count(*), max(landed_at)::VARCHAR FROM landed"
             ).fetchall()[0]
             state[table] = [int(rows), newest]
     finally:

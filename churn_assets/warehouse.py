@@ -14,6 +14,7 @@ from pathlib import Path
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from churn_assets.contract import Contract, Feature
@@ -495,22 +496,44 @@ class ReadModelMissing(FileNotFoundError):
     """A read model has not been published yet."""
 
 
+def read_model_table(
+    read_models_dir: Path, name: str, columns: list[str] | None = None
+) -> pa.Table:
+    """One published version of a read model (``columns`` only, when given) as an Arrow table.
+
+    The file is read through one open handle: DuckDB's ``read_parquet`` opens the path again to
+    scan, and a publisher renaming a new file into place in between gave it the old footer with
+    the new file's bytes ("TProtocolException: Invalid data"). The open handle pins one version.
+    """
+    path = read_model_path(read_models_dir, name)
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        raise ReadModelMissing(
+            f"read model {name!r} has not been published yet ({path}); "
+            "materialise the asset that publishes it in Dagster"
+        ) from None
+    with handle:
+        return pq.read_table(handle, columns=columns)
+
+
+def read_model_rows(read_models_dir: Path, name: str) -> int:
+    """The row count of one published version of a read model, from its footer alone."""
+    path = read_model_path(read_models_dir, name)
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        raise ReadModelMissing(f"read model {name!r} has not been published yet ({path})") from None
+    with handle:
+        return pq.ParquetFile(handle).metadata.num_rows
+
+
 def load_read_model(read_models_dir: Path, name: str) -> pd.DataFrame:
     """A published read model as a DataFrame, for dashboards and notebooks.
 
     Reads the Parquet file, never the live warehouse, so it works while Dagster runs write.
     """
-    path = read_model_path(read_models_dir, name)
-    if not path.exists():
-        raise ReadModelMissing(
-            f"read model {name!r} has not been published yet ({path}); "
-            "materialise the asset that publishes it in Dagster"
-        )
-    # One open file for the whole read: DuckDB's read_parquet opens the path again to scan, and a
-    # publisher renaming a new file into place in between gave it the old footer with the new
-    # file's bytes ("TProtocolException: Invalid data"). The open handle pins one version.
-    with path.open("rb") as handle:
-        table = pq.read_table(handle)
+    table = read_model_table(read_models_dir, name)
     con = duckdb.connect()
     try:
         return con.from_arrow(table).df()  # DuckDB's own conversion, as read_parquet's .df()

@@ -7,7 +7,14 @@ import duckdb
 import pandas as pd
 import pytest
 
-from churn_assets.warehouse import load_read_model, publish_read_model, read_model_path
+from churn_assets.warehouse import (
+    ReadModelMissing,
+    load_read_model,
+    publish_read_model,
+    read_model_path,
+    read_model_rows,
+    read_model_table,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -74,3 +81,17 @@ def test_reads_while_a_publisher_replaces_the_file_never_fail(tmp_path):
     assert reads >= 50
     assert published[0] >= 50
     assert read_model_path(tmp_path, "live").exists()
+
+
+def test_rows_and_columns_of_one_version_and_a_missing_model_named(tmp_path):
+    con = duckdb.connect()
+    try:
+        publish_read_model(con, tmp_path, "numbers", "SELECT range AS n, 'x' AS s FROM range(7)")
+    finally:
+        con.close()
+    assert read_model_rows(tmp_path, "numbers") == 7
+    table = read_model_table(tmp_path, "numbers", ["n"])
+    assert table.column_names == ["n"] and table.num_rows == 7
+    for read in (read_model_rows, read_model_table, load_read_model):
+        with pytest.raises(ReadModelMissing, match="'absent' has not been published yet"):
+            read(tmp_path, "absent")
