@@ -323,34 +323,44 @@ def evaluate_derived(derived: Derived, columns: Mapping[str, Any]) -> Any:
     which the transformer fills like a missing value)."""
     import numpy as np
 
-    def value(node: ast.AST) -> Any:
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        result = np.asarray(_compiled(derived.expression)(columns), dtype=float)
+    return np.where(np.isfinite(result), result, np.nan)
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(expression: str) -> Any:
+    """``expression`` (already checked by the contract) as a function of the input columns,
+    built once per expression: serving evaluates it for every request."""
+    import numpy as np
+
+    def build(node: ast.AST) -> Any:
         if isinstance(node, ast.Expression):
-            return value(node.body)
+            return build(node.body)
         if isinstance(node, ast.Name):
-            return columns[node.id]
+            name = node.id
+            return lambda columns: columns[name]
         if isinstance(node, ast.Constant):
-            return float(node.value)
+            constant = float(node.value)
+            return lambda columns: constant
         if isinstance(node, ast.UnaryOp):
-            return -value(node.operand) if isinstance(node.op, ast.USub) else value(node.operand)
+            operand = build(node.operand)
+            if isinstance(node.op, ast.USub):
+                return lambda columns: -operand(columns)
+            return operand
         if isinstance(node, ast.Call):
             function = np.maximum if node.func.id == "max" else np.minimum  # type: ignore[attr-defined]
-            return function(value(node.args[0]), value(node.args[1]))
+            first, second = build(node.args[0]), build(node.args[1])
+            return lambda columns: function(first(columns), second(columns))
         if not isinstance(node, ast.BinOp):
-            raise ContractError(f"cannot evaluate {ast.dump(node)} in {derived.name}")
-        left, right = value(node.left), value(node.right)
-        if isinstance(node.op, ast.Add):
-            return left + right
-        if isinstance(node.op, ast.Sub):
-            return left - right
-        if isinstance(node.op, ast.Mult):
-            return left * right
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return left / right
+            raise ContractError(f"cannot evaluate {ast.dump(node)} in {expression!r}")
+        left, right = build(node.left), build(node.right)
+        operation = {ast.Add: np.add, ast.Sub: np.subtract, ast.Mult: np.multiply}.get(
+            type(node.op), np.true_divide
+        )
+        return lambda columns: operation(left(columns), right(columns))
 
-    tree = ast.parse(derived.expression, mode="eval")
-    with np.errstate(invalid="ignore", over="ignore"):
-        result = np.asarray(value(tree), dtype=float)
-    return np.where(np.isfinite(result), result, np.nan)
+    return build(ast.parse(expression, mode="eval"))
 
 
 def _entry_name(where: str, entry: Any) -> str:

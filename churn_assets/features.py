@@ -13,8 +13,9 @@ encodes as all-zero one-hot columns (the "other" bucket); input validation rejec
 categories before they get here.
 """
 
+import functools
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -101,6 +102,18 @@ def customer_features_as_of(
     out["days_since_last_event"] = (as_of_ts - latest["event_time"]).dt.total_seconds() / 86_400
     out["last_event_time"] = latest["event_time"]
     return out.reset_index()
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A transformer's parameters as arrays, built once per transformer."""
+
+    derived: tuple[Derived, ...]
+    medians: np.ndarray
+    means: np.ndarray
+    scales: np.ndarray
+    categories: tuple[tuple[str, np.ndarray, str | None], ...]
+    width: int
 
 
 @dataclass(frozen=True)
@@ -207,24 +220,50 @@ class FeatureTransformer:
         }
         return self._matrix(numeric, categorical, len(rows))
 
+    def transform_columns(self, columns: Mapping[str, Sequence[Any]], rows: int) -> np.ndarray:
+        """The same transform for validated columns (canonical values, ``None`` when missing),
+        as serving's V2 inputs and landed batches arrive: no per-record dicts."""
+        numeric = {
+            name: np.array(columns[name], dtype=float)  # None becomes NaN
+            for name in self.numeric
+            if name not in self.derived
+        }
+        categorical = {name: np.array(columns[name], dtype=object) for name in self.categories}
+        return self._matrix(numeric, categorical, rows)
+
+    @functools.cached_property
+    def _plan(self) -> "_Plan":
+        return _Plan(
+            derived=tuple(Derived(name, expression) for name, expression in self.derived.items()),
+            medians=np.array([self.medians[name] for name in self.numeric], dtype=np.float64),
+            means=np.array([self.means[name] for name in self.numeric], dtype=np.float64),
+            scales=np.array([self.scales[name] for name in self.numeric], dtype=np.float64),
+            categories=tuple(
+                (name, np.array(values, dtype=object), self.category_fill.get(name))
+                for name, values in self.categories.items()
+            ),
+            width=len(self.feature_names_out),
+        )
+
     def _matrix(
         self, numeric: dict[str, np.ndarray], categorical: dict[str, np.ndarray], rows: int
     ) -> np.ndarray:
-        columns = _derive(
-            (Derived(name, expression) for name, expression in self.derived.items()), numeric
-        )
-        out = np.empty((rows, len(self.feature_names_out)), dtype=np.float64)
+        plan = self._plan
+        columns = _derive(plan.derived, numeric)
+        out = np.empty((rows, plan.width), dtype=np.float64)
+        block = out[:, : len(self.numeric)]
         for i, name in enumerate(self.numeric):
-            values = np.where(np.isnan(columns[name]), self.medians[name], columns[name])
-            out[:, i] = (values - self.means[name]) / self.scales[name]
+            block[:, i] = columns[name]
+        np.copyto(block, plan.medians, where=np.isnan(block))
+        block -= plan.means
+        block /= plan.scales
         position = len(self.numeric)
-        for name, values in self.categories.items():
+        for name, values, fill in plan.categories:
             column = categorical[name]
-            if name in self.category_fill:
-                column = np.where(pd.isna(column), self.category_fill[name], column)
-            for value in values:
-                out[:, position] = column == value
-                position += 1
+            if fill is not None:
+                column = np.where(pd.isna(column), fill, column)
+            out[:, position : position + len(values)] = column[:, None] == values[None, :]
+            position += len(values)
         return out.astype(np.float32)
 
     def to_json(self) -> str:

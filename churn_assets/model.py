@@ -8,8 +8,9 @@ as JSON. Any further artefacts (e.g. the outlier reference, ``reference.parquet`
 verifies every file's SHA-256.
 """
 
+import functools
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ BOOSTER_FILE = "model.ubj"
 TRANSFORMER_FILE = "transformer.json"
 BASELINE_FILE = "baseline.json"
 CONTRACT_FILE = "contract.json"
+ONE_THREAD_ROWS = 64
 KNOWN_FILES = (BOOSTER_FILE, TRANSFORMER_FILE, BASELINE_FILE, CONTRACT_FILE)
 
 
@@ -52,8 +54,17 @@ class ScoringModel:
     contract: Contract = DEFAULT_CONTRACT
 
     def predict_matrix(self, x: np.ndarray) -> np.ndarray:
-        """Churn probabilities for an already transformed matrix (no DMatrix built)."""
-        return np.asarray(self.booster.inplace_predict(x), dtype=float)
+        """Churn probabilities for an already transformed matrix (no DMatrix built). A small
+        batch (a request's) is scored on the calling thread alone: starting XGBoost's thread
+        pool costs more than scoring the rows (see benchmarks/serving.py)."""
+        booster = self._one_thread if len(x) <= ONE_THREAD_ROWS else self.booster
+        return np.asarray(booster.inplace_predict(x), dtype=float)
+
+    @functools.cached_property
+    def _one_thread(self) -> xgb.Booster:
+        booster = self.booster.copy()
+        booster.set_param({"nthread": 1})
+        return booster
 
     def margin_matrix(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self.booster.inplace_predict(x, predict_type="margin"), dtype=float)
@@ -63,6 +74,10 @@ class ScoringModel:
 
     def predict_records(self, records: Iterable[Mapping[str, Any]]) -> np.ndarray:
         return self.predict_matrix(self.transformer.transform_records(records))
+
+    def predict_columns(self, columns: Mapping[str, Sequence[Any]], rows: int) -> np.ndarray:
+        """Probabilities for validated columns (canonical values, ``None`` when missing)."""
+        return self.predict_matrix(self.transformer.transform_columns(columns, rows))
 
     def to_files(self) -> dict[str, bytes]:
         files = {

@@ -11,9 +11,12 @@ once when a problem starts and at info level when it ends.
 import logging
 import threading
 import time
+from collections.abc import Mapping
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Literal, Self
 
+import orjson
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from churn_assets.broker import BrokerError
@@ -73,6 +76,32 @@ class RateLimitedErrors:
             left_out, self._left_out, self._last = self._left_out, 0, now
         more = f" ({left_out} more since the last report)" if left_out else ""
         log.warning("%s: Kafka client error: %s%s", self._name, error, more)
+
+
+def prediction_event_bytes(
+    prediction: Any, features: Mapping[str, Any], predicted_at: datetime, model_name: str
+) -> bytes:
+    """The ``ml.predictions`` event (:class:`PredictionEvent`, status ``ok``) of an answered
+    prediction, encoded straight to JSON. Its values were validated (the features, the ids) or
+    computed (score, latency, version) by serving, so the event model is not built and checked
+    again per prediction; a test holds it to what :class:`PredictionEvent` gives and accepts."""
+    return orjson.dumps(
+        {
+            "schema_version": 1,
+            "request_id": prediction.request_id,
+            "customer_id": prediction.customer_id,
+            "model_name": model_name,
+            "model_version": prediction.model_version,
+            "arm": prediction.arm,
+            "score": prediction.probability,
+            "latency_ms": prediction.latency_ms,
+            "status": "ok",
+            "error": None,
+            "features": features,
+            "predicted_at": predicted_at,
+        },
+        option=orjson.OPT_UTC_Z,
+    )
 
 
 class PredictionMirror:
@@ -145,7 +174,11 @@ class PredictionMirror:
         except (MessageError, ValueError) as exc:
             self._drop("encode_error", str(exc), getattr(event, "request_id", None))
             return False
-        key = event.request_id
+        return self.publish_encoded(event.request_id, value)
+
+    def publish_encoded(self, key: str, value: bytes) -> bool:
+        """Queue an already encoded event (:func:`prediction_event_bytes`) keyed by its request
+        id; ``False`` when it was dropped (the reason is counted)."""
         with self._producer_lock:
             producer = self._producer
             if producer is None:

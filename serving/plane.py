@@ -32,10 +32,12 @@ from churn_assets.config import Settings
 from churn_assets.contract import Contract, ContractError, features_model
 from churn_assets.model import ScoringModel, load_model
 from churn_assets.registry import ModelRegistry, RegistryError
-from churn_assets.schemas import Identifier, Topics, topic_schemas
+from churn_assets.schemas import Identifier
 from churn_assets.validation import check_columns
 from serving.errors import InvalidInput, NotFound, ServingError, Unavailable
 from serving.metrics import ServingMetrics
+from serving.micro_batches import MicroBatches
+from serving.mirror import prediction_event_bytes
 from serving.router import (
     RouterError,
     RouterState,
@@ -151,15 +153,44 @@ def request_example(contract: Contract) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Batch:
-    """Validated records: each record's canonical features (a missing value the contract fills
-    is ``None``) and its optional customer and request id."""
+    """Validated records, by column: one list per contract feature of canonical values (a
+    missing value the contract fills is ``None``), and each record's optional customer and
+    request id. Validation fills the columns once; scoring, shadowing and mirroring read them."""
 
-    features: list[dict[str, Any]]
+    columns: dict[str, list[Any]]
     customer_ids: list[str | None]
     request_ids: list[str | None]
 
     def __len__(self) -> int:
-        return len(self.features)
+        return len(self.customer_ids)
+
+    @classmethod
+    def from_records(
+        cls,
+        features: Sequence[Mapping[str, Any]],
+        names: Sequence[str],
+        customer_ids: list[str | None],
+        request_ids: list[str | None],
+    ) -> "Batch":
+        columns = {name: [record[name] for record in features] for name in names}
+        return cls(columns, customer_ids, request_ids)
+
+    @functools.cached_property
+    def features(self) -> list[dict[str, Any]]:
+        """Each record's features as a dict (explanations, the mirror's events)."""
+        names = list(self.columns)
+        rows = zip(*self.columns.values(), strict=True)
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
+    def take(self, indices: Sequence[int]) -> "Batch":
+        """The records at ``indices``, in that order."""
+        if len(indices) == len(self) and all(i == n for n, i in enumerate(indices)):
+            return self
+        return Batch(
+            {name: [values[i] for i in indices] for name, values in self.columns.items()},
+            [self.customer_ids[i] for i in indices],
+            [self.request_ids[i] for i in indices],
+        )
 
     def rows(self) -> list[dict[str, Any]]:
         """The records as request rows again (features and the ids given)."""
@@ -200,11 +231,10 @@ def validate_records(rows: Sequence[Mapping[str, Any]], contract: Contract) -> B
                 )
     if errors:
         raise InvalidInput(errors)
-    names = set(contract.names)
     return Batch(
-        features=[r.model_dump(include=names) for r in valid],
-        customer_ids=[r.customer_id for r in valid],
-        request_ids=[r.request_id for r in valid],
+        {name: [getattr(r, name) for r in valid] for name in contract.names},
+        [r.customer_id for r in valid],
+        [r.request_id for r in valid],
     )
 
 
@@ -249,9 +279,11 @@ def validate_columns(columns: Mapping[str, Sequence[Any]], contract: Contract) -
                 errors.append({"loc": [row, name], "msg": exc.errors()[0]["msg"]})
     if errors:
         raise InvalidInput(errors)
-    values = [check.values(feature) for feature in contract.features]
-    records = [dict(zip(contract.names, row, strict=True)) for row in zip(*values, strict=True)]
-    return Batch(records, ids["customer_id"], ids["request_id"])
+    return Batch(
+        {feature.name: check.values(feature) for feature in contract.features},
+        ids["customer_id"],
+        ids["request_id"],
+    )
 
 
 def _one_change_at_a_time(method: Callable[..., RouterState]) -> Callable[..., RouterState]:
@@ -317,7 +349,8 @@ class ServingPlane:
         # computed from the state the previous one left.
         self._admin_lock = threading.Lock()
         self.quarantined: dict[str, str] = {}
-        self._shadow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow")
+        self._shadows = MicroBatches(self._score_shadows, name="shadow")
+        self._metric_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         # Requests are scored on one thread of their own and explained on another, never on
         # the event loop: one scoring at a time uses the cores best (XGBoost and NumPy spread
         # a batch over them; scorings side by side only fight for them), and a long SHAP
@@ -497,14 +530,14 @@ class ServingPlane:
         by_version: dict[str, list[int]] = {}
         for index, target in enumerate(routes):
             by_version.setdefault(target.primary, []).append(index)
-        records = batch.features
         results: list[Prediction | None] = [None] * len(batch)
         pending = list(by_version.items())
         while pending:
             version, indices = pending.pop(0)
+            part = batch.take(indices)
             try:
                 loaded = self._get(version)
-                x = loaded.model.transformer.transform_records([records[i] for i in indices])
+                x = loaded.model.transformer.transform_columns(part.columns, len(part))
                 probabilities = loaded.model.predict_matrix(x)
             except Exception:
                 self._count_errors(version, [routes[i].arm for i in indices])
@@ -533,11 +566,10 @@ class ServingPlane:
                     latency_ms=elapsed_ms,
                 )
         predictions = [p for p in results if p is not None]
-        for prediction, features in zip(predictions, records, strict=True):
-            self._record(prediction, features)
+        self._record(predictions, [batch])
         shadows = {s for target in routes for s in target.shadows}
         if shadows:
-            self._shadow_pool.submit(self._score_shadows, shadows, records, predictions)
+            self._shadows.submit(shadows, batch, predictions)
         return predictions
 
     def _count_errors(self, version: str, arms: Sequence[str]) -> None:
@@ -561,62 +593,76 @@ class ServingPlane:
             ).inc(detected)
         return scores, flags
 
-    def _record(self, prediction: Prediction, features: Mapping[str, Any]) -> None:
-        key = (prediction.model_version, prediction.arm)
-        self.metrics.predictions_total.labels(
-            version=prediction.model_version, arm=prediction.arm, status="ok"
-        ).inc()
-        self.metrics.prediction_latency_seconds.labels(
-            version=prediction.model_version, arm=prediction.arm
-        ).observe(prediction.latency_ms / 1000)
+    def _children(self, version: str, arm: str) -> tuple[Any, Any]:
+        """The Prometheus children of one (version, arm): its ok-counter and latency histogram,
+        looked up once (``labels()`` costs a lock and a dict walk per call)."""
+        key = (version, arm)
+        children = self._metric_children.get(key)
+        if children is None:
+            children = (
+                self.metrics.predictions_total.labels(version=version, arm=arm, status="ok"),
+                self.metrics.prediction_latency_seconds.labels(version=version, arm=arm),
+            )
+            self._metric_children[key] = children
+        return children
+
+    def _record(self, predictions: Sequence[Prediction], batches: Sequence[Batch]) -> None:
+        """Count and time ``predictions`` (Prometheus and the rollout's counters), then mirror
+        them to Kafka with the features of their records, ``batches`` in order."""
+        for prediction in predictions:
+            ok, latency = self._children(prediction.model_version, prediction.arm)
+            ok.inc()
+            latency.observe(prediction.latency_ms / 1000)
         with self._lock:
-            self._latencies.setdefault(key, deque(maxlen=5000)).append(prediction.latency_ms)
-            count_key = (*key, "ok")
-            self._counts[count_key] = self._counts.get(count_key, 0) + 1
-        self._mirror(prediction, features)
+            for prediction in predictions:
+                key = (prediction.model_version, prediction.arm)
+                latencies = self._latencies.get(key)
+                if latencies is None:
+                    latencies = self._latencies[key] = deque(maxlen=5000)
+                latencies.append(prediction.latency_ms)
+                count_key = (*key, "ok")
+                self._counts[count_key] = self._counts.get(count_key, 0) + 1
+        if self.mirror is not None:
+            predicted_at = datetime.now(UTC)
+            features = (record for batch in batches for record in batch.features)
+            for prediction, record in zip(predictions, features, strict=True):
+                self.mirror.publish_encoded(
+                    prediction.request_id,
+                    prediction_event_bytes(prediction, record, predicted_at, MODEL_NAME),
+                )
 
-    def _mirror(self, prediction: Prediction, features: Mapping[str, Any]) -> None:
-        if self.mirror is None:
-            return
-        # The event's features are the served contract's, and so is its schema.
-        event = topic_schemas(self.contract)[Topics.PREDICTIONS]
-        self.mirror.publish(
-            event(
-                request_id=prediction.request_id,
-                customer_id=prediction.customer_id,
-                model_name=MODEL_NAME,
-                model_version=prediction.model_version,
-                arm=prediction.arm,
-                score=prediction.probability,
-                latency_ms=prediction.latency_ms,
-                status="ok",
-                features=dict(features),
-                predicted_at=datetime.now(UTC),
-            ),
-            self.contract,
-        )
-
-    def _score_shadows(
-        self, versions: set[str], records: list[dict[str, Any]], primaries: list[Prediction]
-    ) -> None:
-        """Off the request path: score the shadow versions, record pairs, mirror them."""
-        for version in versions:
+    def _score_shadows(self, work: list[tuple[set[str], Batch, list[Prediction]]]) -> None:
+        """Off the request path (the shadow thread): score the shadow versions of a micro-batch
+        of requests, one transform and one model call per version, record pairs, mirror them.
+        Each pair's shadow latency is the micro-batch's scoring time."""
+        champion = self.state.champion
+        for version in sorted({v for versions, _, _ in work for v in versions}):
+            items = [(batch, primary) for versions, batch, primary in work if version in versions]
+            rows = sum(len(batch) for batch, _ in items)
             try:
                 loaded = self._get(version)
                 started = time.perf_counter()
-                x = loaded.model.transformer.transform_records(records)
+                columns = {
+                    name: [v for batch, _ in items for v in batch.columns[name]]
+                    for name in items[0][0].columns
+                }
+                x = loaded.model.transformer.transform_columns(columns, rows)
                 probabilities = loaded.model.predict_matrix(x)
                 elapsed_ms = (time.perf_counter() - started) * 1000
-                threshold = self._get(self.state.champion).threshold
-                for features, primary, p in zip(records, primaries, probabilities, strict=True):
-                    shadow = replace(
-                        primary,
-                        probability=float(p),
-                        model_version=version,
-                        arm="shadow",
-                        latency_ms=elapsed_ms,
-                        outlier_score=None,
-                        is_outlier=None,
+                threshold = self._get(champion).threshold
+                primaries = [p for _, batch_primaries in items for p in batch_primaries]
+                shadows = []
+                for primary, p in zip(primaries, probabilities, strict=True):
+                    shadows.append(
+                        replace(
+                            primary,
+                            probability=float(p),
+                            model_version=version,
+                            arm="shadow",
+                            latency_ms=elapsed_ms,
+                            outlier_score=None,
+                            is_outlier=None,
+                        )
                     )
                     self._shadow_pairs.append(
                         {
@@ -629,10 +675,10 @@ class ServingPlane:
                             "shadow_latency_ms": elapsed_ms,
                         }
                     )
-                    self._record(shadow, features)
+                self._record(shadows, [batch for batch, _ in items])
             except Exception:  # shadow failures never reach callers; they are counted
                 log.exception("shadow scoring of %s failed", version)
-                self._count_errors(version, ["shadow"] * len(records))
+                self._count_errors(version, ["shadow"] * rows)
 
     def contract_of(self, version: str) -> Contract:
         """The contract ``version`` was trained with (the one its own V2 model serves)."""
@@ -645,11 +691,11 @@ class ServingPlane:
         version's own contract; no routing, no mirror."""
         loaded = self._get(version)
         batch = rows if isinstance(rows, Batch) else validate_records(rows, loaded.model.contract)
-        return loaded.model.predict_records(batch.features)
+        return loaded.model.predict_columns(batch.columns, len(batch))
 
     def drain_shadows(self, timeout_s: float = 10.0) -> None:
         """Wait for queued shadow work (tests, shutdown)."""
-        self._shadow_pool.submit(lambda: None).result(timeout=timeout_s)
+        self._shadows.drain(timeout_s)
 
     # -- explanations ---------------------------------------------------------------------------
     def _explained_version(self, batch: Batch, version: str | None) -> _Loaded:
@@ -845,7 +891,7 @@ class ServingPlane:
     def close(self) -> None:
         self._scoring.shutdown(wait=True)
         self._explaining.shutdown(wait=True)
-        self._shadow_pool.shutdown(wait=True)
+        self._shadows.close()
         if self._anchors is not None:
             self._anchors.close()
         if self.mirror is not None:

@@ -90,7 +90,7 @@ class ChurnSeldonModel:
             raise SeldonMicroserviceException(
                 str(exc), status_code=400, reason="BAD_INPUT"
             ) from exc
-        return self.model.predict_records(valid.features).reshape(-1, 1)
+        return self.model.predict_columns(valid.columns, len(valid)).reshape(-1, 1)
 
     def class_names(self) -> list[str]:
         return ["churn_probability"]

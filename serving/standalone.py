@@ -201,7 +201,7 @@ class ChurnModel(MLModel):
             requests = batch_from_request(payload, self._scoring.contract)
         except InvalidInput as exc:
             raise MLServerError(str(exc), exc.status_code) from None
-        probabilities = self._scoring.predict_records(requests.features)
+        probabilities = self._scoring.predict_columns(requests.columns, len(requests))
         return InferenceResponse(
             id=payload.id,
             model_name=self.name,

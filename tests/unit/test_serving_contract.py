@@ -34,15 +34,13 @@ def models():
 
 
 class Mirror:
-    """Captures what the plane publishes, encoded as the real mirror encodes it."""
+    """Captures the encoded events the plane hands the mirror to produce."""
 
     def __init__(self) -> None:
         self.values: list[bytes] = []
 
-    def publish(self, event, contract=None) -> bool:
-        from churn_assets.schemas import encode_message
-
-        self.values.append(encode_message(Topics.PREDICTIONS, event, contract))
+    def publish_encoded(self, key: str, value: bytes) -> bool:
+        self.values.append(value)
         return True
 
     def close(self) -> None:
