@@ -496,6 +496,10 @@ class ReadModelMissing(FileNotFoundError):
     """A read model has not been published yet."""
 
 
+class ReadModelUnreadable(ValueError):
+    """A read model's file is there but is not a Parquet file Arrow can read."""
+
+
 def read_model_table(
     read_models_dir: Path, name: str, columns: list[str] | None = None
 ) -> pa.Table:
@@ -514,7 +518,10 @@ def read_model_table(
             "materialise the asset that publishes it in Dagster"
         ) from None
     with handle:
-        return pq.read_table(handle, columns=columns)
+        try:
+            return pq.read_table(handle, columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise ReadModelUnreadable(f"read model {name!r} ({path}): {exc}") from exc
 
 
 def read_model_rows(read_models_dir: Path, name: str) -> int:
@@ -525,7 +532,10 @@ def read_model_rows(read_models_dir: Path, name: str) -> int:
     except FileNotFoundError:
         raise ReadModelMissing(f"read model {name!r} has not been published yet ({path})") from None
     with handle:
-        return pq.ParquetFile(handle).metadata.num_rows
+        try:
+            return pq.ParquetFile(handle).metadata.num_rows
+        except (pa.ArrowException, OSError) as exc:
+            raise ReadModelUnreadable(f"read model {name!r} ({path}): {exc}") from exc
 
 
 def load_read_model(read_models_dir: Path, name: str) -> pd.DataFrame:

@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pandas as pd
 import requests
 from pydantic import ValidationError
@@ -32,6 +31,7 @@ from churn_assets.schemas import features_schema
 from churn_assets.warehouse import (
     LEGACY_EPOCH,
     ReadModelMissing,
+    ReadModelUnreadable,
     load_read_model,
     read_model_path,
 )
@@ -102,7 +102,7 @@ class ReadModels:
                 f"it has not been published yet ({self.directory / (name + '.parquet')})",
                 "Materialise the Dagster asset that publishes it.",
             )
-        except duckdb.Error as exc:
+        except ReadModelUnreadable as exc:
             return Unavailable(source, f"the file cannot be read ({exc})")
         if frame.empty:
             return Unavailable(source, "it holds no rows yet")

@@ -9,6 +9,7 @@ import pytest
 
 from churn_assets.warehouse import (
     ReadModelMissing,
+    ReadModelUnreadable,
     load_read_model,
     publish_read_model,
     read_model_path,
@@ -95,3 +96,10 @@ def test_rows_and_columns_of_one_version_and_a_missing_model_named(tmp_path):
     for read in (read_model_rows, read_model_table, load_read_model):
         with pytest.raises(ReadModelMissing, match="'absent' has not been published yet"):
             read(tmp_path, "absent")
+
+
+def test_a_file_that_is_not_parquet_is_named_unreadable(tmp_path):
+    (tmp_path / "broken.parquet").write_bytes(b"not a parquet file")
+    for read in (read_model_rows, read_model_table, load_read_model):
+        with pytest.raises(ReadModelUnreadable, match="read model 'broken'"):
+            read(tmp_path, "broken")
