@@ -102,7 +102,7 @@ def _produce(settings: Settings, topic: str, messages: list[tuple[str, bytes]]) 
 
 @dg.asset(
     group_name="monitoring",
-    kinds={"alibi-detect", "duckdb"},
+    kinds={"scipy", "duckdb"},
     pool=WAREHOUSE_POOL,
     deps=["landed_customer_events", "registered_model"],
 )

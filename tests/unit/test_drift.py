@@ -7,10 +7,18 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.spatial.distance import cdist
 from scipy.stats import false_discovery_control
 
 from churn_assets.contract import contract_from_dict
-from churn_assets.drift import PREDICTION, DriftReport, adjust_p_values, drift_report
+from churn_assets.drift import (
+    MMD_PERMUTATIONS,
+    PREDICTION,
+    DriftReport,
+    adjust_p_values,
+    drift_report,
+    mmd_permutation_test,
+)
 from churn_assets.features import FeatureTransformer
 from churn_assets.schemas import CATEGORICAL_FEATURES, FEATURE_NAMES, NUMERIC_FEATURES
 from churn_assets.simulator import SimulationConfig, sample_customers, simulate_frames
@@ -280,6 +288,121 @@ def test_importing_the_module_does_not_import_tensorflow():
         "assert 'tensorflow' not in sys.modules and 'alibi_detect' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_full_report_does_not_import_tensorflow_or_alibi_detect():
+    code = (
+        "import sys\n"
+        "from churn_assets.drift import drift_report\n"
+        "from churn_assets.simulator import sample_customers\n"
+        "report = drift_report(sample_customers(500, seed=1), sample_customers(500, seed=2))\n"
+        "assert report.multivariate['detector'] == 'mmd', report.multivariate\n"
+        "loaded = [m for m in ('tensorflow', 'alibi_detect', 'torch') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# -- the MMD permutation test --------------------------------------------------------------------
+
+
+def brute_force_mmd(
+    x_ref: np.ndarray, x: np.ndarray, n_permutations: int, p_val: float, seed: int
+) -> dict[str, float]:
+    """The MMD permutation test written out plainly: one permuted kernel matrix and its MMD² per
+    permutation, the bandwidth as the median of the distances between distinct reference rows
+    (the lower one of the two middle values when their number is even)."""
+    n, m = len(x_ref), len(x)
+    pooled = np.concatenate([x_ref, x]).astype(np.float64)
+    pairs = cdist(pooled[:n], pooled[:n], "sqeuclidean")[np.triu_indices(n, k=1)]
+    sigma = np.sqrt(0.5 * np.sort(pairs)[(len(pairs) + 1) // 2 - 1])
+    kernel = np.exp(-cdist(pooled, pooled, "sqeuclidean") / (2 * sigma**2))
+    np.fill_diagonal(kernel, 0.0)
+
+    def mmd2(k: np.ndarray) -> float:
+        k_xx, k_yy, k_xy = k[:n, :n], k[n:, n:], k[n:, :n]
+        return k_xx.sum() / (n * (n - 1)) + k_yy.sum() / (m * (m - 1)) - 2 * k_xy.mean()
+
+    observed = mmd2(kernel)
+    generator = np.random.RandomState(seed)
+    permuted = []
+    for _ in range(n_permutations):
+        order = generator.permutation(n + m)
+        permuted.append(mmd2(kernel[order][:, order]))
+    permuted = np.array(permuted)
+    return {
+        "p_value": float((observed <= permuted).mean()),
+        "distance": observed,
+        "distance_threshold": float(np.sort(permuted)[::-1][int(p_val * n_permutations)]),
+        "sigma": float(sigma),
+    }
+
+
+@pytest.mark.parametrize(
+    ("n", "m", "shift", "seed"),
+    [(60, 60, 0.0, 1), (80, 50, 0.0, 2), (50, 90, 0.4, 3), (70, 70, 1.0, 4), (31, 30, 0.3, 5)],
+)
+def test_mmd_permutation_test_equals_the_test_written_out_permutation_by_permutation(
+    n, m, shift, seed
+):
+    rng = np.random.default_rng(seed)
+    x_ref = rng.normal(size=(n, 4))
+    x = rng.normal(size=(m, 4)) + [shift, 0, 0, 0]
+    x[: m // 3, 3] = x_ref[: m // 3, 3]  # some equal values, as integer features have
+    expected = brute_force_mmd(x_ref, x, 200, 0.05, seed=seed + 10)
+    result = mmd_permutation_test(x_ref, x, n_permutations=200, p_val=0.05, seed=seed + 10)
+    assert result.p_value == expected["p_value"]
+    assert result.n_permutations == 200
+    for field in ("distance", "distance_threshold", "sigma"):
+        assert getattr(result, field) == pytest.approx(expected[field], rel=1e-9, abs=1e-14)
+
+
+def test_mmd_permutation_test_alarms_at_its_level_without_drift_and_detects_a_shift():
+    null_p, shifted_p = [], []
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        x_ref = rng.normal(size=(50, 3))
+        null_p.append(mmd_permutation_test(x_ref, rng.normal(size=(50, 3)), seed=seed).p_value)
+        shifted = rng.normal(size=(50, 3)) + [1.0, 0.0, 0.0]
+        shifted_p.append(mmd_permutation_test(x_ref, shifted, seed=seed).p_value)
+    false_alarms = float(np.mean(np.array(null_p) < 0.05))
+    detected = float(np.mean(np.array(shifted_p) < 0.05))
+    print(
+        f"\nMMD at 0.05: false alarms {false_alarms:.1%}, one-sigma shift detected {detected:.1%}"
+    )
+    assert false_alarms <= 0.08  # 0.05 expected; 200 windows give a spread of 0.015
+    assert np.mean(np.array(null_p) > 0.5) >= 0.4  # p-values spread out under no drift
+    assert detected >= 0.9
+
+
+def test_mmd_permutation_test_is_seeded_and_leaves_numpy_global_state_alone():
+    rng = np.random.default_rng(0)
+    x_ref, x = rng.normal(size=(40, 2)), rng.normal(size=(40, 2)) + [0.3, 0]
+    np.random.seed(7)
+    expected_next = np.random.random()
+    np.random.seed(7)
+    first = mmd_permutation_test(x_ref, x, seed=3)
+    assert np.random.random() == expected_next
+    assert mmd_permutation_test(x_ref, x, seed=3) == first
+    assert first.n_permutations == MMD_PERMUTATIONS
+    others = {mmd_permutation_test(x_ref, x, seed=seed).p_value for seed in range(4, 12)}
+    assert len(others) > 1  # other seeds, other permutations
+
+
+def test_mmd_permutation_test_rejects_bad_inputs():
+    good = np.zeros((5, 2)) + np.arange(5)[:, None]
+    cases = [
+        ((np.zeros(5), good), {}, "x_ref must be two-dimensional"),
+        ((good, good[:1]), {}, "x needs at least 2 rows"),
+        ((good, good[:, :1]), {}, "same columns, got 2 and 1"),
+        ((good, np.where(good == 0, np.nan, good)), {}, "x has 2 NaN or infinite values"),
+        ((good, good), {"n_permutations": 0}, "n_permutations must be an integer"),
+        ((good, good), {"n_permutations": True}, "n_permutations must be an integer"),
+        ((good, good), {"p_val": 1.0}, "p_val must be a number between 0 and 1"),
+    ]
+    for arguments, options, message in cases:
+        with pytest.raises(ValueError, match=message):
+            mmd_permutation_test(*arguments, **options)
 
 
 # -- the contract decides the features and each one's test --------------------------------------
