@@ -1,29 +1,35 @@
 """Serving overhead: plain MLServer XGBoost runtime vs our router path, over REST and gRPC.
 
-    .venv/bin/python benchmarks/serving.py [--concurrency 8] [--seconds 10] [--warmup 2]
+    .venv/bin/python benchmarks/serving.py [--concurrency 4] [--seconds 8] [--warmup 2]
+        [--rate 300] [--rate-seconds 30]
 
 One run trains a small registry (v1 champion, v2 challenger) in a temp dir, starts an embedded
-Kafka broker, and serves the SAME v1 booster two ways on this machine:
+Kafka broker, and serves the SAME v1 booster three ways on this machine:
 
 - plain: ``mlserver start`` with MLServer's own ``mlserver_xgboost.XGBoostModel`` loading
   ``v1/model.ubj``. Its input is the already-transformed float32 row (one FP32 tensor of shape
   [1, n_features], made by our ``FeatureTransformer`` before the run), so it measures the bare
   model behind MLServer only.
-- ours: the real ``churn serve`` process, model ``churn-router`` with the default strategy
-  (shadow: v1 answers, v2 is scored off the request path). Its input is one named tensor per
-  raw feature (``content_type: pd``), so it measures validation + transform + routing + scoring
-  + shadow scoring + mirroring to Kafka.
+- ours, champion alone: the real ``churn serve`` process on a registry without a challenger,
+  model ``churn-router``. Its input is one named tensor per raw feature (``content_type: pd``),
+  so it measures validation + transform + routing + scoring + mirroring to Kafka.
+- ours, with shadow: the same with v2 as challenger under the default strategy (shadow: v1
+  answers, v2 is scored off the request path and mirrored too).
 
-Four cases run one after another: plain REST, ours REST, plain gRPC, ours gRPC. Each uses
-``--concurrency`` client threads (one keep-alive ``requests.Session`` or one gRPC channel per
-thread) sending single-record requests in a closed loop for ``--warmup`` seconds (discarded) and
-then ``--seconds`` seconds (measured). It prints requests, errors (non-200 / RpcError), req/s,
-p50 and p99 latency per case, then the ours/plain ratios per transport. The client threads share
-the machine's cores with the servers, so compare ratios, not absolute numbers across machines.
+Closed loop: six cases run one after another (plain, ours alone, ours with shadow; REST then
+gRPC). Each uses ``--concurrency`` client threads (one keep-alive ``requests.Session`` or one
+gRPC channel per thread) sending single-record requests for ``--warmup`` seconds (discarded) and
+then ``--seconds`` seconds (measured). Fixed rate (open loop): plain and ours alone, REST and
+gRPC, get ``--rate`` requests per second for ``--rate-seconds`` each, sent on schedule whatever
+the answers do; a latency runs from the moment its request was due. It prints requests, errors
+(non-200 / RpcError), req/s, p50 and p99 per case, then the ours/plain ratios. The client threads
+share the machine's cores with the servers, so compare ratios, not absolute numbers across
+machines.
 """
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -32,7 +38,9 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +201,12 @@ class CaseResult:
     errors: int = 0
     first_error: str | None = None
     elapsed_s: float = 0.0
+    sent: int = 0  # every request, warm-up included
+    server_cpu_s: float = 0.0  # the server process's CPU time over the whole case
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return self.server_cpu_s * 1000 / self.sent if self.sent else float("nan")
 
     @property
     def requests(self) -> int:
@@ -276,7 +290,7 @@ def run_case(
             ready.abort()
             return
         latencies: list[float] = []
-        errors = 0
+        errors = sent = 0
         first_error: str | None = None
         finish = 0.0
         i = index * 7919  # each thread walks the payloads from a different place
@@ -290,6 +304,7 @@ def run_case(
                 error = send(i % n_payloads)
                 ended = time.perf_counter()
                 i += 1
+                sent += 1
                 if started < measure_from:
                     continue  # warm-up
                 finish = max(finish, ended)
@@ -303,6 +318,7 @@ def run_case(
             with lock:
                 result.latencies_s.extend(latencies)
                 result.errors += errors
+                result.sent += sent
                 result.first_error = result.first_error or first_error
                 last_finish[0] = max(last_finish[0], finish)
 
@@ -319,6 +335,20 @@ def run_case(
     for thread in threads:
         thread.join(timeout=warmup_s + seconds + REQUEST_TIMEOUT_S + 10)
     result.elapsed_s = max(last_finish[0] - times["measure_from"], 0.0)
+    return result
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(server: RunningServer, case: Callable[[], CaseResult]) -> CaseResult:
+    """``case()``, with the server's CPU time over it."""
+    before = process_cpu_s(server.process.pid)
+    result = case()
+    result.server_cpu_s = process_cpu_s(server.process.pid) - before
     return result
 
 
@@ -346,28 +376,99 @@ def check_same_model(plain: RunningServer, ours: Any, vector: np.ndarray, row: d
     return f"sanity: plain p={plain_p:.6f}, ours p={ours_p:.6f} (answered by {version}): {agree}"
 
 
-def print_report(results: dict[str, CaseResult]) -> None:
-    print(f"{'case':<12}{'requests':>10}{'errors':>8}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+def run_fixed_rate(
+    name: str,
+    make_sender: Callable[[], tuple[Sender, Callable]],
+    n_payloads: int,
+    rate: float,
+    seconds: float,
+    workers: int = 32,
+) -> CaseResult:
+    """Open loop: requests are sent at ``rate`` per second whatever the answers do, by a pool
+    of ``workers`` threads. A request's latency runs from the moment it was due, so time spent
+    waiting for a free worker (the server falling behind) counts, as it would for a client."""
+    result = CaseResult(name)
+    local = threading.local()
+    lock = threading.Lock()
+    closers: list[Callable] = []
+
+    def send_due(i: int, due: float) -> None:
+        if not hasattr(local, "send"):
+            local.send, close = make_sender()
+            with lock:
+                closers.append(close)
+        error = local.send(i % n_payloads)
+        ended = time.perf_counter()
+        with lock:
+            result.sent += 1
+            if error is None:
+                result.latencies_s.append(ended - due)
+            else:
+                result.errors += 1
+                result.first_error = result.first_error or error
+
+    total = int(rate * seconds)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        start = time.perf_counter() + 0.5
+        futures = []
+        for i in range(total):
+            due = start + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            futures.append(pool.submit(send_due, i * 7919, due))
+        for future in futures:
+            future.result(timeout=REQUEST_TIMEOUT_S + seconds)
+        result.elapsed_s = time.perf_counter() - start
+    for close in closers:
+        close()
+    return result
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:>10.2f}" if b and np.isfinite(a) and np.isfinite(b) else f"{'n/a':>10}"
+
+
+def print_report(results: dict[str, CaseResult], fixed: dict[str, CaseResult]) -> None:
+    width = max(len(name) for name in (*results, *fixed)) + 2
+    header = (
+        f"{'requests':>10}{'errors':>8}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}"
+        f"{'server CPU ms/req':>19}"
+    )
+    print(f"closed loop\n{'case':<{width}}{header}")
     for result in results.values():
         print(
-            f"{result.name:<12}{result.requests:>10}{result.errors:>8}"
+            f"{result.name:<{width}}{result.requests:>10}{result.errors:>8}"
             f"{result.throughput:>10.1f}{result.percentile_ms(50):>10.2f}"
-            f"{result.percentile_ms(99):>10.2f}"
+            f"{result.percentile_ms(99):>10.2f}{result.cpu_ms_per_request:>19.3f}"
         )
-    print()
-    print(f"{'ours/plain':<12}{'req/s':>10}{'p50':>10}{'p99':>10}")
+    print(f"\n{'ours/plain':<{width}}{'req/s':>10}{'p50':>10}{'p99':>10}{'CPU/req':>10}")
     for transport in ("REST", "gRPC"):
-        plain, ours = results[f"plain {transport}"], results[f"ours {transport}"]
-
-        def ratio(a: float, b: float) -> str:
-            return f"{a / b:>10.2f}" if b and np.isfinite(a) and np.isfinite(b) else f"{'n/a':>10}"
-
-        print(
-            f"{transport:<12}{ratio(ours.throughput, plain.throughput)}"
-            f"{ratio(ours.percentile_ms(50), plain.percentile_ms(50))}"
-            f"{ratio(ours.percentile_ms(99), plain.percentile_ms(99))}"
-        )
-    for result in results.values():
+        plain = results[f"plain {transport}"]
+        for arm in ("champion alone", "with shadow"):
+            ours = results[f"ours {transport} {arm}"]
+            print(
+                f"{transport + ' ' + arm:<{width}}{_ratio(ours.throughput, plain.throughput)}"
+                f"{_ratio(ours.percentile_ms(50), plain.percentile_ms(50))}"
+                f"{_ratio(ours.percentile_ms(99), plain.percentile_ms(99))}"
+                f"{_ratio(ours.cpu_ms_per_request, plain.cpu_ms_per_request)}"
+            )
+    if fixed:
+        print(f"\nfixed rate (open loop)\n{'case':<{width}}{header}")
+        for result in fixed.values():
+            print(
+                f"{result.name:<{width}}{result.requests:>10}{result.errors:>8}"
+                f"{result.throughput:>10.1f}{result.percentile_ms(50):>10.2f}"
+                f"{result.percentile_ms(99):>10.2f}{result.cpu_ms_per_request:>19.3f}"
+            )
+        print(f"\n{'ours/plain':<{width}}{'p50':>10}{'p99':>10}")
+        for transport in ("REST", "gRPC"):
+            plain, ours = fixed[f"plain {transport} fixed"], fixed[f"ours {transport} fixed"]
+            print(
+                f"{transport:<{width}}{_ratio(ours.percentile_ms(50), plain.percentile_ms(50))}"
+                f"{_ratio(ours.percentile_ms(99), plain.percentile_ms(99))}"
+            )
+    for result in (*results.values(), *fixed.values()):
         if result.errors:
             print(f"ERRORS in {result.name}: {result.errors}, first: {result.first_error}")
 
@@ -376,18 +477,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--concurrency", type=int, default=8, help="client threads (default 8)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="measured s per case")
+    parser.add_argument("--concurrency", type=int, default=4, help="client threads (default 4)")
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured s per case")
     parser.add_argument("--warmup", type=float, default=2.0, help="discarded s per case")
     parser.add_argument("--rows", type=int, default=500, help="distinct customers to cycle")
+    parser.add_argument("--rate", type=float, default=300.0, help="fixed-rate phase, req/s")
+    parser.add_argument(
+        "--rate-seconds", type=float, default=30.0, help="fixed-rate phase length; 0 skips it"
+    )
     args = parser.parse_args()
     if args.concurrency < 1 or args.seconds <= 0 or args.warmup < 0 or args.rows < 1:
         parser.error("--concurrency and --rows must be >= 1, --seconds > 0, --warmup >= 0")
+    if args.rate <= 0 or args.rate_seconds < 0:
+        parser.error("--rate must be > 0 and --rate-seconds >= 0")
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         root = Path(tmp)
-        config_path = write_config(root)
-        settings = load_settings(config_path)
+        # Two serving set-ups on one registry's artefacts: v1 champion alone, and v1 champion
+        # with v2 shadowed (the default strategy); each has its own data dir (router state).
+        shadow_config = write_config(root / "shadow")
+        settings = load_settings(shadow_config)
         print("training the registry (v1 champion, v2 challenger)...", flush=True)
         build_registry(settings.registry_dir)
         v1 = load_model(ModelRegistry(settings.registry_dir), "v1")
@@ -399,55 +508,97 @@ def main() -> None:
         ours_messages = [ours_grpc_request(r) for r in rows]
 
         broker = EmbeddedBroker(settings.run_dir)
-        ours = plain = None
+        servers: dict[str, RunningServer] = {}
         try:
-            broker.start()
+            address = broker.start().bootstrap_servers
             ensure_topics(settings)
+            # The alone set-up mirrors to the same broker, named as an external cluster.
+            alone_config = write_config(root / "alone", kafka={"bootstrap_servers": address})
+            alone_settings = load_settings(alone_config)
+            shutil.copytree(settings.registry_dir, alone_settings.registry_dir)
+            ModelRegistry(alone_settings.registry_dir).clear_alias("challenger")
+            for name, config in (("alone", alone_config), ("shadow", shadow_config)):
+                started = time.perf_counter()
+                servers[name] = start_server(config, root / f"serve-{name}.log")
+                print(f"ours ({name}) ready in {time.perf_counter() - started:.1f} s")
             started = time.perf_counter()
-            ours = start_server(config_path, root / "serve.log")
-            ours_cold_s = time.perf_counter() - started
-            started = time.perf_counter()
-            plain = start_plain(
+            servers["plain"] = start_plain(
                 settings.registry_dir / "v1" / BOOSTER_FILE, root / "mlserver-plain"
             )
-            plain_cold_s = time.perf_counter() - started
-            print(
-                f"cold start to ready: ours {ours_cold_s:.1f} s (all versions, router, "
-                f"explainer), plain {plain_cold_s:.1f} s"
-            )
+            print(f"plain ready in {time.perf_counter() - started:.1f} s")
+            plain, alone, shadow = servers["plain"], servers["alone"], servers["shadow"]
             print(
                 f"\nSame v1 booster ({matrix.shape[1]} model columns), single-record requests, "
                 f"{args.concurrency} threads, {args.warmup:g} s warm-up + {args.seconds:g} s "
                 "per case, client on the same machine.\n"
                 "  plain = MLServer XGBoostModel, input = pre-transformed FP32 row "
                 "(bare model only)\n"
-                "  ours  = churn-router, router strategy shadow: named raw features -> "
-                "validation + transform + route + v1 score + v2 shadow score + Kafka mirror"
+                "  ours  = churn-router: named raw features -> validation + transform + route "
+                "+ v1 score + Kafka mirror (with shadow: + v2 scored off the request path)"
             )
-            print(check_same_model(plain, ours, matrix[0], rows[0]) + "\n", flush=True)
+            for server in (alone, shadow):
+                print(check_same_model(plain, server, matrix[0], rows[0]))
+            print(flush=True)
 
             cases = {
-                "plain REST": rest_sender(
-                    f"{plain.http}/v2/models/{PLAIN_MODEL}/infer", plain_bodies
+                "plain REST": (
+                    plain,
+                    rest_sender(f"{plain.http}/v2/models/{PLAIN_MODEL}/infer", plain_bodies),
                 ),
-                "ours REST": rest_sender(f"{ours.http}/v2/models/{OURS_MODEL}/infer", ours_bodies),
-                "plain gRPC": grpc_sender(plain.grpc, plain_messages),
-                "ours gRPC": grpc_sender(ours.grpc, ours_messages),
+                "ours REST champion alone": (
+                    alone,
+                    rest_sender(f"{alone.http}/v2/models/{OURS_MODEL}/infer", ours_bodies),
+                ),
+                "ours REST with shadow": (
+                    shadow,
+                    rest_sender(f"{shadow.http}/v2/models/{OURS_MODEL}/infer", ours_bodies),
+                ),
+                "plain gRPC": (plain, grpc_sender(plain.grpc, plain_messages)),
+                "ours gRPC champion alone": (alone, grpc_sender(alone.grpc, ours_messages)),
+                "ours gRPC with shadow": (shadow, grpc_sender(shadow.grpc, ours_messages)),
             }
             results = {}
-            for name, make_sender in cases.items():
-                results[name] = run_case(
-                    name, make_sender, len(rows), args.concurrency, args.warmup, args.seconds
+            for name, (server, make_sender) in cases.items():
+                results[name] = measured(
+                    server,
+                    partial(
+                        run_case,
+                        name,
+                        make_sender,
+                        len(rows),
+                        args.concurrency,
+                        args.warmup,
+                        args.seconds,
+                    ),
                 )
-            print_report(results)
-            for name, server in (("ours", ours), ("plain", plain)):
+            fixed = {}
+            if args.rate_seconds:
+                open_loop = {
+                    "plain REST fixed": cases["plain REST"],
+                    "ours REST fixed": cases["ours REST champion alone"],
+                    "plain gRPC fixed": cases["plain gRPC"],
+                    "ours gRPC fixed": cases["ours gRPC champion alone"],
+                }
+                print(f"fixed rate: {args.rate:g} req/s for {args.rate_seconds:g} s per case")
+                for name, (server, make_sender) in open_loop.items():
+                    fixed[name] = measured(
+                        server,
+                        partial(
+                            run_fixed_rate,
+                            name,
+                            make_sender,
+                            len(rows),
+                            args.rate,
+                            args.rate_seconds,
+                        ),
+                    )
+            print_report(results, fixed)
+            for name, server in servers.items():
                 if server.process.poll() is not None:
                     print(f"WARNING: {name} server exited during the run; log: {server.log}")
         finally:
-            if plain is not None:
-                plain.stop()
-            if ours is not None:
-                ours.stop()
+            for server in servers.values():
+                server.stop()
             broker.stop()
 
 

@@ -5,6 +5,7 @@ convenience endpoints only translate to and from it.
 
 import asyncio
 import functools
+import itertools
 import logging
 import statistics
 import threading
@@ -522,11 +523,10 @@ class ServingPlane:
         batch = self.validate(rows)
         started = time.perf_counter()
         state = self.state
-        keys = [
-            c or r or uuid.uuid4().hex
-            for c, r in zip(batch.customer_ids, batch.request_ids, strict=True)
+        request_ids = [r or _new_request_id() for r in batch.request_ids]
+        routes = [
+            route(state, c or r) for c, r in zip(batch.customer_ids, request_ids, strict=True)
         ]
-        routes = [route(state, key) for key in keys]
         by_version: dict[str, list[int]] = {}
         for index, target in enumerate(routes):
             by_version.setdefault(target.primary, []).append(index)
@@ -556,7 +556,7 @@ class ServingPlane:
             elapsed_ms = (time.perf_counter() - started) * 1000
             for position, i in enumerate(indices):
                 results[i] = Prediction(
-                    request_id=batch.request_ids[i] or uuid.uuid4().hex,
+                    request_id=request_ids[i],
                     customer_id=batch.customer_ids[i],
                     probability=float(probabilities[position]),
                     model_version=version,
@@ -896,6 +896,16 @@ class ServingPlane:
             self._anchors.close()
         if self.mirror is not None:
             self.mirror.close()
+
+
+_PROCESS_ID = uuid.uuid4().hex[:20]
+_REQUEST_NUMBERS = itertools.count()
+
+
+def _new_request_id() -> str:
+    """A request id unique across processes and restarts (a random per-process prefix and a
+    counter, 32 hex digits as a uuid's), without a system call per request as ``uuid4`` has."""
+    return f"{_PROCESS_ID}{next(_REQUEST_NUMBERS) & 0xFFFFFFFFFFFF:012x}"
 
 
 def _percentiles(values: Sequence[float]) -> dict[str, float]:

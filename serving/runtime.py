@@ -19,13 +19,14 @@ every other request.
 
 import asyncio
 from math import prod
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import orjson
 from mlserver import MLModel
 from mlserver.codecs import NumpyCodec, StringCodec
 from mlserver.errors import MLServerError
+from mlserver.settings import ModelSettings
 from mlserver.types import (
     Datatype,
     InferenceRequest,
@@ -34,6 +35,7 @@ from mlserver.types import (
     RequestInput,
     TensorData,
 )
+from pydantic import PrivateAttr
 
 from churn_assets.contract import Contract
 from serving.errors import ServingError
@@ -43,25 +45,57 @@ __all__ = [
     "ExplainerRuntime",
     "RouterRuntime",
     "VersionRuntime",
+    "BoundModelSettings",
     "batch_from_request",
     "input_metadata",
-    "install_plane",
+    "runtimes_for",
     "invalid_input",
 ]
 
-_PLANE: ServingPlane | None = None
+
+class _PlaneRuntime(MLModel):
+    """A runtime of one serving plane. MLServer instantiates runtimes from their class alone,
+    so :func:`runtimes_for` makes subclasses that carry their plane; the classes here carry
+    none and refuse to load."""
+
+    plane: ClassVar[ServingPlane | None] = None
+
+    @property
+    def served(self) -> ServingPlane:
+        if self.plane is None:
+            raise MLServerError(
+                f"{type(self).__name__} is not bound to a serving plane; start with `churn serve`",
+                503,
+            )
+        return self.plane
 
 
-def install_plane(plane: ServingPlane | None) -> None:
-    """Make the process's data plane available to the runtimes MLServer instantiates."""
-    global _PLANE
-    _PLANE = plane
+class BoundModelSettings(ModelSettings):
+    """``ModelSettings`` of a runtime bound to a plane (:func:`runtimes_for`). MLServer keeps
+    only a model's import path and imports it again to instantiate it, which would give the
+    unbound class; these settings hand MLServer the bound class itself."""
+
+    _bound: Any = PrivateAttr(default=None)
+
+    @classmethod
+    def of(cls, runtime: type[MLModel], **settings: Any) -> "BoundModelSettings":
+        made = cls(implementation=runtime, **settings)
+        made._bound = runtime
+        return made
+
+    @property  # type: ignore[override]
+    def implementation(self) -> type[MLModel]:
+        return self._bound if self._bound is not None else super().implementation
 
 
-def _plane() -> ServingPlane:
-    if _PLANE is None:
-        raise MLServerError("serving plane not installed; start with `churn serve`", 503)
-    return _PLANE
+def runtimes_for(plane: ServingPlane) -> "Runtimes":
+    """The runtime classes bound to ``plane`` (no process-wide plane: two planes in one process,
+    as tests build, never share one)."""
+
+    def bound(cls: type[_PlaneRuntime]) -> Any:
+        return type(cls.__name__, (cls,), {"plane": plane, "__module__": cls.__module__})
+
+    return Runtimes(bound(RouterRuntime), bound(VersionRuntime), bound(ExplainerRuntime))
 
 
 DATATYPES = {"integer": "INT64", "number": "FP64", "boolean": "BOOL", "category": "BYTES"}
@@ -197,15 +231,15 @@ def _fail(exc: ServingError) -> MLServerError:
     return MLServerError(str(exc), exc.status_code)
 
 
-class RouterRuntime(MLModel):
+class RouterRuntime(_PlaneRuntime):
     """Routes each record by the router policy; returns probability, version and arm."""
 
     async def load(self) -> bool:
-        _plane()
+        self.served  # noqa: B018 (a runtime without a plane fails to load, with the reason)
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
-        plane = _plane()
+        plane = self.served
         try:
             predictions = await plane.scored(
                 lambda: plane.predict(batch_from_request(payload, plane.contract))
@@ -229,17 +263,17 @@ class RouterRuntime(MLModel):
         return InferenceResponse(id=payload.id, model_name=self.name, outputs=outputs)
 
 
-class VersionRuntime(MLModel):
+class VersionRuntime(_PlaneRuntime):
     """One registered version (``parameters.version``), scored directly."""
 
     async def load(self) -> bool:
         # Verifying and loading artefacts reads files: off the loop, as an admin's reload
         # happens while serving.
-        await asyncio.to_thread(_plane().load, self.version or "")
+        await asyncio.to_thread(self.served.load, self.version or "")
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
-        plane, version = _plane(), self.version or ""
+        plane, version = self.served, self.version or ""
         try:
             probabilities = await plane.scored(
                 lambda: plane.predict_version(
@@ -256,16 +290,16 @@ class VersionRuntime(MLModel):
         )
 
 
-class ExplainerRuntime(MLModel):
+class ExplainerRuntime(_PlaneRuntime):
     """SHAP (default) or, with request ``parameters.method = "anchors"``, Alibi anchor
     explanations, one JSON string output per record."""
 
     async def load(self) -> bool:
-        _plane()
+        self.served  # noqa: B018 (a runtime without a plane fails to load, with the reason)
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
-        plane = _plane()
+        plane = self.served
         method = getattr(payload.parameters, "method", None) if payload.parameters else None
         if method not in (None, "shap", "anchors"):
             raise invalid_input(f"parameters.method must be 'shap' or 'anchors', not {method!r}")
@@ -287,3 +321,11 @@ class ExplainerRuntime(MLModel):
                 )
             ],
         )
+
+
+class Runtimes(NamedTuple):
+    """The runtime classes of one plane (:func:`runtimes_for`)."""
+
+    router: type[RouterRuntime]
+    version: type[VersionRuntime]
+    explainer: type[ExplainerRuntime]

@@ -45,13 +45,7 @@ from serving.metrics import ServingMetrics
 from serving.mirror import PredictionMirror
 from serving.openapi import publish_openapi
 from serving.plane import ServingPlane
-from serving.runtime import (
-    ExplainerRuntime,
-    RouterRuntime,
-    VersionRuntime,
-    input_metadata,
-    install_plane,
-)
+from serving.runtime import BoundModelSettings, input_metadata, runtimes_for
 
 __all__ = ["ADMIN_TOKEN_ENV", "ServingProcess", "create_server", "run"]
 
@@ -98,7 +92,7 @@ class ServingProcess:
 
     def close(self) -> None:
         """Close the feedback producer (bounded flush), remove MLServer's model repository
-        folder, uninstall the plane and close it (shadow pool, anchors worker, Kafka mirror).
+        folder and close the plane (shadow thread, anchors worker, Kafka mirror).
         Idempotent."""
         self.resources.close()
 
@@ -125,14 +119,15 @@ def _model_settings(plane: ServingPlane) -> list[ModelSettings]:
             continue
         versions.append(version)
     served = input_metadata(plane.contract)
+    runtimes = runtimes_for(plane)
     models = [
-        ModelSettings(name="churn-router", implementation=RouterRuntime, inputs=served),
-        ModelSettings(name="churn-explainer", implementation=ExplainerRuntime, inputs=served),
+        BoundModelSettings.of(runtimes.router, name="churn-router", inputs=served),
+        BoundModelSettings.of(runtimes.explainer, name="churn-explainer", inputs=served),
     ]
     models += [
-        ModelSettings(
+        BoundModelSettings.of(
+            runtimes.version,
             name="churn",
-            implementation=VersionRuntime,
             parameters=ModelParameters(version=version),
             inputs=input_metadata(plane.contract_of(version)),
         )
@@ -156,8 +151,6 @@ def create_server(settings: Settings, *, with_mirror: bool = True) -> ServingPro
             resources.callback(mirror.close)
         plane = ServingPlane(settings, metrics=metrics, mirror=mirror)
         resources.callback(plane.close)
-        install_plane(plane)
-        resources.callback(install_plane, None)
         token = os.environ.get(ADMIN_TOKEN_ENV) or None
         if token is None:
             log.warning("%s is not set: admin endpoints will refuse every call", ADMIN_TOKEN_ENV)
