@@ -22,7 +22,8 @@ from serving.errors import (
     log_rejected,
 )
 from serving.feedback import FeedbackPublisher
-from serving.plane import MAX_BATCH, ServingPlane
+from serving.plane import ServingPlane
+from serving.requests import MAX_BATCH
 
 __all__ = [
     "BodySizeLimit",

@@ -8,7 +8,7 @@ Requests carry either one named input per feature of the served contract (the ch
 a ``churn`` version's own contract for that version; optional ``customer_id`` and ``request_id``
 inputs) or a single ``records`` input of JSON strings, one record each. Every input's shape must
 match its data and its values its datatype; the columns are then checked against the contract
-(:func:`~serving.plane.validate_columns`). The models' metadata lists the inputs: an integer
+(:func:`~serving.requests.validate_columns`). The models' metadata lists the inputs: an integer
 feature is INT64, a number FP64, a boolean BOOL, a category BYTES. Validation errors become
 MLServer errors with status 422 (gRPC INVALID_ARGUMENT), naming the input.
 
@@ -39,7 +39,8 @@ from pydantic import PrivateAttr
 
 from churn_assets.contract import Contract
 from serving.errors import ServingError
-from serving.plane import ID_FIELDS, Batch, ServingPlane, validate_columns, validate_records
+from serving.plane import ServingPlane
+from serving.requests import ID_FIELDS, Batch, validate_columns, validate_records
 
 __all__ = [
     "ExplainerRuntime",

@@ -24,7 +24,7 @@ from churn_assets.contract import Contract
 from churn_assets.model import load_model
 from churn_assets.registry import ModelRegistry
 from serving.errors import InvalidInput
-from serving.plane import validate_records
+from serving.requests import validate_records
 
 __all__ = ["ChurnSeldonModel"]
 

@@ -8,7 +8,8 @@ import pytest
 from churn_assets.contract import contract_from_dict
 from churn_assets.schemas import DEFAULT_CONTRACT, Topics, decode_message, topic_schemas
 from serving.mirror import prediction_event_bytes
-from serving.plane import Prediction, validate_records
+from serving.plane import Prediction
+from serving.requests import validate_records
 from tests.serving_fixtures import DOCUMENTED_REQUEST, EXTENDED_REQUEST, extended_contract
 
 pytestmark = pytest.mark.unit

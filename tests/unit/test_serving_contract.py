@@ -10,7 +10,8 @@ from churn_assets.config import load_settings
 from churn_assets.registry import ModelRegistry
 from churn_assets.schemas import DEFAULT_CONTRACT, Topics, decode_message
 from serving.errors import InvalidInput, ServingError
-from serving.plane import ServingPlane, request_models, validate_columns, validate_records
+from serving.plane import ServingPlane
+from serving.requests import request_models, validate_columns, validate_records
 from tests.conftest import write_config
 from tests.serving_fixtures import (
     DOCUMENTED_REQUEST,
