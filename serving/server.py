@@ -18,32 +18,20 @@ import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from fastapi import Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
 from mlserver import MLServer
-from mlserver.errors import MLServerError, ModelNotFound
-from mlserver.rest.errors import handle_mlserver_error
+from mlserver.errors import ModelNotFound
 from mlserver.server import HANDLED_SIGNALS as MLSERVER_SIGNALS
 from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.settings import Settings as MLServerSettings
 
 from churn_assets.config import Settings
-from serving.api import (
-    BodySizeLimit,
-    create_router,
-    serving_error_handler,
-    validation_error_handler,
-)
-from serving.docs import mount_docs
-from serving.errors import NotFound, ServingError, field_errors, log_rejected
+from serving.app import ServingRESTServer, create_app
+from serving.errors import NotFound, ServingError
 from serving.feedback import FeedbackPublisher
 from serving.grpc_guard import GuardedGRPCServer, ServedModels
 from serving.metrics import ServingMetrics
 from serving.mirror import PredictionMirror
-from serving.openapi import publish_openapi
 from serving.plane import ServingPlane
 from serving.runtime import BoundModelSettings, input_metadata, runtimes_for
 
@@ -185,23 +173,20 @@ def create_server(settings: Settings, *, with_mirror: bool = True) -> ServingPro
             served={model.name for model in models},
         )
         _ready_only_with_the_routed_models(server, plane, set(versions))
-        app = server._rest_server._app  # MLServer 1.7 keeps its FastAPI app here (pinned version)
-        app.router.routes = [route for route in app.router.routes if _offered(route)]
         feedback = FeedbackPublisher.create(settings)
         if feedback is not None:
             resources.callback(feedback.close)
-        app.include_router(create_router(plane, token, feedback))
-        mount_docs(app)
-        publish_openapi(app, models=sorted({m.name for m in models}), versions=versions)
-        app.add_middleware(BodySizeLimit, max_bytes=settings.serving.max_request_bytes)
-        app.add_exception_handler(ServingError, _logged(serving_error_handler))
-        app.add_exception_handler(RequestValidationError, _logged(validation_error_handler))
-        app.add_exception_handler(MLServerError, _logged(handle_mlserver_error))
-        app.title = "churn-platform serving"
-        app.description = (
-            "Open Inference (V2) protocol for `churn-router`, `churn` (per version) and "
-            "`churn-explainer`, plus the product's endpoints. Admin endpoints need "
-            "`Authorization: Bearer $CHURN_ADMIN_TOKEN`."
+        app = create_app(
+            settings,
+            plane,
+            server._data_plane,
+            token=token,
+            feedback=feedback,
+            models=sorted({m.name for m in models}),
+            versions=versions,
+        )
+        server._rest_server = ServingRESTServer(  # MLServer 1.7's attribute (pinned version)
+            mlserver_settings, server._data_plane, server._model_repository_handlers, app
         )
         listening, shutting_down = asyncio.Event(), asyncio.Event()
         app.add_event_handler("startup", listening.set)
@@ -218,16 +203,6 @@ def create_server(settings: Settings, *, with_mirror: bool = True) -> ServingPro
     except BaseException:
         resources.close()
         raise
-
-
-def _offered(route: Any) -> bool:
-    """MLServer's REST routes this product does not offer: the model repository (admin work,
-    gRPC only) and streaming and ``generate`` (the LLM extension): 404 and not in the OpenAPI
-    document."""
-    path = getattr(route, "path", "")
-    if path.startswith("/v2/repository"):
-        return False
-    return not path.endswith(("/infer_stream", "/generate", "/generate_stream"))
 
 
 def _ready_only_with_the_routed_models(
@@ -265,29 +240,6 @@ def _log_each_line_once() -> None:
     for handler in list(mlserver_logger.handlers):
         if handler.get_name() == "stdout_stream_handler":  # mlserver.logging's handler
             mlserver_logger.removeHandler(handler)
-
-
-def _logged(handler: Any) -> Any:
-    """``handler``, and one log line per rejected request, without traceback: WARNING with the
-    status and the reason, ERROR for a 500. A readiness check's "not ready" (a 404 while a model
-    is not loaded) is an answer, not a rejection: not logged."""
-
-    async def logged(request: Request, exc: Exception) -> Response:
-        response = await handler(request, exc)
-        if request.url.path.endswith("/ready"):
-            return response
-        reason = (
-            field_errors(exc.errors(), 5) if isinstance(exc, RequestValidationError) else str(exc)
-        )
-        log_rejected(
-            f"{request.method} {request.url.path}",
-            response.status_code,
-            reason,
-            failed=response.status_code == 500,
-        )
-        return response
-
-    return logged
 
 
 def _check_ports_free(settings: Settings) -> None:
