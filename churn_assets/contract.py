@@ -25,7 +25,7 @@ import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Annotated, Any, Literal, overload
 
 import yaml
 
@@ -512,9 +512,6 @@ def _categories(bad: Any, raw: Any) -> tuple[dict[str, tuple[str, ...]], dict[st
     return categories, spellings
 
 
-_ModelT = TypeVar("_ModelT", bound="BaseModel")
-
-
 @overload
 def features_model(
     contract: Contract, *, name: str = "CustomerFeatures", base: None = None
@@ -522,14 +519,14 @@ def features_model(
 
 
 @overload
-def features_model(
-    contract: Contract, *, name: str = "CustomerFeatures", base: type[_ModelT]
-) -> type[_ModelT]: ...
+def features_model[ModelT: BaseModel](
+    contract: Contract, *, name: str = "CustomerFeatures", base: type[ModelT]
+) -> type[ModelT]: ...
 
 
-def features_model(
-    contract: Contract, *, name: str = "CustomerFeatures", base: type[_ModelT] | None = None
-) -> type["BaseModel"] | type[_ModelT]:
+def features_model[ModelT: BaseModel](
+    contract: Contract, *, name: str = "CustomerFeatures", base: type[ModelT] | None = None
+) -> type["BaseModel"] | type[ModelT]:
     """A pydantic model of ``contract``'s features, with the same strict rules as
     :func:`churn_assets.validation.check_columns`: categories accept their spellings and are
     stored canonically, a bool or a string is never a number, NaN and infinities are refused.
@@ -559,7 +556,9 @@ def features_model(
         elif feature.kind == "boolean":
             annotation = Annotated[bool, Field(strict=True, description=feature.description)]
         else:
-            spellings: list[JsonValue] = [s for c, aliases in feature.categories.items() for s in (c, *aliases)]
+            spellings: list[JsonValue] = [
+                s for c, aliases in feature.categories.items() for s in (c, *aliases)
+            ]
             annotation = Annotated[
                 str,
                 BeforeValidator(_canonical_of(feature)),
