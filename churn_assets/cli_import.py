@@ -1,5 +1,6 @@
 """``churn import``: a customer export into the platform, through Kafka (docs/YOUR_DATA.md)."""
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,7 @@ def import_export(ctx: click.Context, path: Path, **options: Any) -> None:
     total = len(plan.events) + len(plan.outcomes)
     try:
         producer = make_producer(settings)
-        with click.progressbar(
-            length=total, label="producing", file=click.get_text_stream("stderr")
-        ) as bar:
+        with click.progressbar(length=total, label="producing", file=sys.stderr) as bar:
             events, outcomes = produce_plan(
                 producer, plan, settings.contract, on_progress=bar.update
             )

@@ -80,6 +80,7 @@ def list_versions(ctx: click.Context) -> None:
     rows, damaged = [], {}
     for name in names:
         aliased = ",".join(aliases.get(name, [])) or "-"
+        problem: str | None
         try:
             v = registry.get(name)
         except RegistryError as exc:  # a damaged manifest

@@ -22,12 +22,17 @@ import json
 import math
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, overload
 
 import yaml
+
+if TYPE_CHECKING:  # NumPy is imported where an expression is evaluated, not at import time.
+    import numpy as np
+    import numpy.typing as npt
+    from pydantic import BaseModel, JsonValue
 
 __all__ = [
     "CONTRACT_FORMAT",
@@ -318,29 +323,37 @@ def _parse_expression(expression: str, names: set[str]) -> ast.Expression:
     return tree
 
 
-def evaluate_derived(derived: Derived, columns: Mapping[str, Any]) -> Any:
+def evaluate_derived(
+    derived: Derived, columns: Mapping[str, "npt.NDArray[np.float64]"]
+) -> "npt.NDArray[np.float64]":
     """``derived``'s values from float arrays of its inputs (non-finite results become NaN,
     which the transformer fills like a missing value)."""
     import numpy as np
 
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        result = np.asarray(_compiled(derived.expression)(columns), dtype=float)
+        result = np.asarray(_compiled(derived.expression)(columns), dtype=np.float64)
     return np.where(np.isfinite(result), result, np.nan)
 
 
+# A compiled derived expression: input columns (float arrays) to its values, an array or, for an
+# expression of constants alone, a number.
+_Columns = Mapping[str, "npt.NDArray[np.float64]"]
+_Compiled = Callable[[_Columns], "npt.NDArray[np.float64] | float"]
+
+
 @functools.lru_cache(maxsize=1024)
-def _compiled(expression: str) -> Any:
+def _compiled(expression: str) -> _Compiled:
     """``expression`` (already checked by the contract) as a function of the input columns,
     built once per expression: serving evaluates it for every request."""
     import numpy as np
 
-    def build(node: ast.AST) -> Any:
+    def build(node: ast.AST) -> _Compiled:
         if isinstance(node, ast.Expression):
             return build(node.body)
         if isinstance(node, ast.Name):
             name = node.id
             return lambda columns: columns[name]
-        if isinstance(node, ast.Constant):
+        if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
             constant = float(node.value)
             return lambda columns: constant
         if isinstance(node, ast.UnaryOp):
@@ -348,16 +361,19 @@ def _compiled(expression: str) -> Any:
             if isinstance(node.op, ast.USub):
                 return lambda columns: -operand(columns)
             return operand
-        if isinstance(node, ast.Call):
-            function = np.maximum if node.func.id == "max" else np.minimum  # type: ignore[attr-defined]
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            function: np.ufunc = np.maximum if node.func.id == "max" else np.minimum
             first, second = build(node.args[0]), build(node.args[1])
             return lambda columns: function(first(columns), second(columns))
         if not isinstance(node, ast.BinOp):
             raise ContractError(f"cannot evaluate {ast.dump(node)} in {expression!r}")
         left, right = build(node.left), build(node.right)
-        operation = {ast.Add: np.add, ast.Sub: np.subtract, ast.Mult: np.multiply}.get(
-            type(node.op), np.true_divide
-        )
+        operations: dict[type[ast.operator], np.ufunc] = {
+            ast.Add: np.add,
+            ast.Sub: np.subtract,
+            ast.Mult: np.multiply,
+        }
+        operation = operations.get(type(node.op), np.true_divide)
         return lambda columns: operation(left(columns), right(columns))
 
     return build(ast.parse(expression, mode="eval"))
@@ -496,9 +512,21 @@ def _categories(bad: Any, raw: Any) -> tuple[dict[str, tuple[str, ...]], dict[st
     return categories, spellings
 
 
+@overload
 def features_model(
-    contract: Contract, *, name: str = "CustomerFeatures", base: type[Any] | None = None
-) -> type[Any]:
+    contract: Contract, *, name: str = "CustomerFeatures", base: None = None
+) -> type["BaseModel"]: ...
+
+
+@overload
+def features_model[ModelT: BaseModel](
+    contract: Contract, *, name: str = "CustomerFeatures", base: type[ModelT]
+) -> type[ModelT]: ...
+
+
+def features_model[ModelT: BaseModel](
+    contract: Contract, *, name: str = "CustomerFeatures", base: type[ModelT] | None = None
+) -> type["BaseModel"] | type[ModelT]:
     """A pydantic model of ``contract``'s features, with the same strict rules as
     :func:`churn_assets.validation.check_columns`: categories accept their spellings and are
     stored canonically, a bool or a string is never a number, NaN and infinities are refused.
@@ -507,28 +535,30 @@ def features_model(
 
     fields: dict[str, Any] = {}
     for feature in contract.features:
-        bounds = {
-            key: value
-            for key, value in (("ge", feature.minimum), ("le", feature.maximum))
-            if value is not None
-        }
         if feature.kind == "integer":
             # The bounds before the validator: they stay in the JSON schema (minimum/maximum).
             annotation: Any = Annotated[
                 int,
-                Field(description=feature.description, **bounds),
+                Field(description=feature.description, ge=feature.minimum, le=feature.maximum),
                 BeforeValidator(_whole_number),
             ]
         elif feature.kind == "number":
             annotation = Annotated[
                 float,
-                Field(strict=True, description=feature.description, **bounds),
+                Field(
+                    strict=True,
+                    description=feature.description,
+                    ge=feature.minimum,
+                    le=feature.maximum,
+                ),
                 AfterValidator(_finite),
             ]
         elif feature.kind == "boolean":
             annotation = Annotated[bool, Field(strict=True, description=feature.description)]
         else:
-            spellings = [s for c, aliases in feature.categories.items() for s in (c, *aliases)]
+            spellings: list[JsonValue] = [
+                s for c, aliases in feature.categories.items() for s in (c, *aliases)
+            ]
             annotation = Annotated[
                 str,
                 BeforeValidator(_canonical_of(feature)),

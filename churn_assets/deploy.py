@@ -430,20 +430,22 @@ def render_seldon_deployment(
     ``w``; blue-green-ready: blue (champion) 100 + green (challenger) 0, deployed and warm;
     single: the champion alone with 100.
     """
-    common = {"name": name, "image": image, "model_uri_prefix": model_uri_prefix}
+    predictor = functools.partial(
+        _predictor, deployment, name=name, image=image, model_uri_prefix=model_uri_prefix
+    )
     champion, challenger = deployment.champion, deployment.challenger
     if deployment.strategy == "single" or challenger is None:
-        predictors = [_predictor(deployment, champion, traffic=100, **common)]
+        predictors = [predictor(champion, traffic=100)]
     elif deployment.strategy == "shadow":
         predictors = [
-            _predictor(deployment, champion, traffic=100, **common),
-            _predictor(deployment, challenger, traffic=None, shadow=True, **common),
+            predictor(champion, traffic=100),
+            predictor(challenger, traffic=None, shadow=True),
         ]
     else:
         weight = _percent(deployment.challenger_traffic)
         predictors = [
-            _predictor(deployment, champion, traffic=100 - weight, **common),
-            _predictor(deployment, challenger, traffic=weight, **common),
+            predictor(champion, traffic=100 - weight),
+            predictor(challenger, traffic=weight),
         ]
     return {
         "apiVersion": SELDON_V1_API,

@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from churn_assets.contract import Contract, Derived, evaluate_derived
@@ -56,17 +57,22 @@ def derive_features(frame: pd.DataFrame, contract: Contract = DEFAULT_CONTRACT) 
     return pd.DataFrame({d.name: out[d.name] for d in contract.derived}, index=frame.index)
 
 
-def _derive(derived: Iterable[Derived], columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _derive(
+    derived: Iterable[Derived], columns: dict[str, npt.NDArray[np.float64]]
+) -> dict[str, npt.NDArray[np.float64]]:
     for item in derived:
         columns[item.name] = evaluate_derived(item, columns)
     return columns
 
 
-def _float_column(series: pd.Series) -> np.ndarray:
+def _float_column(series: pd.Series) -> npt.NDArray[np.float64]:
     """A number or boolean column as floats, missing values as NaN."""
     if series.dtype == object:
-        return np.array([_as_float(v) for v in series], dtype=float)
-    return pd.to_numeric(series, errors="raise").to_numpy(dtype=float, na_value=np.nan)
+        return np.array([_as_float(v) for v in series], dtype=np.float64)
+    numbers: npt.NDArray[np.float64] = pd.to_numeric(series, errors="raise").to_numpy(
+        dtype=float, na_value=np.nan
+    )
+    return numbers
 
 
 def customer_features_as_of(
@@ -109,10 +115,10 @@ class _Plan:
     """A transformer's parameters as arrays, built once per transformer."""
 
     derived: tuple[Derived, ...]
-    medians: np.ndarray
-    means: np.ndarray
-    scales: np.ndarray
-    categories: tuple[tuple[str, np.ndarray, str | None], ...]
+    medians: npt.NDArray[np.float64]
+    means: npt.NDArray[np.float64]
+    scales: npt.NDArray[np.float64]
+    categories: tuple[tuple[str, npt.NDArray[np.object_], str | None], ...]
     width: int
 
 
@@ -196,7 +202,7 @@ class FeatureTransformer:
         """For each output column, the model input it comes from (one-hot groups collapse)."""
         return [name.split("=", 1)[0] for name in self.feature_names_out]
 
-    def transform(self, frame: pd.DataFrame) -> np.ndarray:
+    def transform(self, frame: pd.DataFrame) -> npt.NDArray[np.float32]:
         """The model matrix (float32, ``len(feature_names_out)`` columns) for ``frame``'s rows."""
         _require_columns(frame, self.inputs)
         numeric = {
@@ -205,7 +211,7 @@ class FeatureTransformer:
         categorical = {name: frame[name].astype(object).to_numpy() for name in self.categories}
         return self._matrix(numeric, categorical, len(frame))
 
-    def transform_records(self, records: Iterable[Mapping[str, Any]]) -> np.ndarray:
+    def transform_records(self, records: Iterable[Mapping[str, Any]]) -> npt.NDArray[np.float32]:
         """Serving's entry point: the same transform for a list of feature dicts, without pandas
         (a DataFrame costs milliseconds per request)."""
         rows = list(records)
@@ -220,7 +226,9 @@ class FeatureTransformer:
         }
         return self._matrix(numeric, categorical, len(rows))
 
-    def transform_columns(self, columns: Mapping[str, Sequence[Any]], rows: int) -> np.ndarray:
+    def transform_columns(
+        self, columns: Mapping[str, Sequence[Any]], rows: int
+    ) -> npt.NDArray[np.float32]:
         """The same transform for validated columns (canonical values, ``None`` when missing),
         as serving's V2 inputs and landed batches arrive: no per-record dicts."""
         numeric = {
@@ -246,8 +254,11 @@ class FeatureTransformer:
         )
 
     def _matrix(
-        self, numeric: dict[str, np.ndarray], categorical: dict[str, np.ndarray], rows: int
-    ) -> np.ndarray:
+        self,
+        numeric: dict[str, npt.NDArray[np.float64]],
+        categorical: dict[str, npt.NDArray[np.object_]],
+        rows: int,
+    ) -> npt.NDArray[np.float32]:
         plan = self._plan
         columns = _derive(plan.derived, numeric)
         out = np.empty((rows, plan.width), dtype=np.float64)

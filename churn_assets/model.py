@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 import xgboost as xgb
 
@@ -43,6 +44,9 @@ CONTRACT_FILE = "contract.json"
 ONE_THREAD_ROWS = 64
 KNOWN_FILES = (BOOSTER_FILE, TRANSFORMER_FILE, BASELINE_FILE, CONTRACT_FILE)
 
+# A transformed model matrix: the transformer's float32, or any float array of the same columns.
+Matrix = npt.NDArray[np.floating[Any]]
+
 
 @dataclass
 class ScoringModel:
@@ -53,7 +57,7 @@ class ScoringModel:
     extra_files: dict[str, bytes] = field(default_factory=dict)  # other artefacts, as bytes
     contract: Contract = DEFAULT_CONTRACT
 
-    def predict_matrix(self, x: np.ndarray) -> np.ndarray:
+    def predict_matrix(self, x: Matrix) -> npt.NDArray[np.float64]:
         """Churn probabilities for an already transformed matrix (no DMatrix built). A small
         batch (a request's) is scored on the calling thread alone: starting XGBoost's thread
         pool costs more than scoring the rows (see benchmarks/serving.py)."""
@@ -66,16 +70,18 @@ class ScoringModel:
         booster.set_param({"nthread": 1})
         return booster
 
-    def margin_matrix(self, x: np.ndarray) -> np.ndarray:
+    def margin_matrix(self, x: Matrix) -> npt.NDArray[np.float64]:
         return np.asarray(self.booster.inplace_predict(x, predict_type="margin"), dtype=float)
 
-    def predict_frame(self, frame: pd.DataFrame) -> np.ndarray:
+    def predict_frame(self, frame: pd.DataFrame) -> npt.NDArray[np.float64]:
         return self.predict_matrix(self.transformer.transform(frame))
 
-    def predict_records(self, records: Iterable[Mapping[str, Any]]) -> np.ndarray:
+    def predict_records(self, records: Iterable[Mapping[str, Any]]) -> npt.NDArray[np.float64]:
         return self.predict_matrix(self.transformer.transform_records(records))
 
-    def predict_columns(self, columns: Mapping[str, Sequence[Any]], rows: int) -> np.ndarray:
+    def predict_columns(
+        self, columns: Mapping[str, Sequence[Any]], rows: int
+    ) -> npt.NDArray[np.float64]:
         """Probabilities for validated columns (canonical values, ``None`` when missing)."""
         return self.predict_matrix(self.transformer.transform_columns(columns, rows))
 

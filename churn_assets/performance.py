@@ -235,9 +235,10 @@ def join_outcomes(
     label = np.where(from_request, by_request.to_numpy(), by_customer.to_numpy())
     scored["label"] = label.astype(float)
     scored["labelled"] = ~np.isnan(label)
-    scored["label_source"] = np.where(
-        from_request, "request", np.where(by_customer.notna().to_numpy(), "customer", None)
-    )
+    label_source = np.full(len(scored), None, dtype=object)
+    label_source[by_customer.notna().to_numpy()] = "customer"
+    label_source[from_request] = "request"
+    scored["label_source"] = label_source
     log.debug(
         "joined %d predictions as of %s: %d labelled", len(scored), cutoff, scored["labelled"].sum()
     )

@@ -492,17 +492,15 @@ def _auc_drop_p_value(canary: CanaryEvidence, max_drop: float) -> float | None:
     assert canary.champion_auc is not None and canary.challenger_auc is not None
     if canary.champion_positives is None or canary.challenger_positives is None:
         return None
-    errors = [
-        auc_standard_error(
-            canary.champion_auc, canary.champion_positives, canary.champion_labelled
-        ),
-        auc_standard_error(
-            canary.challenger_auc, canary.challenger_positives, canary.challenger_labelled
-        ),
-    ]
-    if None in errors:
+    champion_se = auc_standard_error(
+        canary.champion_auc, canary.champion_positives, canary.champion_labelled
+    )
+    challenger_se = auc_standard_error(
+        canary.challenger_auc, canary.challenger_positives, canary.challenger_labelled
+    )
+    if champion_se is None or challenger_se is None:
         return None
-    se = math.sqrt(sum(e * e for e in errors))  # type: ignore[operator]
+    se = math.sqrt(champion_se * champion_se + challenger_se * challenger_se)
     margin = canary.challenger_auc - (canary.champion_auc - max_drop)
     if se == 0.0:
         return 0.0 if margin < 0 else 1.0

@@ -7,7 +7,7 @@ validates here can be trusted by every consumer.
 
 import math
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import orjson
 from pydantic import (
@@ -20,6 +20,8 @@ from pydantic import (
     ValidationError,
     create_model,
 )
+from pydantic.fields import FieldInfo
+from typing_extensions import TypeForm
 
 from churn_assets.config import DEFAULT_CONTRACT as DEFAULT_CONTRACT_PATH
 from churn_assets.contract import Contract, features_model, load_contract
@@ -123,7 +125,11 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-CustomerFeatures = features_model(DEFAULT_CONTRACT, name="CustomerFeatures", base=_Message)
+if TYPE_CHECKING:
+    # Built from the contract at import time: to mypy, a message whose fields it cannot list.
+    class CustomerFeatures(_Message): ...
+else:
+    CustomerFeatures = features_model(DEFAULT_CONTRACT, name="CustomerFeatures", base=_Message)
 CustomerFeatures.__doc__ = (
     "The model's features as the contract declares them: category spellings are stored "
     "canonically, numbers are strict and within the contract's bounds."
@@ -141,12 +147,25 @@ class CustomerEventEnvelope(_Message):
 
 def _customer_event(features: type[_Message]) -> type[_Message]:
     """``churn.customers`` v1 for a contract's features model: the envelope's fields added."""
-    return create_model(
+    # mypy matches a ``**dict``'s values against every keyword parameter of create_model
+    # (``__config__``, ``__module__``...), which field definitions never are.
+    event: type[_Message] = create_model(  # type: ignore[call-overload]
         "CustomerEvent",
         __base__=features,
         __doc__="``churn.customers`` v1: a customer's state as observed at ``event_time``.",
-        **{name: (f.annotation, f) for name, f in CustomerEventEnvelope.model_fields.items()},
+        **_field_definitions(CustomerEventEnvelope),
     )
+    return event
+
+
+def _field_definitions(model: type[BaseModel]) -> dict[str, tuple[TypeForm[Any], FieldInfo]]:
+    """``model``'s fields as ``create_model`` takes them: (annotation, field) by name."""
+    definitions = {}
+    for name, info in model.model_fields.items():
+        if info.annotation is None:
+            raise TypeError(f"{model.__name__}.{name} has no annotation")
+        definitions[name] = (info.annotation, info)
+    return definitions
 
 
 CustomerEvent = _customer_event(CustomerFeatures)
@@ -244,7 +263,8 @@ def topic_schemas(contract: Contract | None = None) -> dict[str, type[_Message]]
         prediction = create_model(
             "PredictionEvent",
             __base__=PredictionEvent,
-            features=(features | None, None),
+            # A union of a model built at run time: a type form mypy cannot follow.
+            features=(features | None, None),  # type: ignore[arg-type]
         )
         found = TOPIC_SCHEMAS | {Topics.CUSTOMERS: event, Topics.PREDICTIONS: prediction}
         _SCHEMAS_BY_DIGEST[contract.digest] = found

@@ -14,10 +14,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from churn_assets.contract import Contract, Feature
 
-__all__ = ["ColumnCheck", "RowError", "check_columns"]
+__all__ = ["CheckedColumn", "ColumnCheck", "InputColumn", "RowError", "check_columns"]
+
+# A column as it arrives: JSON values, or an array of any dtype (pandas/Arrow columns are
+# turned into arrays with ``to_numpy``).
+InputColumn = Sequence[Any] | npt.NDArray[Any]
+# A checked column: float64 for numbers, an object array for categories and booleans.
+CheckedColumn = npt.NDArray[np.float64] | npt.NDArray[np.object_]
 
 
 @dataclass(frozen=True)
@@ -33,11 +40,11 @@ class ColumnCheck:
     categories and booleans as object arrays with ``None``) and the rows that failed."""
 
     rows: int
-    columns: dict[str, np.ndarray] = field(default_factory=dict)
+    columns: dict[str, CheckedColumn] = field(default_factory=dict)
     errors: list[RowError] = field(default_factory=list)
 
     @property
-    def bad_rows(self) -> np.ndarray:
+    def bad_rows(self) -> npt.NDArray[np.int64]:
         """Sorted indices of rows with at least one error."""
         return np.unique(np.array([e.row for e in self.errors], dtype=np.int64))
 
@@ -53,12 +60,13 @@ class ColumnCheck:
             return [None if math.isnan(v) else int(v) for v in column.tolist()]
         if feature.kind == "number":
             return [None if math.isnan(v) else v for v in column.tolist()]
-        return column.tolist()
+        labels: list[Any] = column.tolist()
+        return labels
 
 
 def check_columns(
     contract: Contract,
-    columns: Mapping[str, Sequence[Any] | np.ndarray],
+    columns: Mapping[str, InputColumn],
     *,
     text_booleans: bool = False,
 ) -> ColumnCheck:
@@ -86,8 +94,8 @@ def check_columns(
 
 
 def _check(
-    feature: Feature, values: Sequence[Any] | np.ndarray, text_booleans: bool
-) -> tuple[np.ndarray, list[RowError]]:
+    feature: Feature, values: InputColumn, text_booleans: bool
+) -> tuple[CheckedColumn, list[RowError]]:
     if feature.kind in ("integer", "number"):
         # Only an array already of a numeric dtype takes the vector path: a Python list goes
         # element by element (NumPy would turn [True, 12] into integers).
@@ -99,7 +107,9 @@ def _check(
     return _labels(feature, values, text_booleans)
 
 
-def _numeric_array(feature: Feature, array: np.ndarray) -> tuple[np.ndarray, list[RowError]]:
+def _numeric_array(
+    feature: Feature, array: npt.NDArray[Any]
+) -> tuple[npt.NDArray[np.float64], list[RowError]]:
     """A column of a numeric dtype: vector checks only."""
     numbers = array.astype(np.float64, copy=False)
     if numbers.size and np.isfinite(numbers).all():  # the common case, in a few array calls
@@ -127,8 +137,8 @@ def _numeric_array(feature: Feature, array: np.ndarray) -> tuple[np.ndarray, lis
 
 
 def _numeric_objects(
-    feature: Feature, values: Sequence[Any] | np.ndarray
-) -> tuple[np.ndarray, list[RowError]]:
+    feature: Feature, values: InputColumn
+) -> tuple[npt.NDArray[np.float64], list[RowError]]:
     """JSON values one by one: strict types, then the same checks as a numeric array."""
     if set(map(type, values)) <= {int, float}:  # all plain numbers (no bool, None or text)
         return _numeric_array(feature, np.array(values, dtype=np.float64))
@@ -154,8 +164,8 @@ def _numeric_objects(
 
 
 def _labels(
-    feature: Feature, values: Sequence[Any] | np.ndarray, text_booleans: bool
-) -> tuple[np.ndarray, list[RowError]]:
+    feature: Feature, values: InputColumn, text_booleans: bool
+) -> tuple[npt.NDArray[np.object_], list[RowError]]:
     """Categories and booleans, element by element (a spelling is a dictionary look-up)."""
     column = np.empty(len(values), dtype=object)
     errors: list[RowError] = []

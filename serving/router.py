@@ -111,7 +111,9 @@ class RouterStore:
         except (ValueError, TypeError) as exc:
             raise RouterError(f"router state {self.state_path} is corrupt: {exc}") from exc
 
-    def save(self, state: RouterState, *, action: str, actor: str, detail: dict[str, Any]):
+    def save(
+        self, state: RouterState, *, action: str, actor: str, detail: dict[str, Any]
+    ) -> RouterState:
         state = replace(state, updated_at=datetime.now(UTC).isoformat()).validate()
         with self._lock:
             self.directory.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,16 @@
 """Landing assets: one per data topic, each a thin wrapper around the core ``Lander``."""
 
+from typing import TYPE_CHECKING
+
 import dagster as dg
 
 from churn_assets.landing import Lander, LandingReport
 from churn_assets.resources import PlatformResource
 from churn_assets.schemas import DATA_TOPICS, Topics
 from churn_assets.warehouse import LANDING_TABLES
+
+if TYPE_CHECKING:  # the type Dagster takes for a metadata value, not re-exported by ``dagster``
+    from dagster._core.definitions.metadata import RawMetadataValue
 
 __all__ = ["WAREHOUSE_POOL", "landing_assets", "landing_asset_key"]
 
@@ -16,7 +21,9 @@ def landing_asset_key(topic: str) -> dg.AssetKey:
     return dg.AssetKey(LANDING_TABLES[topic])
 
 
-def _metadata(report: LandingReport, counts: dict[str, int], table: str) -> dict[str, object]:
+def _metadata(
+    report: LandingReport, counts: dict[str, int], table: str
+) -> dict[str, "RawMetadataValue"]:
     return {
         "rows_landed": dg.MetadataValue.int(report.rows_landed),
         "kafka_epoch": dg.MetadataValue.text(report.kafka_epoch or "none"),

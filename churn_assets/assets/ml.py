@@ -4,6 +4,8 @@ Thin wrappers around the Dagster-free core (features, training, candidate, regis
 Every asset and asset check runs in the ``duckdb_warehouse`` pool (one DuckDB writer at a time).
 """
 
+from typing import TYPE_CHECKING
+
 import dagster as dg
 import pandas as pd
 import pyarrow as pa
@@ -33,6 +35,9 @@ from churn_assets.training import (
     landed_frames,
 )
 from churn_assets.warehouse import connect, ensure_schema, publish_read_model
+
+if TYPE_CHECKING:  # the type Dagster takes for a metadata value, not re-exported by ``dagster``
+    from dagster._core.definitions.metadata import RawMetadataValue
 
 __all__ = [
     "candidate_model",
@@ -199,7 +204,7 @@ def candidate_model(
         }
         for name in ("roc_auc", "pr_auc", "brier", "log_loss", "calibration_error")
     ]
-    metadata: dict[str, object] = {
+    metadata: dict[str, RawMetadataValue] = {
         "test_roc_auc": metrics["test_roc_auc"],
         "test_pr_auc": metrics["test_pr_auc"],
         "test_brier": metrics["test_brier"],
