@@ -12,6 +12,7 @@ from fastapi import APIRouter, Body, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from churn_assets.schemas import FeedbackEvent, Identifier, Timestamp, Topics, encode_message
 from serving.errors import (
@@ -97,14 +98,14 @@ class BodySizeLimit:
     (by its Content-Length) or as soon as the bytes received pass the limit (chunked uploads),
     so no caller can make serving hold a large body in memory."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
     def _too_large(self) -> str:
         return f"request body larger than {self.max_bytes} bytes (serving.max_request_bytes)"
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -120,7 +121,7 @@ class BodySizeLimit:
             return
         received = 0
 
-        async def limited() -> dict[str, Any]:
+        async def limited() -> Message:
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
@@ -176,11 +177,11 @@ def create_router(
     inputs = len(plane.contract.names) + len(plane.contract.derived)
     summary = "A record as a CRM exports it"
     Record = Annotated[
-        requests.single,
+        requests.single,  # type: ignore[name-defined]  # the served contract's, built at start
         Body(openapi_examples={"record": {"summary": summary, "value": requests.example}}),
     ]
     Records = Annotated[
-        requests.batch,
+        requests.batch,  # type: ignore[name-defined]  # the served contract's, built at start
         Body(
             openapi_examples={
                 "records": {"summary": summary, "value": {"instances": [requests.example]}}

@@ -86,8 +86,10 @@ def grpc_status(http_status: int) -> grpc.StatusCode:
 
 def is_admin(metadata: Iterable[tuple[str, Any]] | None, token: str | None) -> bool:
     """Whether the call's metadata carries ``authorization: Bearer <token>``."""
+    if not token:
+        return False
     given = next((value for key, value in metadata or () if key == "authorization"), None)
-    return bool(token) and isinstance(given, str | bytes) and bearer_matches(given, token)
+    return isinstance(given, str | bytes) and bearer_matches(given, token)
 
 
 def _raw_elements(raw: bytes, name: str) -> int:

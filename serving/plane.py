@@ -261,7 +261,9 @@ class ServingPlane:
 
     def _publish_weights(self) -> None:
         weights = self.state.weights()
-        for version in {self.state.champion, self.state.challenger} - {None}:
+        for version in {self.state.champion, self.state.challenger}:
+            if version is None:
+                continue
             share = weights.get(version, 0.0)
             arm = "primary" if version == self.state.champion else "canary"
             self.metrics.router_weight.labels(version=version, arm=arm).set(share)

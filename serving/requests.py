@@ -62,7 +62,7 @@ class RequestModels:
     rejected) and a batch of records, with an example record for the docs."""
 
     contract: Contract
-    single: type[BaseModel]
+    single: type[_RequestIds]
     batch: type[BaseModel]
     example: dict[str, Any]
 
@@ -85,7 +85,7 @@ def request_models(contract: Contract) -> RequestModels:
             batch = create_model(
                 "BatchPredictRequest",
                 __config__=ConfigDict(extra="forbid"),
-                instances=(
+                instances=(  # type: ignore[arg-type]  # the record model is built at run time
                     Annotated[
                         list[single],  # type: ignore[valid-type]
                         BeforeValidator(_batch_size),

@@ -84,7 +84,7 @@ class BoundModelSettings(ModelSettings):
         made._bound = runtime
         return made
 
-    @property  # type: ignore[override]
+    @property
     def implementation(self) -> type[MLModel]:
         return self._bound if self._bound is not None else super().implementation
 

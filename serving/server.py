@@ -229,7 +229,7 @@ def _ready_only_with_the_routed_models(
                 return False
         return await loaded_models_ready()
 
-    data_plane.ready = ready  # type: ignore[method-assign]
+    data_plane.ready = ready
 
 
 def _log_each_line_once() -> None:

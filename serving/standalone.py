@@ -191,7 +191,8 @@ class ChurnModel(MLModel):
     async def load(self) -> bool:
         folder = Path(await get_model_uri(self.settings))
         self._scoring = load_version_folder(folder)
-        if not self.inputs:  # the metadata names the contract's inputs
+        if not self.settings.inputs:  # the metadata names the contract's inputs
+            # Through MLModel's property setter, which also indexes the inputs.
             self.inputs = input_metadata(self._scoring.contract)
         log.info("model %s serves churn %s from %s", self.name, self._scoring.version, folder)
         return True
