@@ -128,6 +128,8 @@ def _reason(raw: bytes | None, contract: Contract, errors: list[RowError]) -> Me
 
 # A slice this small whose parse fails goes row by row.
 _SPLIT_BELOW = 64
+# Arrow parses blocks of this size in parallel.
+_PARSE_BLOCK = 256 * 1024
 # Ids the fast path takes: printable ASCII, 1 to 128 characters (a subset of ``Identifier``;
 # any other id, valid or not, is judged by the message model).
 _ID_PATTERN = r"^[\x20-\x7e]{1,128}$"
@@ -258,7 +260,7 @@ def decode_batch(topic: str, values: Sequence[bytes | None], contract: Contract)
         chunk = pending.pop()
         if not len(chunk):
             continue
-        table = _parse(binary, chunk, schema)
+        table = _parse(values, chunk, schema)
         if table is None:
             if len(chunk) < _SPLIT_BELOW:
                 slow.append(chunk)
@@ -308,22 +310,35 @@ def decode_batch(topic: str, values: Sequence[bytes | None], contract: Contract)
 
 def _parsable(binary: pa.Array) -> np.ndarray:
     """Values that are one line holding (at most) one JSON object: a line per message lets the
-    parsed rows line up with the batch."""
-    starts = pc.starts_with(binary, "{")
-    ends = pc.ends_with(binary, "}")
-    one_line = pc.invert(pc.or_(pc.match_substring(binary, "\n"), pc.match_substring(binary, "\r")))
-    mask = pc.and_(pc.and_(starts, ends), one_line)
-    return mask.fill_null(False).to_numpy(zero_copy_only=False)
+    parsed rows line up with the batch. Read off the array's buffers: a value is ``{...}`` when
+    its first and last bytes say so, and one line when no LF or CR falls inside it."""
+    count = len(binary)
+    if not count:
+        return np.zeros(0, dtype=bool)
+    validity, offsets_buffer, data_buffer = binary.buffers()
+    offsets = np.frombuffer(offsets_buffer, np.int32)[binary.offset : binary.offset + count + 1]
+    data = (
+        np.frombuffer(data_buffer, np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
+    )
+    starts, ends = offsets[:-1], offsets[1:]
+    mask = ends > starts
+    if validity is not None:
+        mask &= binary.is_valid().to_numpy(zero_copy_only=False)
+    mask[mask] &= (data[starts[mask]] == ord("{")) & (data[ends[mask] - 1] == ord("}"))
+    breaks = np.flatnonzero((data == ord("\n")) | (data == ord("\r")))
+    if len(breaks):
+        mask[np.searchsorted(offsets, breaks, side="right") - 1] = False
+    return mask
 
 
-def _parse(binary: pa.Array, chunk: np.ndarray, schema: pa.Schema) -> pa.Table | None:
+def _parse(values: Sequence[bytes | None], chunk: np.ndarray, schema: pa.Schema) -> pa.Table | None:
     """The chunk's messages parsed by Arrow, or None when Arrow refuses one of them (or a line
     held more than one object)."""
-    values = binary.take(pa.array(chunk)).to_pylist()
+    lines = values if len(chunk) == len(values) else [values[i] for i in chunk.tolist()]
     try:
         table = pj.read_json(
-            io.BytesIO(b"\n".join(values)),
-            read_options=pj.ReadOptions(block_size=1 << 24),
+            io.BytesIO(b"\n".join(lines)),  # type: ignore[arg-type]
+            read_options=pj.ReadOptions(block_size=_PARSE_BLOCK),
             parse_options=pj.ParseOptions(
                 explicit_schema=schema, unexpected_field_behavior="error"
             ),
