@@ -250,7 +250,7 @@ def decode_batch(topic: str, values: Sequence[bytes | None], contract: Contract)
     schema = message_schema(topic, contract)
     out_schema = row_schema(topic, contract)
     count = len(values)
-    binary = pa.array(values, pa.binary())
+    binary = pa.array(values, pa.large_binary())  # 64-bit offsets: no 2 GiB limit
     candidates = np.flatnonzero(_parsable(binary))
     tables: list[pa.Table] = []
     taken: list[np.ndarray] = []
@@ -316,7 +316,7 @@ def _parsable(binary: pa.Array) -> np.ndarray:
     if not count:
         return np.zeros(0, dtype=bool)
     validity, offsets_buffer, data_buffer = binary.buffers()
-    offsets = np.frombuffer(offsets_buffer, np.int32)[binary.offset : binary.offset + count + 1]
+    offsets = np.frombuffer(offsets_buffer, np.int64)[binary.offset : binary.offset + count + 1]
     data = (
         np.frombuffer(data_buffer, np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
     )

@@ -113,6 +113,9 @@ DLQ_FLUSH_TIMEOUT_S = 10.0
 # Bound on waiting for room in the producer's local queue before leaving a dead letter unsent.
 DLQ_QUEUE_TIMEOUT_S = 10.0
 _LANDED_AT = pa.timestamp("us", tz="UTC")
+# How often, at most, landing commits its offsets to the Kafka consumer group (and after the last
+# batch of a run).
+KAFKA_COMMIT_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -125,6 +128,8 @@ class _Batch:
     offsets: np.ndarray
     decoded: DecodedBatch
     checked: Future[TopicLog]
+    # The drain's last batch (its end, its message budget or its time budget reached).
+    last: bool
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,11 @@ class LandingReport:
     duration_s: float = 0.0
     # Row counts of the read models published at the end of the drain (table name -> rows).
     published: dict[str, int] = field(default_factory=dict)
+    # The landed table's read model (published in parts): rows written to new parts by this run
+    # (its new rows, plus those of merged parts; all rows when it was published whole again),
+    # and how many parts it has now.
+    read_model_rows_written: int = 0
+    read_model_parts: int = 0
 
     @property
     def messages(self) -> int:
@@ -358,13 +368,12 @@ class Lander:
             self._landed_floor: datetime | None = newest[0][0]
             consumer = make_consumer(
                 self.settings,
-                **{
-                    "fetch.wait.max.ms": 100,
-                    "on_commit": functools.partial(self._on_commit, report),
-                },
+                **{"fetch.wait.max.ms": 100},
             )
             outbox = _DeadLetterOutbox(make_producer(self.settings, **{"linger.ms": 5}))
             # Asks the broker for the topic's log while a batch is decoded.
+            self._uncommitted: dict[int, int] = {}
+            self._committed_at = time.monotonic()
             self._checker = ThreadPoolExecutor(1, thread_name_prefix=f"landing-log-{self.topic}")
             try:
                 consumer.assign(
@@ -386,20 +395,9 @@ class Lander:
                     [self.topic],
                 ).fetchall()[0][0]
             )
-            report.published = publish_landing_read_models(con, self.settings, self.topic)
+            report.published = publish_landing_read_models(con, self.settings, self.topic, report)
         report.duration_s = time.monotonic() - started
         return report
-
-    def _on_commit(self, report: LandingReport, error: KafkaError | None, offsets) -> None:
-        """A Kafka offset commit's outcome (served by the consumer's polls): failures counted."""
-        failed = error is not None or any(tp.error is not None for tp in offsets or ())
-        if failed:
-            report.kafka_commit_failures += 1
-            log.warning(
-                "committing %s offsets to Kafka failed (lag view only): %s",
-                self.topic,
-                error or next(tp.error for tp in offsets if tp.error is not None),
-            )
 
     def _republish_dead_letters(
         self, con: duckdb.DuckDBPyConnection, outbox: _DeadLetterOutbox, report: LandingReport
@@ -699,7 +697,12 @@ class Lander:
                             raise LandingError(f"consuming {self.topic} failed: {error}")
                 if batch:
                     consumed += len(batch)
-                    if not hand_over(self._decode(batch)):
+                    last = (
+                        at_eof == partitions
+                        or (self.max_messages is not None and consumed >= self.max_messages)
+                        or time.monotonic() - started > limits.drain_max_seconds
+                    )
+                    if not hand_over(self._decode(batch, last)):
                         return
                 if at_eof == partitions:
                     hand_over(_End(reached_eof=True))
@@ -719,7 +722,7 @@ class Lander:
         except BaseException as exc:  # handed to the landing thread, which raises it
             hand_over(exc)
 
-    def _decode(self, batch: list[Message]) -> "_Batch":
+    def _decode(self, batch: list[Message], last: bool) -> "_Batch":
         count = len(batch)
         # Asked now that the batch is consumed; answered while the batch is decoded.
         checked = self._checker.submit(topic_log, self.settings, self.topic, admin=self._admin)
@@ -728,7 +731,7 @@ class Lander:
         # Valid messages as one Arrow table (parsed and checked by column), invalid ones with
         # the row decoder's reason (:mod:`churn_assets.batch_decode`).
         decoded = decode_batch(self.topic, [m.value() for m in batch], self.contract)
-        return _Batch(batch, partitions, offsets, decoded, checked)
+        return _Batch(batch, partitions, offsets, decoded, checked, last)
 
     def _land_batch(self, con, consumer, outbox, batch: "_Batch", report) -> None:
         now = datetime.now(UTC)
@@ -806,9 +809,15 @@ class Lander:
         report.dead_lettered += len(dead)
         for row in dead:
             outbox.send(row)
-        # The group offsets only feed lag displays (the warehouse's are the truth): committed
-        # without waiting; failures reach ``_on_commit``.
-        self._commit_kafka(consumer, next_offsets, report)
+        # The group offsets only feed lag displays and the landing sensor (the warehouse's are
+        # the truth): committed at most every KAFKA_COMMIT_INTERVAL_S and after the drain's last
+        # batch, each time synchronously, so no commit is in flight when the run ends (closing a
+        # consumer waits for one, without end, if the broker stopped answering).
+        self._uncommitted.update(next_offsets)
+        if batch.last or time.monotonic() - self._committed_at >= KAFKA_COMMIT_INTERVAL_S:
+            self._commit_kafka(consumer, self._uncommitted, report)
+            self._uncommitted = {}
+            self._committed_at = time.monotonic()
 
     def _commit_batch(
         self,
@@ -863,13 +872,15 @@ class Lander:
                     f"INSERT INTO dead_letters ({columns}) SELECT {columns} FROM dead_rows "
                     "ON CONFLICT DO NOTHING"
                 )
-            con.executemany(
+            # One statement for every partition (``executemany`` runs one per row).
+            moved = sorted(next_offsets.items())
+            con.execute(
                 "INSERT INTO landing_offsets "
                 "(kafka_epoch, topic, kafka_partition, next_offset, updated_at) "
-                "VALUES (?, ?, ?, ?, ?) "
+                f"VALUES {', '.join(['(?, ?, ?, ?, ?)'] * len(moved))} "
                 "ON CONFLICT (kafka_epoch, topic, kafka_partition) DO UPDATE SET "
                 "next_offset = excluded.next_offset, updated_at = excluded.updated_at",
-                [[epoch, self.topic, p, o, now] for p, o in sorted(next_offsets.items())],
+                [value for p, o in moved for value in (epoch, self.topic, p, o, now)],
             )
             self._maybe_fault("in_transaction", batch_number)
             con.commit()
@@ -887,7 +898,7 @@ class Lander:
                     TopicPartition(self.topic, p, o, metadata=epoch)
                     for p, o in sorted(offsets.items())
                 ],
-                asynchronous=True,
+                asynchronous=False,
             )
         except KafkaException as exc:
             # Offsets live in DuckDB; the group offset only feeds lag displays.
@@ -929,13 +940,19 @@ ORDER BY o.topic, o.kafka_partition
 
 
 def publish_landing_read_models(
-    con: duckdb.DuckDBPyConnection, settings: Settings, topic: str
+    con: duckdb.DuckDBPyConnection,
+    settings: Settings,
+    topic: str,
+    report: LandingReport | None = None,
 ) -> dict[str, int]:
     """Publish the topic's landing table (in parts: only the rows landed since the last publish
     are written, see :func:`churn_assets.warehouse.publish_read_model_parts`), then the offsets,
-    the DLQ and the replay counts as whole Parquet read models. Returns each one's rows."""
+    the DLQ and the replay counts as whole Parquet read models. Returns each one's rows; what the
+    parts publish wrote goes to ``report`` when given."""
     table = LANDING_TABLES[topic]
     landed = publish_read_model_parts(con, settings.read_models_dir, table, LANDED_ORDER)
+    if report is not None:
+        report.read_model_rows_written, report.read_model_parts = landed.written, landed.parts
     published = {table: landed.rows}
     published.update(
         {
