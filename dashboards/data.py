@@ -21,6 +21,7 @@ from typing import Any
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
 import requests
 from pydantic import ValidationError
 
@@ -102,7 +103,7 @@ class ReadModels:
                 f"it has not been published yet ({self.directory / (name + '.parquet')})",
                 "Materialise the Dagster asset that publishes it.",
             )
-        except duckdb.Error as exc:
+        except (duckdb.Error, pa.ArrowException) as exc:  # read models are read by pyarrow
             return Unavailable(source, f"the file cannot be read ({exc})")
         if frame.empty:
             return Unavailable(source, "it holds no rows yet")
