@@ -801,6 +801,9 @@ def publish_read_model_parts(
     after = parts[-1]["upto_us"] if parts else None
     written = 0
     if not parts or (newest is not None and (after is None or newest > after)):
+        # An empty part (the schema of a table published before it had rows) goes with new rows.
+        parts = [p for p in parts if p["rows"]]
+        after = parts[-1]["upto_us"] if parts else None
         part = _write_part(con, folder, table, order_by, after, newest)
         parts.append(part)
         written += part["rows"]

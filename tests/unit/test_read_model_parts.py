@@ -72,6 +72,18 @@ def test_a_publish_writes_the_new_rows_only_and_readers_get_the_whole_table(tmp_
     assert manifest_path(models, "landed").stat().st_mtime_ns == before
 
 
+def test_a_table_published_empty_gets_its_first_rows_written_once(tmp_path):
+    con = make_table(tmp_path / "w.duckdb")
+    models = tmp_path / "models"
+    empty = publish_read_model_parts(con, models, "landed", ORDER)
+    assert (empty.rows, empty.written, empty.parts) == (0, 0, 1)
+    assert read_model_table(models, "landed").column_names == ["id", "label", "landed_at"]
+    land(con, 40, 0, START)
+    first = publish_read_model_parts(con, models, "landed", ORDER)
+    assert (first.rows, first.written, first.parts) == (40, 40, 1)
+    assert read_model_table(models, "landed").to_pylist() == expected(con)
+
+
 def test_merges_keep_few_parts_and_rewrite_each_row_a_few_times(tmp_path):
     con = make_table(tmp_path / "w.duckdb")
     models = tmp_path / "models"
