@@ -1,4 +1,10 @@
-"""Customer events decoded a batch at a time: features checked by column with the contract's
+"""Landing batches decoded at once.
+
+:func:`decode_batch` (every data topic) parses a whole batch with Arrow's JSON reader and checks
+it by column; the messages it does not take go to the row decoders below, which name a bad
+message's reason (see the comment above :func:`decode_batch`).
+
+Customer events decoded a batch at a time: features checked by column with the contract's
 compiled validator (:func:`churn_assets.validation.check_columns`), the rest of each event (ids,
 time, schema version) by its small model. A message that fails gets its reason from the
 row-by-row decoder (:func:`churn_assets.schemas.decode_message`), the same text as ever.

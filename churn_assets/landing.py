@@ -8,18 +8,28 @@ How a drain works (ARCHITECTURE.md §4):
    the source of truth). A new epoch (a restarted embedded broker, a recreated topic) starts at
    the beginning of its log; the rows landed from earlier logs stay as they are.
 2. Consume in batches bounded by count and time, until every partition reports EOF (or the drain's
-   time budget runs out).
-3. For each batch, check that the broker still serves the same log, then in ONE DuckDB
-   transaction: insert valid rows keyed by (epoch, topic, partition, offset), unique by their
-   message's own id (``BUSINESS_KEYS``): the batch is deduplicated by id (the lowest partition,
-   then offset, wins) and inserted with ``ON CONFLICT (<id>) DO NOTHING``, and the valid messages
-   not inserted are counted as replays in ``landing_replays``; insert invalid ones into
-   ``dead_letters`` with the reason and ``published_at`` NULL; mark the dead letters whose
-   delivery to the dead-letter topic was confirmed since the last batch as published; move the
-   epoch's ``landing_offsets`` past the batch. Commit.
+   time budget runs out). A reader thread consumes and decodes the next batch while the landing
+   thread writes the current one: a batch is parsed at once and checked by column
+   (:func:`churn_assets.batch_decode.decode_batch`); only messages the column checks do not take
+   are decoded row by row, which names a bad message's reason.
+3. For each batch, check that the broker still serves the same log (the query is sent once the
+   batch is consumed and answered while it is decoded), then in ONE DuckDB transaction: insert
+   valid rows keyed by (epoch, topic, partition, offset), unique by their message's own id
+   (``BUSINESS_KEYS``): a plain insert first; when the unique indexes refuse it (a message that
+   landed before, or twice in the batch), the transaction is rolled back and run again with the
+   batch deduplicated by id (the lowest partition, then offset, wins) and inserted with
+   ``ON CONFLICT (<id>) DO NOTHING``, the valid messages not inserted counted as replays in
+   ``landing_replays``; insert invalid ones into ``dead_letters`` with the reason and
+   ``published_at`` NULL; mark the dead letters whose delivery to the dead-letter topic was
+   confirmed since the last batch as published; move the epoch's ``landing_offsets`` past the
+   batch. Commit.
 4. After the DuckDB commit: produce the batch's dead letters to the dead-letter topic (delivery
-   reports collect the confirmed ones) and commit the offsets to the Kafka consumer group, for
-   lag visibility only.
+   reports collect the confirmed ones) and, at most once a second and after the run's last
+   batch, commit the offsets to the Kafka consumer group, for lag views and the landing sensor
+   only.
+5. At the end, publish the read models: the landed table in parts (the rows landed since the last
+   publish, see :func:`churn_assets.warehouse.publish_read_model_parts`), the offsets, dead
+   letters and replay counts whole.
 
 Before draining, a run republishes its topic's dead letters that were never confirmed (any epoch);
 at the end it waits (bounded) for the outstanding deliveries, marks them and reports how many are

@@ -2,7 +2,11 @@
 
 Only Dagster runs (and the ``churn land`` CLI, which runs the same code) write the warehouse file.
 Anything else reads Parquet read models that writers publish atomically (write to a temporary
-file, then rename), so a reader never meets DuckDB's single-writer file lock.
+file, then rename), so a reader never meets DuckDB's single-writer file lock. The landed tables'
+read models are published in parts (immutable part files named by an atomically replaced
+manifest, :func:`publish_read_model_parts`), so a landing run writes its new rows, not the whole
+table; :func:`read_model_table`, :func:`read_model_rows` and :func:`load_read_model` read one
+whole version of either kind.
 """
 
 import contextlib
