@@ -376,14 +376,12 @@ class Lander:
             # the read model publishes the rows landed after its last published ``landed_at``.
             newest = con.execute(f"SELECT max(landed_at) FROM {self.table}").fetchall()
             self._landed_floor: datetime | None = newest[0][0]
-            consumer = make_consumer(
-                self.settings,
-                **{"fetch.wait.max.ms": 100},
-            )
+            consumer = make_consumer(self.settings, **{"fetch.wait.max.ms": 100})
             outbox = _DeadLetterOutbox(make_producer(self.settings, **{"linger.ms": 5}))
-            # Asks the broker for the topic's log while a batch is decoded.
+            # Offsets landed but not committed to the consumer group yet, and when it last was.
             self._uncommitted: dict[int, int] = {}
             self._committed_at = time.monotonic()
+            # Asks the broker for the topic's log while a batch is decoded.
             self._checker = ThreadPoolExecutor(1, thread_name_prefix=f"landing-log-{self.topic}")
             try:
                 consumer.assign(
