@@ -136,7 +136,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--messages", type=int, default=200_000)
-    parser.add_argument("--batch", type=int, default=5_000, help="landing batch size")
+    parser.add_argument(
+        "--batch", type=int, default=20_000, help="landing batch size (the config default)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the 10k landings")
     args = parser.parse_args()
 
