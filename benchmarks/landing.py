@@ -1,14 +1,23 @@
 """Landing throughput against the raw confluent-kafka consume rate, same broker, same run.
 
-    .venv/bin/python benchmarks/landing.py [--messages 200000] [--batch 5000]
+    .venv/bin/python benchmarks/landing.py [--messages 1000000] [--batch 5000] [--repeats 3]
 
-Starts a private embedded broker, produces simulated customer events, then times
-(1) a bare consumer reading every message to partition EOF and (2) the real Lander
-(decode, validate, Arrow, DuckDB transaction with offsets) draining the same topic.
-Prints both rates and their ratio.
+Starts a private embedded broker and produces simulated customer events (a pool of simulated,
+validated events, each produced under a unique event id as pre-encoded bytes, so a million take
+seconds), then:
+
+1. times a bare consumer reading every message to partition EOF (the baseline) and the real
+   Lander (decode, validate, Arrow, DuckDB transaction with offsets, read-model publish)
+   draining the same topic into an empty warehouse; prints both rates and their ratio;
+2. produces 10,000 more events and times landing them (a) into a copy of that warehouse, which
+   holds ``--messages`` rows, and (b) into an empty warehouse whose offsets start at the same
+   place; both runs publish their read models. Repeated ``--repeats`` times, interleaved;
+   prints the medians and their ratio.
 """
 
 import argparse
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -19,36 +28,51 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from confluent_kafka import KafkaError, TopicPartition  # noqa: E402
 
 from churn_assets.broker import EmbeddedBroker  # noqa: E402
-from churn_assets.config import load_settings  # noqa: E402
+from churn_assets.config import Settings, load_settings  # noqa: E402
 from churn_assets.kafka import ensure_topics, make_consumer, make_producer, topic_partitions  # noqa: E402
 from churn_assets.landing import Lander  # noqa: E402
 from churn_assets.schemas import Topics, encode_message  # noqa: E402
 from churn_assets.simulator import SimulationConfig, Simulator  # noqa: E402
+from churn_assets.warehouse import connect, ensure_schema, read_model_rows  # noqa: E402
+
+POOL = 20_000  # distinct simulated events; produced again under new ids beyond that
+INCREMENT = 10_000
 
 
-def produce(settings, count: int) -> None:
-    producer = make_producer(settings)
-    simulator = Simulator(SimulationConfig(seed=1, customers=max(count // 100, 100), days=10_000))
-    sent = 0
+def event_pool(size: int) -> list[tuple[bytes, bytes, bytes]]:
+    """Validated simulated events split around their event id: (key, before id, after id)."""
+    simulator = Simulator(SimulationConfig(seed=1, customers=max(size // 100, 100), days=10_000))
+    pool = []
     for _, events in simulator.events():
         for topic, key, payload in events:
             if topic != Topics.CUSTOMERS:
                 continue
             value = encode_message(topic, payload)
-            while True:
-                try:
-                    producer.produce(topic, key=key.encode(), value=value)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
-            sent += 1
-            if sent == count:
-                if producer.flush(120):
-                    raise RuntimeError("produce did not finish")
-                return
+            marker = f'"event_id":"{payload["event_id"]}"'.encode()
+            before, _, after = value.partition(marker)
+            pool.append((key.encode(), before + b'"event_id":"', b'"' + after))
+            if len(pool) == size:
+                return pool
+    return pool
 
 
-def raw_consume(settings) -> tuple[int, float]:
+def produce(settings: Settings, pool, start: int, count: int) -> None:
+    """``count`` events with ids ``bench-<start>`` on, the pool's events in turn."""
+    producer = make_producer(settings)
+    for n in range(start, start + count):
+        key, before, after = pool[n % len(pool)]
+        value = before + b"bench-%d" % n + after
+        while True:
+            try:
+                producer.produce(Topics.CUSTOMERS, key=key, value=value)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    if producer.flush(300):
+        raise RuntimeError("produce did not finish")
+
+
+def raw_consume(settings: Settings) -> tuple[int, float]:
     partitions = topic_partitions(settings, Topics.CUSTOMERS)
     consumer = make_consumer(settings, group_id="bench-raw", **{"fetch.wait.max.ms": 100})
     consumer.assign([TopicPartition(Topics.CUSTOMERS, p, 0) for p in partitions])
@@ -68,47 +92,109 @@ def raw_consume(settings) -> tuple[int, float]:
     return count, elapsed
 
 
+def write_settings(root: Path, batch: int, bootstrap_from: Settings | None = None) -> Settings:
+    config = root / "config" / "config.yaml"
+    config.parent.mkdir(parents=True)
+    text = (
+        f"storage:\n  data_dir: {root}/data\n  warehouse_path: {root}/data/w.duckdb\n"
+        f"landing:\n  batch_max_messages: {batch}\n  batch_max_seconds: 5\n"
+    )
+    if bootstrap_from is not None:  # the first broker: its address is in its run dir
+        text += f"kafka:\n  bootstrap_servers: {bootstrap_address(bootstrap_from)}\n"
+    config.write_text(text)
+    return load_settings(config)
+
+
+def bootstrap_address(settings: Settings) -> str:
+    from churn_assets.kafka import client_config
+
+    return client_config(settings)["bootstrap.servers"]
+
+
+def land_increment(settings: Settings, seed_from: Settings | None) -> float:
+    """Land what is new on the topic into ``settings``' warehouse; an empty warehouse gets the
+    offsets of ``seed_from``'s first (so both land the same messages)."""
+    if seed_from is not None:
+        with connect(seed_from.warehouse_path, read_only=True) as con:
+            offsets = con.execute("SELECT * FROM landing_offsets").fetchall()
+            columns = [d[0] for d in con.description]
+        with connect(settings.warehouse_path) as con:
+            ensure_schema(con, settings.contract)
+            placeholders = ", ".join("?" * len(columns))
+            con.executemany(
+                f"INSERT INTO landing_offsets ({', '.join(columns)}) VALUES ({placeholders})",
+                offsets,
+            )
+    report = Lander(settings, Topics.CUSTOMERS).run()
+    if report.rows_landed != INCREMENT:
+        raise SystemExit(f"landed {report.rows_landed} of the {INCREMENT} new messages")
+    return report.duration_s
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--messages", type=int, default=200_000)
-    parser.add_argument("--batch", type=int, default=5_000, help="landing batch size")
+    parser.add_argument(
+        "--batch", type=int, default=20_000, help="landing batch size (the config default)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of the 10k landings")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "config" / "config.yaml"
-        config.parent.mkdir()
-        config.write_text(
-            f"storage:\n  data_dir: {tmp}/data\n  warehouse_path: {tmp}/data/w.duckdb\n"
-            f"landing:\n  batch_max_messages: {args.batch}\n  batch_max_seconds: 5\n"
-        )
-        settings = load_settings(config)
+        root = Path(tmp)
+        settings = write_settings(root / "main", args.batch)
         broker = EmbeddedBroker(settings.run_dir)
         broker.start()
         try:
             ensure_topics(settings)
+            pool = event_pool(min(POOL, args.messages))
             started = time.perf_counter()
-            produce(settings, args.messages)
+            produce(settings, pool, 0, args.messages)
             produce_s = time.perf_counter() - started
             raw_count, raw_s = raw_consume(settings)
             report = Lander(settings, Topics.CUSTOMERS).run()
+            if raw_count != args.messages or report.rows_landed != args.messages:
+                raise SystemExit(
+                    f"counts differ: produced {args.messages}, raw {raw_count}, "
+                    f"landed {report.rows_landed}"
+                )
+            published = read_model_rows(settings.read_models_dir, "landed_customer_events")
+
+            produce(settings, pool, args.messages, INCREMENT)
+            into_full: list[float] = []
+            into_empty: list[float] = []
+            for repeat in range(args.repeats):
+                full = write_settings(root / f"full-{repeat}", args.batch, settings)
+                shutil.copytree(settings.data_dir, full.data_dir)
+                into_full.append(land_increment(full, None))
+                empty = write_settings(root / f"empty-{repeat}", args.batch, settings)
+                into_empty.append(land_increment(empty, settings))
+                for done in (full, empty):
+                    shutil.rmtree(done.data_dir)
         finally:
             broker.stop()
-    if raw_count != args.messages or report.rows_landed != args.messages:
-        raise SystemExit(
-            f"counts differ: produced {args.messages}, raw {raw_count}, landed {report.rows_landed}"
-        )
     raw_rate = raw_count / raw_s
     land_rate = report.rows_landed / report.duration_s
     print(f"messages            {args.messages}")
-    print(f"produce (validated) {args.messages / produce_s:12,.0f} msg/s")
+    print(f"produce (bytes)     {args.messages / produce_s:12,.0f} msg/s")
     print(f"raw consume         {raw_rate:12,.0f} msg/s  ({raw_s:.2f}s)")
     print(
         f"landing             {land_rate:12,.0f} msg/s  ({report.duration_s:.2f}s, "
-        f"{report.batches} batches of <= {args.batch})"
+        f"{report.batches} batches of <= {args.batch}, read model {published} rows)"
     )
     print(f"landing / raw       {land_rate / raw_rate:12.3f}")
+    full_s, empty_s = statistics.median(into_full), statistics.median(into_empty)
+    print(
+        f"{INCREMENT} into {args.messages} rows  {full_s:8.3f}s  (runs: "
+        f"{', '.join(f'{s:.3f}' for s in into_full)})"
+    )
+    print(
+        f"{INCREMENT} into empty       {empty_s:8.3f}s  (runs: "
+        f"{', '.join(f'{s:.3f}' for s in into_empty)})"
+    )
+    print(f"into full / empty   {full_s / empty_s:12.3f}")
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ class StorageSettings(_Section):
 
 
 class LandingSettings(_Section):
-    batch_max_messages: int = Field(5000, ge=1, le=1_000_000)
+    batch_max_messages: int = Field(20_000, ge=1, le=1_000_000)
     batch_max_seconds: float = Field(2.0, gt=0, le=600)
     drain_max_seconds: float = Field(300.0, gt=0)
 

@@ -8,18 +8,28 @@ How a drain works (ARCHITECTURE.md §4):
    the source of truth). A new epoch (a restarted embedded broker, a recreated topic) starts at
    the beginning of its log; the rows landed from earlier logs stay as they are.
 2. Consume in batches bounded by count and time, until every partition reports EOF (or the drain's
-   time budget runs out).
-3. For each batch, check that the broker still serves the same log, then in ONE DuckDB
-   transaction: insert valid rows keyed by (epoch, topic, partition, offset), unique by their
-   message's own id (``BUSINESS_KEYS``): the batch is deduplicated by id (the lowest partition,
-   then offset, wins) and inserted with ``ON CONFLICT (<id>) DO NOTHING``, and the valid messages
-   not inserted are counted as replays in ``landing_replays``; insert invalid ones into
-   ``dead_letters`` with the reason and ``published_at`` NULL; mark the dead letters whose
-   delivery to the dead-letter topic was confirmed since the last batch as published; move the
-   epoch's ``landing_offsets`` past the batch. Commit.
+   time budget runs out). A reader thread consumes and decodes the next batch while the landing
+   thread writes the current one: a batch is parsed at once and checked by column
+   (:func:`churn_assets.batch_decode.decode_batch`); only messages the column checks do not take
+   are decoded row by row, which names a bad message's reason.
+3. For each batch, check that the broker still serves the same log (the query is sent once the
+   batch is consumed and answered while it is decoded), then in ONE DuckDB transaction: insert
+   valid rows keyed by (epoch, topic, partition, offset), unique by their message's own id
+   (``BUSINESS_KEYS``): a plain insert first; when the unique indexes refuse it (a message that
+   landed before, or twice in the batch), the transaction is rolled back and run again with the
+   batch deduplicated by id (the lowest partition, then offset, wins) and inserted with
+   ``ON CONFLICT (<id>) DO NOTHING``, the valid messages not inserted counted as replays in
+   ``landing_replays``; insert invalid ones into ``dead_letters`` with the reason and
+   ``published_at`` NULL; mark the dead letters whose delivery to the dead-letter topic was
+   confirmed since the last batch as published; move the epoch's ``landing_offsets`` past the
+   batch. Commit.
 4. After the DuckDB commit: produce the batch's dead letters to the dead-letter topic (delivery
-   reports collect the confirmed ones) and commit the offsets to the Kafka consumer group, for
-   lag visibility only.
+   reports collect the confirmed ones) and, at most once a second and after the run's last
+   batch, commit the offsets to the Kafka consumer group, for lag views and the landing sensor
+   only.
+5. At the end, publish the read models: the landed table in parts (the rows landed since the last
+   publish, see :func:`churn_assets.warehouse.publish_read_model_parts`), the offsets, dead
+   letters and replay counts whole.
 
 Before draining, a run republishes its topic's dead letters that were never confirmed (any epoch);
 at the end it waits (bounded) for the outstanding deliveries, marks them and reports how many are
@@ -31,18 +41,22 @@ the batch is simply consumed again; after it, the stored offsets skip it. The sa
 log (a restarted broker) or produced twice is a replay: counted, never a second row.
 """
 
+import contextlib
 import functools
 import logging
 import os
+import queue
 import signal
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import duckdb
-import orjson
+import numpy as np
 import pyarrow as pa
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -54,7 +68,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
-from churn_assets.batch_decode import decode_customer_events
+from churn_assets.batch_decode import DecodedBatch, decode_batch
 from churn_assets.config import Settings
 from churn_assets.kafka import TopicLog, client_config, make_consumer, make_producer, topic_log
 from churn_assets.schemas import (
@@ -72,6 +86,7 @@ from churn_assets.warehouse import (
     connect,
     ensure_schema,
     publish_read_model,
+    publish_read_model_parts,
     remove_stale_temp_files,
 )
 
@@ -107,6 +122,31 @@ LEGACY_CHECK_TIMEOUT_S = 60.0
 DLQ_FLUSH_TIMEOUT_S = 10.0
 # Bound on waiting for room in the producer's local queue before leaving a dead letter unsent.
 DLQ_QUEUE_TIMEOUT_S = 10.0
+_LANDED_AT = pa.timestamp("us", tz="UTC")
+# How often, at most, landing commits its offsets to the Kafka consumer group (and after the last
+# batch of a run).
+KAFKA_COMMIT_INTERVAL_S = 1.0
+
+
+@dataclass
+class _Batch:
+    """A consumed batch, decoded, with the broker's answer to a log query sent after it was
+    consumed (see ``Lander._check_same_log``)."""
+
+    messages: list[Message]
+    partitions: np.ndarray
+    offsets: np.ndarray
+    decoded: DecodedBatch
+    checked: Future[TopicLog]
+    # The drain's last batch (its end, its message budget or its time budget reached).
+    last: bool
+
+
+@dataclass(frozen=True)
+class _End:
+    """The reader thread's last word: why the drain ended."""
+
+    reached_eof: bool
 
 
 class LandingError(RuntimeError):
@@ -141,6 +181,11 @@ class LandingReport:
     duration_s: float = 0.0
     # Row counts of the read models published at the end of the drain (table name -> rows).
     published: dict[str, int] = field(default_factory=dict)
+    # The landed table's read model (published in parts): rows written to new parts by this run
+    # (its new rows, plus those of merged parts; all rows when it was published whole again),
+    # and how many parts it has now.
+    read_model_rows_written: int = 0
+    read_model_parts: int = 0
 
     @property
     def messages(self) -> int:
@@ -290,14 +335,6 @@ def _parse_fault(spec: str | None) -> tuple[str, int] | None:
     return point, int(batch)
 
 
-def _row_of(topic: str, message: Any) -> dict[str, Any]:
-    row = message.model_dump()
-    row.pop("schema_version", None)
-    if topic == Topics.PREDICTIONS and row.get("features") is not None:
-        row["features"] = orjson.dumps(row["features"]).decode()
-    return row
-
-
 class Lander:
     """Drains one data topic into its landing table. One lander per topic at a time."""
 
@@ -335,8 +372,17 @@ class Lander:
         with connect(self.settings.warehouse_path) as con:
             ensure_schema(con, self.contract)
             positions = self._positions(con, log_now)
+            # Each batch lands later than every row before it, even if the clock stepped back:
+            # the read model publishes the rows landed after its last published ``landed_at``.
+            newest = con.execute(f"SELECT max(landed_at) FROM {self.table}").fetchall()
+            self._landed_floor: datetime | None = newest[0][0]
             consumer = make_consumer(self.settings, **{"fetch.wait.max.ms": 100})
             outbox = _DeadLetterOutbox(make_producer(self.settings, **{"linger.ms": 5}))
+            # Offsets landed but not committed to the consumer group yet, and when it last was.
+            self._uncommitted: dict[int, int] = {}
+            self._committed_at = time.monotonic()
+            # Asks the broker for the topic's log while a batch is decoded.
+            self._checker = ThreadPoolExecutor(1, thread_name_prefix=f"landing-log-{self.topic}")
             try:
                 consumer.assign(
                     [
@@ -348,6 +394,7 @@ class Lander:
                 self._republish_dead_letters(con, outbox, report)
                 self._drain(con, consumer, outbox, set(partitions), report, started)
             finally:
+                self._checker.shutdown(wait=True, cancel_futures=True)
                 consumer.close()
                 self._settle_dead_letters(con, outbox, report)
             report.replayed_total = int(
@@ -356,7 +403,7 @@ class Lander:
                     [self.topic],
                 ).fetchall()[0][0]
             )
-            report.published = publish_landing_read_models(con, self.settings, self.topic)
+            report.published = publish_landing_read_models(con, self.settings, self.topic, report)
         report.duration_s = time.monotonic() - started
         return report
 
@@ -571,13 +618,14 @@ class Lander:
         rows = con.execute(f"SELECT raw_value FROM dead_letters WHERE {where}", key).fetchall()
         return ("dead letter", rows[0][0]) if rows else None
 
-    def _check_same_log(self) -> None:
+    def _check_same_log(self, checked: Future[TopicLog]) -> None:
         """Refuse a batch if the broker's log changed since the drain began.
 
-        Checked after the batch was consumed: if the broker still reports the drain's epoch,
-        every message consumed before the check came from that log (an epoch never returns).
+        ``checked`` is the broker's answer to a log query sent after the batch was consumed (it
+        runs while the batch is decoded): if the broker still reports the drain's epoch, every
+        message consumed before the query came from that log (an epoch never returns).
         """
-        now = topic_log(self.settings, self.topic, admin=self._admin)
+        now = checked.result()
         if now.epoch != self._log_now.epoch:
             raise LandingError(
                 f"the broker's log of {self.topic} changed during the landing run (epoch "
@@ -587,137 +635,243 @@ class Lander:
             )
 
     def _drain(self, con, consumer, outbox, partitions: set[int], report, started) -> None:
-        limits = self.settings.landing
-        at_eof: set[int] = set()
-        while True:
-            batch: list[Message] = []
-            opened = time.monotonic()
-            budget = limits.batch_max_messages
-            if self.max_messages is not None:
-                budget = min(budget, self.max_messages - report.messages)
-            while (
-                len(batch) < budget
-                and time.monotonic() - opened < limits.batch_max_seconds
-                and at_eof != partitions
-            ):
-                for message in consumer.consume(min(budget - len(batch), 10_000), 0.1):
-                    error = message.error()
-                    if error is None:
-                        batch.append(message)
-                        at_eof.discard(message.partition())
-                    elif error.code() == KafkaError._PARTITION_EOF:
-                        at_eof.add(message.partition())
-                    else:
-                        raise LandingError(f"consuming {self.topic} failed: {error}")
-            if batch:
-                self._land_batch(con, consumer, outbox, batch, report)
+        """Land batches as the reader thread hands them over: while one batch is written to
+        DuckDB, the next one is consumed and decoded."""
+        handover: queue.Queue[_Batch | _End | BaseException] = queue.Queue(maxsize=1)
+        stop = threading.Event()
+        reader = threading.Thread(
+            target=self._read,
+            args=(consumer, partitions, handover, stop, started),
+            name=f"landing-reader-{self.topic}",
+            daemon=True,
+        )
+        reader.start()
+        try:
+            while True:
+                item = handover.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, _End):
+                    report.reached_eof = item.reached_eof
+                    return
+                self._land_batch(con, consumer, outbox, item, report)
                 if self.on_batch is not None:
                     self.on_batch(report)
-            if at_eof == partitions:
-                report.reached_eof = True
-                return
-            if self.max_messages is not None and report.messages >= self.max_messages:
-                return
-            if time.monotonic() - started > limits.drain_max_seconds:
-                log.warning(
-                    "landing %s stopped after %.0fs with data still arriving; the next run "
-                    "continues from the stored offsets",
-                    self.topic,
-                    limits.drain_max_seconds,
-                )
-                return
+        finally:
+            stop.set()
+            while reader.is_alive():
+                with contextlib.suppress(queue.Empty):  # unblock a reader waiting to hand over
+                    handover.get(timeout=0.05)
+            reader.join()
 
-    def _decode(self, batch: list[Message]) -> list[dict[str, Any] | MessageError]:
-        """Each message's row, or the error that dead-letters it. Customer events are checked a
-        batch at a time, their features by column (:mod:`churn_assets.batch_decode`)."""
-        if self.topic == Topics.CUSTOMERS:
-            return decode_customer_events([m.value() for m in batch], self.contract)
-        decoded: list[dict[str, Any] | MessageError] = []
-        for message in batch:
-            try:
-                message_model = decode_message(self.topic, message.value(), self.contract)
-            except MessageError as exc:
-                decoded.append(exc)
-                continue
-            decoded.append(_row_of(self.topic, message_model))
-        return decoded
+    def _read(self, consumer, partitions: set[int], handover, stop, started) -> None:
+        """The reader thread: consume batches bounded by count and time, decode each, ask the
+        broker for the topic's log once the batch is consumed, and hand it over (one at most
+        waits). Ends with an :class:`_End` or the exception that stopped it."""
+        limits = self.settings.landing
+        at_eof: set[int] = set()
+        consumed = 0
 
-    def _land_batch(self, con, consumer, outbox, batch: list[Message], report) -> None:
+        def hand_over(item) -> bool:
+            while not stop.is_set():
+                try:
+                    handover.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            while not stop.is_set():
+                batch: list[Message] = []
+                opened = time.monotonic()
+                budget = limits.batch_max_messages
+                if self.max_messages is not None:
+                    budget = min(budget, self.max_messages - consumed)
+                while (
+                    len(batch) < budget
+                    and time.monotonic() - opened < limits.batch_max_seconds
+                    and at_eof != partitions
+                    and not stop.is_set()
+                ):
+                    for message in consumer.consume(min(budget - len(batch), 10_000), 0.1):
+                        error = message.error()
+                        if error is None:
+                            batch.append(message)
+                            at_eof.discard(message.partition())
+                        elif error.code() == KafkaError._PARTITION_EOF:
+                            at_eof.add(message.partition())
+                        else:
+                            raise LandingError(f"consuming {self.topic} failed: {error}")
+                if batch:
+                    consumed += len(batch)
+                    last = (
+                        at_eof == partitions
+                        or (self.max_messages is not None and consumed >= self.max_messages)
+                        or time.monotonic() - started > limits.drain_max_seconds
+                    )
+                    if not hand_over(self._decode(batch, last)):
+                        return
+                if at_eof == partitions:
+                    hand_over(_End(reached_eof=True))
+                    return
+                if self.max_messages is not None and consumed >= self.max_messages:
+                    hand_over(_End(reached_eof=False))
+                    return
+                if time.monotonic() - started > limits.drain_max_seconds:
+                    log.warning(
+                        "landing %s stopped after %.0fs with data still arriving; the next run "
+                        "continues from the stored offsets",
+                        self.topic,
+                        limits.drain_max_seconds,
+                    )
+                    hand_over(_End(reached_eof=False))
+                    return
+        except BaseException as exc:  # handed to the landing thread, which raises it
+            hand_over(exc)
+
+    def _decode(self, batch: list[Message], last: bool) -> "_Batch":
+        count = len(batch)
+        # Asked now that the batch is consumed; answered while the batch is decoded.
+        checked = self._checker.submit(topic_log, self.settings, self.topic, admin=self._admin)
+        partitions = np.fromiter((m.partition() for m in batch), np.int32, count)
+        offsets = np.fromiter((m.offset() for m in batch), np.int64, count)
+        # Valid messages as one Arrow table (parsed and checked by column), invalid ones with
+        # the row decoder's reason (:mod:`churn_assets.batch_decode`).
+        decoded = decode_batch(self.topic, [m.value() for m in batch], self.contract)
+        return _Batch(batch, partitions, offsets, decoded, checked, last)
+
+    def _land_batch(self, con, consumer, outbox, batch: "_Batch", report) -> None:
         now = datetime.now(UTC)
-        rows: list[dict[str, Any]] = []
-        row_partitions: list[int] = []
-        row_offsets: list[int] = []
-        dead: list[dict[str, Any]] = []
-        first_offsets: dict[int, int] = {}
-        last_offsets: dict[int, int] = {}
-        for message, decoded in zip(batch, self._decode(batch), strict=True):
-            p, offset = message.partition(), message.offset()
-            first_offsets.setdefault(p, offset)
-            last_offsets[p] = offset  # a partition's messages arrive in offset order
-            raw = message.value()
-            if isinstance(decoded, MessageError):
-                key = message.key()
-                dead.append(
-                    {
-                        "kafka_topic": self.topic,
-                        "kafka_partition": p,
-                        "kafka_offset": offset,
-                        "message_key": key.decode("utf-8", "replace") if key else None,
-                        "raw_value": raw.decode("utf-8", "replace")[:RAW_VALUE_LIMIT]
-                        if raw is not None
-                        else None,
-                        "reason": str(decoded),
-                        "landed_at": now,
-                    }
-                )
-                continue
-            rows.append(decoded)
-            row_partitions.append(p)
-            row_offsets.append(offset)
-        for p, first in first_offsets.items():
-            lo, hi = report.offset_ranges.get(p, (first, last_offsets[p]))
-            report.offset_ranges[p] = (min(lo, first), max(hi, last_offsets[p]))
-        next_offsets = {p: last + 1 for p, last in last_offsets.items()}
+        if self._landed_floor is not None and now <= self._landed_floor:
+            now = self._landed_floor + timedelta(microseconds=1)
+        self._landed_floor = now
+        partitions, offsets, decoded = batch.partitions, batch.offsets, batch.decoded
+        next_offsets: dict[int, int] = {}
+        for p in np.unique(partitions).tolist():
+            # A partition's messages arrive in offset order.
+            in_partition = offsets[partitions == p]
+            first, last = int(in_partition[0]), int(in_partition[-1])
+            lo, hi = report.offset_ranges.get(p, (first, last))
+            report.offset_ranges[p] = (min(lo, first), max(hi, last))
+            next_offsets[p] = last + 1
         epoch = self._log_now.epoch
-        for row in dead:
-            row["kafka_epoch"] = epoch
+        dead: list[dict[str, Any]] = []
+        for position, error in sorted(decoded.errors.items()):
+            message = batch.messages[position]
+            key, raw = message.key(), message.value()
+            dead.append(
+                {
+                    "kafka_epoch": epoch,
+                    "kafka_topic": self.topic,
+                    "kafka_partition": int(partitions[position]),
+                    "kafka_offset": int(offsets[position]),
+                    "message_key": key.decode("utf-8", "replace") if key else None,
+                    "raw_value": raw.decode("utf-8", "replace")[:RAW_VALUE_LIMIT]
+                    if raw is not None
+                    else None,
+                    "reason": str(error),
+                    "landed_at": now,
+                }
+            )
+        valid = len(decoded.rows)
+        landed = None
+        if valid:
+            positions = pa.array(decoded.positions)
+            landed = (
+                decoded.rows.append_column(
+                    "kafka_epoch", pa.repeat(pa.scalar(epoch, pa.string()), valid)
+                )
+                .append_column("kafka_topic", pa.repeat(pa.scalar(self.topic), valid))
+                .append_column("kafka_partition", pa.array(partitions).take(positions))
+                .append_column("kafka_offset", pa.array(offsets).take(positions))
+                .append_column("landed_at", pa.repeat(pa.scalar(now, _LANDED_AT), valid))
+            )
 
-        self._check_same_log()
+        self._check_same_log(batch.checked)
         batch_number = report.batches + 1
+        try:
+            # Most batches hold no message landed before: a plain insert, which the unique
+            # indexes refuse when one did; then the batch goes again with the replay rules.
+            taken, marked, inserted = self._commit_batch(
+                con, outbox, landed, dead, next_offsets, now, batch_number, replays=False
+            )
+        except duckdb.ConstraintException:
+            try:
+                taken, marked, inserted = self._commit_batch(
+                    con, outbox, landed, dead, next_offsets, now, batch_number, replays=True
+                )
+            except duckdb.ConstraintException as exc:
+                raise LandingError(
+                    f"landing a batch of {self.topic} into {self.table} broke a constraint "
+                    f"({exc}); a primary-key conflict means the warehouse holds other rows at "
+                    "Kafka coordinates past its stored offsets; the batch was not committed"
+                ) from exc
+        self._maybe_fault("after_db_commit", batch_number)
+
+        outbox.forget(taken)
+        report.dead_letters_published += marked
+        report.batches = batch_number
+        report.rows_landed += inserted
+        report.replayed += valid - inserted
+        report.dead_lettered += len(dead)
+        for row in dead:
+            outbox.send(row)
+        # The group offsets only feed lag displays and the landing sensor (the warehouse's are
+        # the truth): committed at most every KAFKA_COMMIT_INTERVAL_S and after the drain's last
+        # batch, each time synchronously, so no commit is in flight when the run ends (closing a
+        # consumer waits for one, without end, if the broker stopped answering).
+        self._uncommitted.update(next_offsets)
+        if batch.last or time.monotonic() - self._committed_at >= KAFKA_COMMIT_INTERVAL_S:
+            self._commit_kafka(consumer, self._uncommitted, report)
+            self._uncommitted = {}
+            self._committed_at = time.monotonic()
+
+    def _commit_batch(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        outbox: _DeadLetterOutbox,
+        landed: pa.Table | None,
+        dead: list[dict[str, Any]],
+        next_offsets: dict[int, int],
+        now: datetime,
+        batch_number: int,
+        *,
+        replays: bool,
+    ) -> tuple[int, int, int]:
+        """One DuckDB transaction: the batch's rows, its dead letters, the confirmed dead
+        letters' marks and the offsets past the batch. Returns (confirmations taken, dead
+        letters marked, rows inserted); rolled back on any error."""
+        epoch = self._log_now.epoch
         inserted = 0
-        key = ", ".join(BUSINESS_KEYS[self.table])
         con.begin()
         try:
             taken, marked = outbox.mark_published(con, now)
-            if rows:
-                landed = pa.Table.from_pylist(rows)
-                landed = (
-                    landed.append_column("kafka_epoch", pa.array([epoch] * len(rows)))
-                    .append_column("kafka_topic", pa.array([self.topic] * len(rows)))
-                    .append_column("kafka_partition", pa.array(row_partitions, pa.int32()))
-                    .append_column("kafka_offset", pa.array(row_offsets, pa.int64()))
-                    .append_column(
-                        "landed_at", pa.array([now] * len(rows), pa.timestamp("us", tz="UTC"))
-                    )
-                )
+            if landed is not None:
                 columns = ", ".join(landed.column_names)
-                # Within the batch the lowest (partition, offset) of an id wins; against the
-                # table the row landed first wins. The conflict target is the business key:
-                # DuckDB 2.0 makes a target-less ON CONFLICT over two unique indexes quadratic,
-                # and a primary-key conflict (rows past the stored offsets) must not pass quietly.
-                inserted = con.execute(
-                    f"INSERT INTO {self.table} ({columns}) SELECT {columns} FROM landed "
-                    f"QUALIFY row_number() OVER (PARTITION BY {key} "
-                    "ORDER BY kafka_partition, kafka_offset) = 1 "
-                    f"ON CONFLICT ({key}) DO NOTHING"
-                ).fetchall()[0][0]
-                if inserted < len(rows):
+                if replays:
+                    # Within the batch the lowest (partition, offset) of an id wins; against the
+                    # table the row landed first wins. The conflict target is the business key:
+                    # DuckDB 2.0 makes a target-less ON CONFLICT over two unique indexes
+                    # quadratic, and a primary-key conflict (rows past the stored offsets) must
+                    # not pass quietly.
+                    key = ", ".join(BUSINESS_KEYS[self.table])
+                    statement = (
+                        f"INSERT INTO {self.table} ({columns}) SELECT {columns} FROM landed "
+                        f"QUALIFY row_number() OVER (PARTITION BY {key} "
+                        "ORDER BY kafka_partition, kafka_offset) = 1 "
+                        f"ON CONFLICT ({key}) DO NOTHING"
+                    )
+                else:
+                    statement = f"INSERT INTO {self.table} ({columns}) SELECT {columns} FROM landed"
+                inserted = con.execute(statement).fetchall()[0][0]
+                if inserted < len(landed):
                     con.execute(
                         "INSERT INTO landing_replays (kafka_epoch, topic, replayed, updated_at) "
                         "VALUES (?, ?, ?, ?) ON CONFLICT (kafka_epoch, topic) DO UPDATE SET "
                         "replayed = landing_replays.replayed + excluded.replayed, "
                         "updated_at = excluded.updated_at",
-                        [epoch, self.topic, len(rows) - inserted, now],
+                        [epoch, self.topic, len(landed) - inserted, now],
                     )
             if dead:
                 dead_rows = pa.Table.from_pylist(dead)  # noqa: F841 - read by DuckDB below
@@ -726,42 +880,31 @@ class Lander:
                     f"INSERT INTO dead_letters ({columns}) SELECT {columns} FROM dead_rows "
                     "ON CONFLICT DO NOTHING"
                 )
-            con.executemany(
+            # One statement for every partition (``executemany`` runs one per row).
+            moved = sorted(next_offsets.items())
+            con.execute(
                 "INSERT INTO landing_offsets "
                 "(kafka_epoch, topic, kafka_partition, next_offset, updated_at) "
-                "VALUES (?, ?, ?, ?, ?) "
+                f"VALUES {', '.join(['(?, ?, ?, ?, ?)'] * len(moved))} "
                 "ON CONFLICT (kafka_epoch, topic, kafka_partition) DO UPDATE SET "
                 "next_offset = excluded.next_offset, updated_at = excluded.updated_at",
-                [[epoch, self.topic, p, o, now] for p, o in sorted(next_offsets.items())],
+                [value for p, o in moved for value in (epoch, self.topic, p, o, now)],
             )
             self._maybe_fault("in_transaction", batch_number)
             con.commit()
-        except duckdb.ConstraintException as exc:
-            con.rollback()
-            raise LandingError(
-                f"landing a batch of {self.topic} into {self.table} broke a constraint ({exc}); "
-                "a primary-key conflict means the warehouse holds other rows at Kafka coordinates "
-                "past its stored offsets; the batch was not committed"
-            ) from exc
         except BaseException:
             con.rollback()
             raise
-        self._maybe_fault("after_db_commit", batch_number)
+        return taken, marked, inserted
 
-        outbox.forget(taken)
-        report.dead_letters_published += marked
-        report.batches = batch_number
-        report.rows_landed += inserted
-        report.replayed += len(rows) - inserted
-        report.dead_lettered += len(dead)
-        for row in dead:
-            outbox.send(row)
+    def _commit_kafka(self, consumer, offsets: dict[int, int], report: LandingReport) -> None:
+        epoch = self._log_now.epoch
         try:
             # The epoch as commit metadata lets lag readers ignore another log's offsets.
             consumer.commit(
                 offsets=[
                     TopicPartition(self.topic, p, o, metadata=epoch)
-                    for p, o in next_offsets.items()
+                    for p, o in sorted(offsets.items())
                 ],
                 asynchronous=False,
             )
@@ -778,6 +921,8 @@ class Lander:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+# A landed table's read model is in the order rows landed.
+LANDED_ORDER = "landed_at, kafka_epoch, kafka_partition, kafka_offset"
 # ``landing_offsets`` shows where landing stands: each topic's latest epoch only, one row per
 # partition (earlier epochs' logs are gone; their offsets stay in the warehouse table).
 _READ_MODEL_QUERIES = {
@@ -803,18 +948,24 @@ ORDER BY o.topic, o.kafka_partition
 
 
 def publish_landing_read_models(
-    con: duckdb.DuckDBPyConnection, settings: Settings, topic: str
+    con: duckdb.DuckDBPyConnection,
+    settings: Settings,
+    topic: str,
+    report: LandingReport | None = None,
 ) -> dict[str, int]:
-    """Publish the topic's landing table, the offsets, the DLQ and the replay counts as Parquet
-    read models (the landing table first)."""
+    """Publish the topic's landing table (in parts: only the rows landed since the last publish
+    are written, see :func:`churn_assets.warehouse.publish_read_model_parts`), then the offsets,
+    the DLQ and the replay counts as whole Parquet read models. Returns each one's rows; what the
+    parts publish wrote goes to ``report`` when given."""
     table = LANDING_TABLES[topic]
-    queries = {
-        table: (
-            f"SELECT * FROM {table} ORDER BY landed_at, kafka_epoch, kafka_partition, kafka_offset"
-        )
-    }
-    queries.update(_READ_MODEL_QUERIES)
-    return {
-        name: publish_read_model(con, settings.read_models_dir, name, query)[1]
-        for name, query in queries.items()
-    }
+    landed = publish_read_model_parts(con, settings.read_models_dir, table, LANDED_ORDER)
+    if report is not None:
+        report.read_model_rows_written, report.read_model_parts = landed.written, landed.parts
+    published = {table: landed.rows}
+    published.update(
+        {
+            name: publish_read_model(con, settings.read_models_dir, name, query)[1]
+            for name, query in _READ_MODEL_QUERIES.items()
+        }
+    )
+    return published

@@ -2,15 +2,26 @@
 
 Only Dagster runs (and the ``churn land`` CLI, which runs the same code) write the warehouse file.
 Anything else reads Parquet read models that writers publish atomically (write to a temporary
-file, then rename), so a reader never meets DuckDB's single-writer file lock.
+file, then rename), so a reader never meets DuckDB's single-writer file lock. The landed tables'
+read models are published in parts (immutable part files named by an atomically replaced
+manifest, :func:`publish_read_model_parts`), so a landing run writes its new rows, not the whole
+table; :func:`read_model_table`, :func:`read_model_rows` and :func:`load_read_model` read one
+whole version of either kind.
 """
 
 import contextlib
+import json
 import logging
 import os
 import re
+import secrets
+import signal
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pandas as pd
@@ -38,6 +49,13 @@ __all__ = [
     "load_read_model",
     "remove_stale_temp_files",
     "ReadModelMissing",
+    "ReadModelChanging",
+    "PublishedParts",
+    "manifest_path",
+    "parts_dir",
+    "publish_read_model_parts",
+    "read_model_rows",
+    "read_model_table",
 ]
 
 log = logging.getLogger(__name__)
@@ -489,7 +507,13 @@ def ensure_schema(con: duckdb.DuckDBPyConnection, contract: Contract | None = No
 
 
 def read_model_path(read_models_dir: Path, name: str) -> Path:
-    return read_models_dir / f"{name}.parquet"
+    """The file that stands for a read model's published version: its manifest where it is
+    published in parts (the landed tables, :func:`publish_read_model_parts`), else its one
+    Parquet file. Check it exists, or stat it to see a new version; read the rows through
+    :func:`read_model_table`, :func:`read_model_rows` or :func:`load_read_model`, never by
+    opening the path."""
+    manifest = manifest_path(read_models_dir, name)
+    return manifest if manifest.exists() else _single_path(read_models_dir, name)
 
 
 class ReadModelMissing(FileNotFoundError):
@@ -505,43 +529,32 @@ def read_model_table(
 ) -> pa.Table:
     """One published version of a read model (``columns`` only, when given) as an Arrow table.
 
-    The file is read through one open handle: DuckDB's ``read_parquet`` opens the path again to
-    scan, and a publisher renaming a new file into place in between gave it the old footer with
-    the new file's bytes ("TProtocolException: Invalid data"). The open handle pins one version.
+    Every file of the version is read through a handle opened before reading: DuckDB's
+    ``read_parquet`` opens the path again to scan, and a publisher renaming a new file into
+    place in between gave it the old footer with the new file's bytes ("TProtocolException:
+    Invalid data"). Open handles pin one version, whole or in parts.
     """
-    path = read_model_path(read_models_dir, name)
-    try:
-        handle = path.open("rb")
-    except FileNotFoundError:
-        raise ReadModelMissing(
-            f"read model {name!r} has not been published yet ({path}); "
-            "materialise the asset that publishes it in Dagster"
-        ) from None
-    with handle:
+    with _open_version(read_models_dir, name) as handles:
         try:
-            return pq.read_table(handle, columns=columns)
+            tables = [pq.read_table(handle, columns=columns) for handle in handles]
         except (pa.ArrowException, OSError) as exc:
-            raise ReadModelUnreadable(f"read model {name!r} ({path}): {exc}") from exc
+            raise ReadModelUnreadable(f"read model {name!r}: {exc}") from exc
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
 def read_model_rows(read_models_dir: Path, name: str) -> int:
-    """The row count of one published version of a read model, from its footer alone."""
-    path = read_model_path(read_models_dir, name)
-    try:
-        handle = path.open("rb")
-    except FileNotFoundError:
-        raise ReadModelMissing(f"read model {name!r} has not been published yet ({path})") from None
-    with handle:
+    """The row count of one published version of a read model, from its footers alone."""
+    with _open_version(read_models_dir, name) as handles:
         try:
-            return pq.ParquetFile(handle).metadata.num_rows
+            return sum(pq.ParquetFile(handle).metadata.num_rows for handle in handles)
         except (pa.ArrowException, OSError) as exc:
-            raise ReadModelUnreadable(f"read model {name!r} ({path}): {exc}") from exc
+            raise ReadModelUnreadable(f"read model {name!r}: {exc}") from exc
 
 
 def load_read_model(read_models_dir: Path, name: str) -> pd.DataFrame:
     """A published read model as a DataFrame, for dashboards and notebooks.
 
-    Reads the Parquet file, never the live warehouse, so it works while Dagster runs write.
+    Reads the Parquet files, never the live warehouse, so it works while Dagster runs write.
     """
     table = read_model_table(read_models_dir, name)
     con = duckdb.connect()
@@ -572,7 +585,8 @@ def remove_stale_temp_files(read_models_dir: Path) -> list[Path]:
     removed: list[Path] = []
     if not read_models_dir.is_dir():
         return removed
-    for path in read_models_dir.iterdir():
+    folders = [read_models_dir, *read_models_dir.glob("*.parts")]
+    for path in (p for folder in folders if folder.is_dir() for p in folder.iterdir()):
         match = _TEMP_FILE.match(path.name)
         if match is None:
             continue
@@ -601,9 +615,250 @@ def publish_read_model(
     """
     read_models_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(read_models_dir)
-    final = read_model_path(read_models_dir, name)
+    final = _single_path(read_models_dir, name)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     con.execute(f"COPY ({query}) TO '{tmp.as_posix()}' (FORMAT parquet)")
     rows = con.execute(f"SELECT count(*) FROM read_parquet('{tmp.as_posix()}')").fetchall()[0]
     os.replace(tmp, final)
     return final, int(rows[0]) if rows else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Read models published in parts.
+#
+# A landed table grows by each run's rows; rewriting it whole at every run made a run's cost
+# grow with the table. So a landed table's read model is a manifest (``<name>.manifest.json``)
+# naming immutable Parquet parts in ``<name>.parts/``. Each part holds the rows whose
+# ``landed_at`` lies in its range (after, upto]; a publish writes one part with the rows landed
+# since the last one, then merges the newest parts while the older of the two is less than twice
+# the newer's size (so a table of N rows has about log2(N) parts and each row is rewritten about
+# log2(N) times over its life), and atomically replaces the manifest. A reader reads the
+# manifest, then opens every part it names; parts are never changed, and parts that a newer
+# manifest no longer names are deleted only after that manifest is in place, so a reader that
+# meets a deleted part simply reads the newer manifest again.
+#
+# The manifest counts the rows it covers; a publish first checks that the table still holds
+# exactly that many rows up to the manifest's ``upto`` (a migration that deduplicated rows, a
+# fixture written around the lander, a changed column list) and publishes the whole table again
+# when it does not.
+# ---------------------------------------------------------------------------------------------
+
+MANIFEST_FORMAT = 1
+# A reader that keeps meeting parts a compaction removed gives up after this many manifests.
+_READ_ATTEMPTS = 20
+# Fault injection for the kill tests: "<point>" makes the publisher SIGKILL itself there.
+READ_MODEL_FAULT_ENV_VAR = "CHURN_READ_MODEL_FAULT"
+_READ_MODEL_FAULT_POINTS = ("before_manifest", "before_part_cleanup")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def manifest_path(read_models_dir: Path, name: str) -> Path:
+    return read_models_dir / f"{name}.manifest.json"
+
+
+def parts_dir(read_models_dir: Path, name: str) -> Path:
+    return read_models_dir / f"{name}.parts"
+
+
+def _single_path(read_models_dir: Path, name: str) -> Path:
+    return read_models_dir / f"{name}.parquet"
+
+
+class ReadModelChanging(RuntimeError):
+    """A read model was replaced faster than a reader could open one version of it."""
+
+
+@dataclass(frozen=True)
+class PublishedParts:
+    """What :func:`publish_read_model_parts` did: the read model's rows, the rows it wrote to
+    new parts (the new rows, plus those of parts it merged), and its parts now."""
+
+    rows: int
+    written: int
+    parts: int
+    rebuilt: bool
+
+
+def _load_manifest(read_models_dir: Path, name: str) -> dict[str, Any] | None:
+    try:
+        text = manifest_path(read_models_dir, name).read_bytes()
+    except FileNotFoundError:
+        return None
+    manifest = json.loads(text)
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ReadModelChanging(
+            f"read model {name!r} has a manifest of format {manifest.get('format')!r}; this code "
+            f"reads format {MANIFEST_FORMAT}"
+        )
+    return manifest
+
+
+@contextlib.contextmanager
+def _open_version(read_models_dir: Path, name: str) -> Iterator[list[Any]]:
+    """Open handles on every file of one published version of a read model."""
+    for _ in range(_READ_ATTEMPTS):
+        manifest = _load_manifest(read_models_dir, name)
+        if manifest is None:
+            single = _single_path(read_models_dir, name)
+            try:
+                handle = single.open("rb")
+            except FileNotFoundError:
+                if manifest_path(read_models_dir, name).exists():
+                    continue  # published in parts meanwhile (its single file then removed)
+                raise ReadModelMissing(
+                    f"read model {name!r} has not been published yet ({single}); "
+                    "materialise the asset that publishes it in Dagster"
+                ) from None
+            with handle:
+                yield [handle]
+            return
+        folder = parts_dir(read_models_dir, name)
+        handles: list[Any] = []
+        try:
+            try:
+                for part in manifest["parts"]:
+                    handles.append((folder / part["file"]).open("rb"))
+            except FileNotFoundError:
+                continue  # a newer manifest replaced these parts: read that one
+            yield handles
+            return
+        finally:
+            for handle in handles:
+                handle.close()
+    raise ReadModelChanging(
+        f"read model {name!r} was republished {_READ_ATTEMPTS} times while it was being opened"
+    )
+
+
+def _fault(point: str) -> None:
+    if os.environ.get(READ_MODEL_FAULT_ENV_VAR) == point:
+        log.warning("fault injection: SIGKILL at %s", point)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _timestamp(us: int | None) -> datetime | None:
+    return None if us is None else _EPOCH + timedelta(microseconds=us)
+
+
+def _write_part(
+    con: duckdb.DuckDBPyConnection,
+    folder: Path,
+    table: str,
+    order_by: str,
+    after_us: int | None,
+    upto_us: int | None,
+) -> dict[str, Any]:
+    """Write the rows of ``table`` with ``landed_at`` in (after, upto] as a new part."""
+    where, params = [], []
+    if after_us is not None:
+        where.append("landed_at > ?")
+        params.append(_timestamp(after_us))
+    if upto_us is not None:
+        where.append("landed_at <= ?")
+        params.append(_timestamp(upto_us))
+    condition = f"WHERE {' AND '.join(where)} " if where else ""
+    file = f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}.parquet"
+    tmp = folder / f".{file}.{os.getpid()}.tmp"
+    con.execute(
+        f"COPY (SELECT * FROM {table} {condition}ORDER BY {order_by}) "
+        f"TO '{tmp.as_posix()}' (FORMAT parquet)",
+        params,
+    )
+    with tmp.open("rb") as handle:
+        rows = pq.ParquetFile(handle).metadata.num_rows
+    os.replace(tmp, folder / file)
+    return {"file": file, "rows": rows, "after_us": after_us, "upto_us": upto_us}
+
+
+def _coverage(con: duckdb.DuckDBPyConnection, table: str, upto_us: int | None) -> tuple[int, int]:
+    """The rows of ``table`` landed up to ``upto_us``: their count and the sum of their
+    ``landed_at`` in microseconds (a scan of one column: cheap beside writing the rows)."""
+    count, total = con.execute(
+        f"SELECT count(*), coalesce(sum(epoch_us(landed_at)), 0)::HUGEINT::VARCHAR FROM {table} "
+        "WHERE landed_at <= ?",
+        [_timestamp(upto_us) if upto_us is not None else None],
+    ).fetchall()[0]
+    return int(count), int(total)
+
+
+def publish_read_model_parts(
+    con: duckdb.DuckDBPyConnection, read_models_dir: Path, table: str, order_by: str
+) -> PublishedParts:
+    """Publish ``table`` (append-only, with a ``landed_at`` column) as a read model in parts:
+    only the rows landed since the last publish are written, plus the merge of the newest parts
+    (see the comment above). ``table`` and ``order_by`` are trusted SQL names, never user input.
+    """
+    read_models_dir.mkdir(parents=True, exist_ok=True)
+    folder = parts_dir(read_models_dir, table)
+    folder.mkdir(exist_ok=True)
+    remove_stale_temp_files(read_models_dir)
+    columns = _columns(con, table)
+    old = _load_manifest(read_models_dir, table)
+    parts: list[dict[str, Any]] = []
+    rebuilt = True
+    if old is not None and old["columns"] == columns and old["parts"]:
+        upto = old["parts"][-1]["upto_us"]
+        covered = _coverage(con, table, upto)
+        if covered == (old["rows"], old.get("landed_at_sum")):
+            parts, rebuilt = list(old["parts"]), False
+        else:
+            log.warning(
+                "read model %s: the table's rows up to the last published one (%d, landed_at "
+                "sum %s) are not the published ones (%d, %s): rows changed around the lander "
+                "(e.g. a migration); publishing it whole again",
+                table,
+                *covered,
+                old["rows"],
+                old.get("landed_at_sum"),
+            )
+    newest = con.execute(f"SELECT epoch_us(max(landed_at)) FROM {table}").fetchall()[0][0]
+    after = parts[-1]["upto_us"] if parts else None
+    written = 0
+    if not parts or (newest is not None and (after is None or newest > after)):
+        # An empty part (the schema of a table published before it had rows) goes with new rows.
+        parts = [p for p in parts if p["rows"]]
+        after = parts[-1]["upto_us"] if parts else None
+        part = _write_part(con, folder, table, order_by, after, newest)
+        parts.append(part)
+        written += part["rows"]
+        while len(parts) >= 2 and parts[-2]["rows"] < 2 * parts[-1]["rows"]:
+            merged = _write_part(
+                con, folder, table, order_by, parts[-2]["after_us"], parts[-1]["upto_us"]
+            )
+            if merged["rows"] != parts[-2]["rows"] + parts[-1]["rows"]:
+                raise ReadModelChanging(
+                    f"merging the newest parts of read model {table} gave {merged['rows']} rows "
+                    f"for {parts[-2]['rows']} + {parts[-1]['rows']}; rows changed while it "
+                    "published (is a second lander running?)"
+                )
+            parts[-2:] = [merged]
+            written += merged["rows"]
+    if rebuilt or written:
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "table": table,
+            "columns": columns,
+            "rows": sum(p["rows"] for p in parts),
+            # With ``rows``, what tells the next publish that the published rows are unchanged.
+            "landed_at_sum": _coverage(con, table, parts[-1]["upto_us"])[1],
+            "parts": parts,
+            "published_at": datetime.now(UTC).isoformat(),
+        }
+        _fault("before_manifest")
+        tmp = manifest_path(read_models_dir, table).with_name(
+            f".{table}.manifest.json.{os.getpid()}.tmp"
+        )
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, manifest_path(read_models_dir, table))
+    _fault("before_part_cleanup")
+    # The whole-file read model of earlier releases, and parts no manifest names any more.
+    with contextlib.suppress(FileNotFoundError):
+        _single_path(read_models_dir, table).unlink()
+    named = {p["file"] for p in parts}
+    for path in folder.iterdir():
+        if path.suffix == ".parquet" and path.name not in named:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    return PublishedParts(
+        rows=sum(p["rows"] for p in parts), written=written, parts=len(parts), rebuilt=rebuilt
+    )

@@ -11,30 +11,27 @@ from churn_assets.assets.landing import landing_asset_key
 from churn_assets.kafka import has_new_data, topic_log
 from churn_assets.resources import PlatformResource
 from churn_assets.schemas import DATA_TOPICS
-from churn_assets.warehouse import read_model_path
+from churn_assets.warehouse import ReadModelMissing, read_model_table
 
 __all__ = ["kafka_landing_sensor"]
 
 
 def _unconfirmed_dead_letters(read_models_dir: Path) -> dict[str, str]:
     """Per topic, a fingerprint (count and newest) of its dead letters not yet confirmed on the
-    dead-letter topic, from the published ``dead_letters`` read model (never the live warehouse).
-    """
-    path = read_model_path(read_models_dir, "dead_letters")
-    if not path.exists():
+    dead-letter topic, from the published ``dead_letters`` read model (never the live warehouse),
+    read through one open file (:func:`read_model_table`)."""
+    try:
+        dead_letters = read_model_table(read_models_dir, "dead_letters")
+    except ReadModelMissing:
         return {}
+    if "published_at" not in dead_letters.column_names:
+        return {}  # published before the outbox; the next landing run migrates and republishes
     con = duckdb.connect()
     try:
-        columns = {
-            d[0]
-            for d in con.execute("SELECT * FROM read_parquet(?) LIMIT 0", [str(path)]).description
-        }
-        if "published_at" not in columns:
-            return {}  # published before the outbox; the next landing run migrates and republishes
+        con.register("dead_letters", dead_letters)
         rows = con.execute(
-            "SELECT kafka_topic, count(*), max(landed_at)::VARCHAR FROM read_parquet(?) "
-            "WHERE published_at IS NULL GROUP BY kafka_topic",
-            [str(path)],
+            "SELECT kafka_topic, count(*), max(landed_at)::VARCHAR FROM dead_letters "
+            "WHERE published_at IS NULL GROUP BY kafka_topic"
         ).fetchall()
     finally:
         con.close()

@@ -18,7 +18,7 @@ from churn_assets.rollout_control import (
     read_rollout_state,
     rollout_in_progress,
 )
-from churn_assets.warehouse import read_model_path
+from churn_assets.warehouse import ReadModelMissing, read_model_table
 
 __all__ = ["retraining_sensor", "snapshot_for", "weekly_retraining_schedule"]
 
@@ -46,15 +46,18 @@ def _champion_auc(settings: Settings, champion: str | None) -> dict | None:
 
 
 def _labels_since(settings: Settings, since: datetime | None) -> int:
-    path = read_model_path(settings.read_models_dir, "landed_feedback")
-    if not path.is_file():
+    """Feedback rows landed after ``since`` (all when None), from the published read model."""
+    try:
+        landed = read_model_table(settings.read_models_dir, "landed_feedback", ["landed_at"])
+    except ReadModelMissing:
         return 0
+    if since is None:
+        return landed.num_rows
     con = duckdb.connect()
     try:
-        query = f"SELECT count(*) FROM read_parquet('{path.as_posix()}')"
-        if since is None:
-            return int(con.execute(query).fetchall()[0][0])
-        return int(con.execute(query + " WHERE landed_at > ?", [since]).fetchall()[0][0])
+        con.register("landed", landed)
+        query = "SELECT count(*) FROM landed WHERE landed_at > ?"
+        return int(con.execute(query, [since]).fetchall()[0][0])
     finally:
         con.close()
 

@@ -38,6 +38,8 @@ def _metadata(
         "reached_end_of_topic": dg.MetadataValue.bool(report.reached_eof),
         "kafka_commit_failures": dg.MetadataValue.int(report.kafka_commit_failures),
         "duration_s": dg.MetadataValue.float(round(report.duration_s, 3)),
+        "read_model_rows_written": dg.MetadataValue.int(report.read_model_rows_written),
+        "read_model_parts": dg.MetadataValue.int(report.read_model_parts),
         "dagster/row_count": dg.MetadataValue.int(counts[table]),
         "dead_letters_total": dg.MetadataValue.int(counts["dead_letters"]),
     }
