@@ -17,7 +17,7 @@ refuses but the message model would take is still refused, with the column check
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, NotRequired, TypedDict
+from typing import Annotated, Any, NotRequired, TypedDict, cast
 
 import numpy as np
 import orjson
@@ -99,13 +99,14 @@ def _envelopes(payloads: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
     """Each payload's validated envelope fields (``None`` where they are invalid): one
     validation call for a clean batch, one per message only when the batch has a bad one."""
     try:
-        return list(_ENVELOPES.validate_python(payloads))
+        # Validated TypedDicts are plain dicts.
+        return list(cast(list[dict[str, Any]], _ENVELOPES.validate_python(payloads)))
     except ValidationError:
         pass
     envelopes: list[dict[str, Any] | None] = []
     for payload in payloads:
         try:
-            envelopes.append(_ENVELOPE.validate_python(payload))
+            envelopes.append(cast(dict[str, Any], _ENVELOPE.validate_python(payload)))
         except ValidationError:
             envelopes.append(None)
     return envelopes

@@ -467,6 +467,13 @@ def _group_alive(pid: int) -> bool:
     return True
 
 
+def _command(child: subprocess.Popen[bytes], words: int = 3) -> str:
+    """The first ``words`` words of ``child``'s command line."""
+    args = child.args
+    listed = list(args) if isinstance(args, list | tuple) else [args]
+    return " ".join(map(str, listed[:words]))
+
+
 def stop_children(
     children: list[subprocess.Popen[bytes]],
     *,
@@ -497,11 +504,10 @@ def stop_children(
             continue
         if child in hung:
             click.echo(
-                f"{' '.join(map(str, child.args[:3]))} (pid {child.pid}) did not stop within "
-                f"{grace_s:.0f}s; killed"
+                f"{_command(child)} (pid {child.pid}) did not stop within {grace_s:.0f}s; killed"
             )
         else:
-            log.info("killed what %s left running in its process group", child.args[0])
+            log.info("killed what %s left running in its process group", _command(child, 1))
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGKILL)
     for child in children:

@@ -14,6 +14,7 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
+    Message,
     Producer,
     TopicCollection,
     TopicPartition,
@@ -80,6 +81,14 @@ def make_producer(settings: Settings, **overrides: Any) -> Producer:
         **overrides,
     }
     return Producer(config)
+
+
+def message_position(message: Message) -> tuple[int, int]:
+    """A consumed message's (partition, offset); only error events lack them."""
+    partition, offset = message.partition(), message.offset()
+    if partition is None or offset is None:
+        raise KafkaException(f"a message without partition or offset: {message.error()}")
+    return partition, offset
 
 
 def make_consumer(settings: Settings, group_id: str | None = None, **overrides: Any) -> Consumer:
@@ -247,10 +256,10 @@ def scan_topic(settings: Settings, topic: str, timeout_s: float = 60.0) -> list[
                         pending.discard(message.partition())
                         continue
                     raise KafkaException(error)
-                p = message.partition()
+                p, offset = message_position(message)
                 counts[p] += 1
-                first.setdefault(p, message.offset())
-                last[p] = message.offset()
+                first.setdefault(p, offset)
+                last[p] = offset
     finally:
         consumer.close()
     return [PartitionExtent(p, counts[p], first.get(p), last.get(p)) for p in partitions]

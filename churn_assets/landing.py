@@ -70,7 +70,14 @@ from confluent_kafka.admin import AdminClient
 
 from churn_assets.batch_decode import DecodedBatch, decode_batch
 from churn_assets.config import Settings
-from churn_assets.kafka import TopicLog, client_config, make_consumer, make_producer, topic_log
+from churn_assets.kafka import (
+    TopicLog,
+    client_config,
+    make_consumer,
+    make_producer,
+    message_position,
+    topic_log,
+)
 from churn_assets.schemas import (
     DATA_TOPICS,
     DeadLetter,
@@ -376,7 +383,8 @@ class Lander:
             # the read model publishes the rows landed after its last published ``landed_at``.
             newest = con.execute(f"SELECT max(landed_at) FROM {self.table}").fetchall()
             self._landed_floor: datetime | None = newest[0][0]
-            consumer = make_consumer(self.settings, **{"fetch.wait.max.ms": 100})
+            fetch: dict[str, Any] = {"fetch.wait.max.ms": 100}
+            consumer = make_consumer(self.settings, **fetch)
             outbox = _DeadLetterOutbox(make_producer(self.settings, **{"linger.ms": 5}))
             # Offsets landed but not committed to the consumer group yet, and when it last was.
             self._uncommitted: dict[int, int] = {}
@@ -574,18 +582,19 @@ class Lander:
                         f"broker's log did not finish in {LEGACY_CHECK_TIMEOUT_S:.0f}s; "
                         "nothing was landed"
                     )
-                for message in consumer.consume(1_000, 0.2):
-                    p = message.partition()
-                    if p in found:
+                for consumed in consumer.consume(1_000, 0.2):
+                    partition = consumed.partition()
+                    if partition is None or partition in found:
                         continue
-                    error = message.error()
+                    error = consumed.error()
                     if error is not None:
                         if error.code() == KafkaError._PARTITION_EOF:
-                            found[p] = None
+                            found[partition] = None
                             continue
-                        raise LandingError(f"reading {self.topic} p{p} failed: {error}")
-                    if message.offset() >= wanted[p]:
-                        found[p] = message if message.offset() == wanted[p] else None
+                        raise LandingError(f"reading {self.topic} p{partition} failed: {error}")
+                    _, at = message_position(consumed)
+                    if at >= wanted[partition]:
+                        found[partition] = consumed if at == wanted[partition] else None
         finally:
             consumer.close()
         for p, offset in sorted(wanted.items()):

@@ -49,6 +49,7 @@ __all__ = [
     "load_read_model",
     "remove_stale_temp_files",
     "ReadModelMissing",
+    "ReadModelUnreadable",
     "ReadModelChanging",
     "PublishedParts",
     "manifest_path",
