@@ -263,26 +263,27 @@ def decode_batch(topic: str, values: Sequence[bytes | None], contract: Contract)
     taken: list[np.ndarray] = []
     slow: list[np.ndarray] = [np.setdiff1d(np.arange(count), candidates, assume_unique=True)]
     pending = [candidates]
+
+    def split(chunk: np.ndarray) -> None:
+        """A slice Arrow refuses: its halves are tried again, a small one goes row by row."""
+        if len(chunk) < _SPLIT_BELOW:
+            slow.append(chunk)
+        else:
+            half = len(chunk) // 2
+            pending.extend((chunk[half:], chunk[:half]))
+
     while pending:
         chunk = pending.pop()
         if not len(chunk):
             continue
         table = _parse(values, chunk, schema)
         if table is None:
-            if len(chunk) < _SPLIT_BELOW:
-                slow.append(chunk)
-            else:
-                half = len(chunk) // 2
-                pending += [chunk[half:], chunk[:half]]
+            split(chunk)
             continue
         try:
             rows, ok = _check(topic, table, contract, out_schema)
-        except (pa.ArrowInvalid, ValueError):  # a date Arrow refuses (02-30): split as above
-            if len(chunk) < _SPLIT_BELOW:
-                slow.append(chunk)
-            else:
-                half = len(chunk) // 2
-                pending += [chunk[half:], chunk[:half]]
+        except (pa.ArrowInvalid, ValueError):  # a date Arrow refuses (02-30)
+            split(chunk)
             continue
         tables.append(rows.filter(pa.array(ok)))
         taken.append(chunk[ok])
