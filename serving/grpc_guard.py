@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 from grpc import aio
+from mlserver import MLModel
 from mlserver.errors import MLServerError, ModelNotFound, ModelNotReady
 from mlserver.grpc import dataplane_pb2 as pb
 from mlserver.grpc import model_repository_pb2 as repo_pb
@@ -34,14 +35,16 @@ from mlserver.grpc.model_repository_pb2_grpc import (
 )
 from mlserver.grpc.server import GRPCServer
 from mlserver.grpc.servicers import InferenceServicer
+from mlserver.grpc.utils import to_metadata
 from mlserver.handlers import DataPlane, ModelRepositoryHandlers
 from mlserver.raw import _DatatypeToCtype as RAW_FORMATS  # the formats MLServer unpacks with
 from mlserver.repository import ModelRepository
 from mlserver.settings import ModelSettings, Settings
-from mlserver.types import Datatype, RepositoryIndexResponse
+from mlserver.types import Datatype, InferenceResponse, RepositoryIndexResponse
+from mlserver.utils import extract_headers
 
 from serving.errors import bearer_matches, log_rejected
-from serving.runtime import invalid_input
+from serving.runtime import RouterRuntime, VersionRuntime, invalid_input
 
 __all__ = [
     "GuardedGRPCServer",
@@ -60,6 +63,7 @@ NO_STREAMING = (
     "streaming inference is not offered by this server: send each request with ModelInfer"
 )
 _DATATYPES = {datatype.value for datatype in Datatype}
+_ID_MARK = "\x00response-id"  # stands for a response's id in the CloudEvents headers made once
 _STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
@@ -277,10 +281,23 @@ class GuardedInferenceServicer(_GuardedRepository, InferenceServicer):
         super().__init__(data_plane, handlers)
         self._served = served
         self._handlers, self._token, self._messages, self._service = handlers, token, pb, ""
+        self._cloudevents: dict[tuple[str, str | None], tuple[tuple[str, str], ...]] = {}
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
         async def infer() -> pb.ModelInferResponse:
             check_infer_request(request)
+            if not request.raw_input_contents:
+                # Our runtimes answer protobuf directly (``infer_message``); MLServer's data
+                # plane would convert the request and the response through its models.
+                model = await self._data_plane._model_registry.get_model(  # MLServer 1.7
+                    request.model_name, request.model_version
+                )
+                if not model.ready:
+                    raise ModelNotReady(request.model_name, request.model_version)
+                if isinstance(model, RouterRuntime | VersionRuntime):
+                    response = await model.infer_message(request)
+                    context.set_trailing_metadata(self._trailing(model, response.id))
+                    return response
             try:
                 payload = self._InsertHeaders(request, context)
             except (struct.error, ValueError, IndexError) as exc:  # after the checks: unforeseen
@@ -294,6 +311,22 @@ class GuardedInferenceServicer(_GuardedRepository, InferenceServicer):
             )
 
         return await _answer(f"ModelInfer {request.model_name!r}", context, infer)
+
+    def _trailing(self, model: MLModel, response_id: str) -> tuple[tuple[str, str], ...]:
+        """The trailing metadata MLServer's data plane gives a response of ``model``: its
+        CloudEvents headers, made once per model by MLServer's middleware and given each
+        response's id (MLServer leaves the id headers out when the id is empty)."""
+        key = (model.name, model.version)
+        template = self._cloudevents.get(key)
+        if template is None:
+            made = InferenceResponse(id=_ID_MARK, model_name=model.name, outputs=[])
+            self._data_plane._inference_middleware.response_middleware(made, model.settings)
+            template = self._cloudevents[key] = to_metadata(extract_headers(made) or {})
+        return tuple(
+            (name, response_id if value == _ID_MARK else value)
+            for name, value in template
+            if response_id or value != _ID_MARK
+        )
 
     async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> None:  # noqa: N802
         log_rejected("gRPC ModelStreamInfer", "UNIMPLEMENTED", "streaming is not offered")

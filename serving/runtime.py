@@ -18,6 +18,7 @@ every other request.
 """
 
 import asyncio
+from collections.abc import Callable, Iterable, Sequence
 from math import prod
 from typing import Any, ClassVar, NamedTuple
 
@@ -26,6 +27,7 @@ import orjson
 from mlserver import MLModel
 from mlserver.codecs import NumpyCodec, StringCodec
 from mlserver.errors import MLServerError
+from mlserver.grpc import dataplane_pb2 as pb
 from mlserver.settings import ModelSettings
 from mlserver.types import (
     Datatype,
@@ -39,7 +41,7 @@ from pydantic import PrivateAttr
 
 from churn_assets.contract import Contract
 from serving.errors import ServingError
-from serving.plane import ServingPlane
+from serving.plane import Prediction, ServingPlane
 from serving.requests import ID_FIELDS, Batch, validate_columns, validate_records
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "RouterRuntime",
     "VersionRuntime",
     "BoundModelSettings",
+    "batch_from_message",
     "batch_from_request",
     "input_metadata",
     "runtimes_for",
@@ -141,8 +144,7 @@ def _kind(datatype: str) -> str:
 
 def _check_input(item: RequestInput) -> list[Any]:
     """The elements of one input, flat, once its shape matches its data and every value
-    its datatype (MLServer decodes gRPC requests without validating them, and its codecs fail
-    with a 500 on a string in an INT64 input)."""
+    its datatype (MLServer's codecs fail with a 500 on a string in an INT64 input)."""
     datatype = item.datatype.value if isinstance(item.datatype, Datatype) else str(item.datatype)
     data = item.data.root if isinstance(item.data, TensorData) else item.data
     if not isinstance(data, list):
@@ -159,20 +161,24 @@ def _check_input(item: RequestInput) -> list[Any]:
             values.append(value)
         else:
             nested.pop()
-    shape = list(item.shape)
+    return _checked(item.name, datatype, list(item.shape), values)
+
+
+def _checked(name: str, datatype: str, shape: list[int], values: list[Any]) -> list[Any]:
+    """``values`` (one input's elements, flat) once ``shape`` holds exactly them and each
+    fits ``datatype``; BYTES elements as text."""
     if any(size < 0 for size in shape):
-        raise invalid_input(f"input {item.name!r}: shape {shape} is negative")
+        raise invalid_input(f"input {name!r}: shape {shape} is negative")
     if prod(shape) != len(values):
         raise invalid_input(
-            f"input {item.name!r}: shape {shape} says {prod(shape)} elements, "
-            f"the data has {len(values)}"
+            f"input {name!r}: shape {shape} says {prod(shape)} elements, the data has {len(values)}"
         )
     for index, value in enumerate(values):
         if not _fits(datatype, value):
             shown = repr(value)
             shown = shown if len(shown) <= 60 else f"{shown[:59]}…"
             raise invalid_input(
-                f"input {item.name!r} ({datatype}): element {index} is {shown} "
+                f"input {name!r} ({datatype}): element {index} is {shown} "
                 f"({type(value).__name__}); {datatype} takes {_kind(datatype)}"
             )
     if datatype == "BYTES":
@@ -182,9 +188,17 @@ def _check_input(item: RequestInput) -> list[Any]:
                     values[index] = value.decode("utf-8")
                 except UnicodeDecodeError as exc:
                     raise invalid_input(
-                        f"input {item.name!r} (BYTES): element {index} is not UTF-8 text: {exc}"
+                        f"input {name!r} (BYTES): element {index} is not UTF-8 text: {exc}"
                     ) from None
     return values
+
+
+def _message_input(tensor: pb.ModelInferRequest.InferInputTensor) -> list[Any]:
+    """One protobuf input's elements, checked as :func:`_check_input` checks a decoded one:
+    the values of its first set ``contents`` field, as MLServer's converter takes them."""
+    fields = tensor.contents.ListFields()
+    values = list(fields[0][1]) if fields else []
+    return _checked(tensor.name, tensor.datatype, list(tensor.shape), values)
 
 
 def batch_from_request(payload: InferenceRequest, contract: Contract) -> Batch:
@@ -192,11 +206,25 @@ def batch_from_request(payload: InferenceRequest, contract: Contract) -> Batch:
     ``records`` input of JSON objects row by row."""
     if not payload.inputs:
         raise invalid_input("the request has no inputs: send one per feature, or 'records'")
-    names = [item.name for item in payload.inputs]
+    return _batch([item.name for item in payload.inputs], payload.inputs, _check_input, contract)
+
+
+def batch_from_message(request: pb.ModelInferRequest, contract: Contract) -> Batch:
+    """:func:`batch_from_request` straight from a gRPC request whose tensors carry their values
+    in ``contents`` (no ``raw_input_contents``): the same checks and errors, without building
+    MLServer's request model first."""
+    if not request.inputs:
+        raise invalid_input("the request has no inputs: send one per feature, or 'records'")
+    return _batch([t.name for t in request.inputs], request.inputs, _message_input, contract)
+
+
+def _batch[T](
+    names: list[str], inputs: Iterable[T], values_of: Callable[[T], list[Any]], contract: Contract
+) -> Batch:
     if len(set(names)) < len(names):
         repeated = sorted({name for name in names if names.count(name) > 1})
         raise invalid_input(f"inputs named more than once: {', '.join(repeated)}")
-    columns = {item.name: _check_input(item) for item in payload.inputs}
+    columns = {name: values_of(item) for name, item in zip(names, inputs, strict=True)}
     lengths = {name: len(values) for name, values in columns.items()}
     if not any(lengths.values()):
         raise invalid_input(f"the request holds no records: every input is empty {lengths}")
@@ -213,6 +241,24 @@ def batch_from_request(payload: InferenceRequest, contract: Contract) -> Batch:
             f"{', '.join((*contract.names, *ID_FIELDS))}"
         )
     return validate_columns(columns, contract)
+
+
+_CONTENTS = {"FP64": "fp64_contents", "BYTES": "bytes_contents"}
+_CONTENT_TYPES = {"FP64": "np", "BYTES": "str"}
+
+
+def response_message(
+    request_id: str, model: str, version: str, outputs: Sequence[tuple[str, str, Sequence[Any]]]
+) -> pb.ModelInferResponse:
+    """The gRPC response MLServer's converter makes of a response whose outputs were encoded by
+    ``NumpyCodec`` (FP64) and ``StringCodec`` (BYTES): each output ``(name, datatype, values)``
+    of shape ``[n, 1]`` with its codec's content type."""
+    response = pb.ModelInferResponse(model_name=model, model_version=version, id=request_id)
+    for name, datatype, values in outputs:
+        tensor = response.outputs.add(name=name, datatype=datatype, shape=(len(values), 1))
+        tensor.parameters["content_type"].string_param = _CONTENT_TYPES[datatype]
+        getattr(tensor.contents, _CONTENTS[datatype]).extend(values)
+    return response
 
 
 def _records(raws: list[Any]) -> list[dict[str, Any]]:
@@ -241,12 +287,7 @@ class RouterRuntime(_PlaneRuntime):
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         plane = self.served
-        try:
-            predictions = await plane.scored(
-                lambda: plane.predict(batch_from_request(payload, plane.contract))
-            )
-        except ServingError as exc:
-            raise _fail(exc) from None
+        predictions = await self._routed(lambda: batch_from_request(payload, plane.contract))
         outputs = [
             NumpyCodec.encode_output(
                 "probability", np.array([p.probability for p in predictions], dtype=np.float64)
@@ -263,6 +304,29 @@ class RouterRuntime(_PlaneRuntime):
             )
         return InferenceResponse(id=payload.id, model_name=self.name, outputs=outputs)
 
+    async def infer_message(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """:meth:`predict` for a gRPC request without raw contents, protobuf in and out: the
+        same checks, routing and response (:func:`response_message`), without MLServer's
+        request and response models in between."""
+        plane = self.served
+        predictions = await self._routed(lambda: batch_from_message(request, plane.contract))
+        outputs: list[tuple[str, str, Sequence[Any]]] = [
+            ("probability", "FP64", [p.probability for p in predictions]),
+            ("model_version", "BYTES", [p.model_version.encode() for p in predictions]),
+            ("arm", "BYTES", [p.arm.encode() for p in predictions]),
+            ("request_id", "BYTES", [p.request_id.encode() for p in predictions]),
+        ]
+        if all(p.outlier_score is not None for p in predictions):
+            outputs.append(("outlier_score", "FP64", [p.outlier_score for p in predictions]))
+        return response_message(request.id, self.name, "", outputs)
+
+    async def _routed(self, batch: Callable[[], Batch]) -> list[Prediction]:
+        plane = self.served
+        try:
+            return await plane.scored(lambda: plane.predict(batch()))
+        except ServingError as exc:
+            raise _fail(exc) from None
+
 
 class VersionRuntime(_PlaneRuntime):
     """One registered version (``parameters.version``), scored directly."""
@@ -274,21 +338,28 @@ class VersionRuntime(_PlaneRuntime):
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
-        plane, version = self.served, self.version or ""
-        try:
-            probabilities = await plane.scored(
-                lambda: plane.predict_version(
-                    version, batch_from_request(payload, plane.contract_of(version))
-                )
-            )
-        except ServingError as exc:
-            raise _fail(exc) from None
+        probabilities = await self._scored(lambda contract: batch_from_request(payload, contract))
         return InferenceResponse(
             id=payload.id,
             model_name=self.name,
             model_version=self.version,
             outputs=[NumpyCodec.encode_output("probability", probabilities.astype(np.float64))],
         )
+
+    async def infer_message(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """:meth:`predict` for a gRPC request without raw contents, protobuf in and out."""
+        probabilities = await self._scored(lambda contract: batch_from_message(request, contract))
+        outputs = [("probability", "FP64", probabilities.astype(np.float64).tolist())]
+        return response_message(request.id, self.name, self.version or "", outputs)
+
+    async def _scored(self, batch: Callable[[Contract], Batch]) -> np.ndarray:
+        plane, version = self.served, self.version or ""
+        try:
+            return await plane.scored(
+                lambda: plane.predict_version(version, batch(plane.contract_of(version)))
+            )
+        except ServingError as exc:
+            raise _fail(exc) from None
 
 
 class ExplainerRuntime(_PlaneRuntime):

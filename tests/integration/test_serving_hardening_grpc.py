@@ -234,6 +234,35 @@ def test_admin_unload_makes_serving_unready_and_load_restores_it(server, channel
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.parametrize(("model", "version"), [("churn-router", ""), ("churn", "v1")])
+def test_contents_and_raw_requests_get_the_same_answer_and_metadata(
+    server, channel, broker_settings, model, version
+):
+    """Tensors in ``contents`` take the message path (protobuf to columns, no MLServer request
+    model); raw contents take MLServer's data plane. Clients see no difference: the same
+    scores, outputs, id and CloudEvents trailing metadata."""
+    rows = customers(3)
+    stub = dataplane_pb2_grpc.GRPCInferenceServiceStub(channel)
+    answers = []
+    for request in (infer_request(rows, model), raw_request(rows, model)):
+        request.model_version, request.id = version, "rid-7"
+        reply, call_ = stub.ModelInfer.with_call(request, timeout=30)
+        answers.append((reply, dict(call_.trailing_metadata())))
+    (fast, fast_metadata), (slow, slow_metadata) = answers
+    assert not fast.raw_output_contents and slow.raw_output_contents
+    assert [o.name for o in fast.outputs] == [o.name for o in slow.outputs]
+    assert (fast.id, fast.model_name, fast.model_version) == (
+        slow.id,
+        slow.model_name,
+        slow.model_version,
+    )
+    assert fast.id == "rid-7"
+    np.testing.assert_allclose(probabilities(fast), champion_scores(broker_settings, rows), 1e-6)
+    assert probabilities(fast) == probabilities(slow)
+    assert fast_metadata == slow_metadata
+    assert fast_metadata["ce-id"] == "rid-7" and fast_metadata["ce-modelid"] == model
+
+
 # -- 2. streaming -------------------------------------------------------------------------------
 
 
