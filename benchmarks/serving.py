@@ -1,7 +1,7 @@
 """Serving overhead: plain MLServer XGBoost runtime vs our router path, over REST and gRPC.
 
     .venv/bin/python benchmarks/serving.py [--concurrency 4] [--seconds 8] [--warmup 2]
-        [--rate 300] [--rate-seconds 30]
+        [--rate 300] [--rate-seconds 30] [--transport both|REST|gRPC]
 
 One run trains a small registry (v1 champion, v2 challenger) in a temp dir, starts an embedded
 Kafka broker, and serves the SAME v1 booster three ways on this machine:
@@ -429,7 +429,9 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:>10.2f}" if b and np.isfinite(a) and np.isfinite(b) else f"{'n/a':>10}"
 
 
-def print_report(results: dict[str, CaseResult], fixed: dict[str, CaseResult]) -> None:
+def print_report(
+    results: dict[str, CaseResult], fixed: dict[str, CaseResult], transports: list[str]
+) -> None:
     width = max(len(name) for name in (*results, *fixed)) + 2
     header = (
         f"{'requests':>10}{'errors':>8}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}"
@@ -443,7 +445,7 @@ def print_report(results: dict[str, CaseResult], fixed: dict[str, CaseResult]) -
             f"{result.percentile_ms(99):>10.2f}{result.cpu_ms_per_request:>19.3f}"
         )
     print(f"\n{'ours/plain':<{width}}{'req/s':>10}{'p50':>10}{'p99':>10}{'CPU/req':>10}")
-    for transport in ("REST", "gRPC"):
+    for transport in transports:
         plain = results[f"plain {transport}"]
         for arm in ("champion alone", "with shadow"):
             ours = results[f"ours {transport} {arm}"]
@@ -462,7 +464,7 @@ def print_report(results: dict[str, CaseResult], fixed: dict[str, CaseResult]) -
                 f"{result.percentile_ms(99):>10.2f}{result.cpu_ms_per_request:>19.3f}"
             )
         print(f"\n{'ours/plain':<{width}}{'p50':>10}{'p99':>10}")
-        for transport in ("REST", "gRPC"):
+        for transport in transports:
             plain, ours = fixed[f"plain {transport} fixed"], fixed[f"ours {transport} fixed"]
             print(
                 f"{transport:<{width}}{_ratio(ours.percentile_ms(50), plain.percentile_ms(50))}"
@@ -485,7 +487,14 @@ def main() -> None:
     parser.add_argument(
         "--rate-seconds", type=float, default=30.0, help="fixed-rate phase length; 0 skips it"
     )
+    parser.add_argument(
+        "--transport",
+        choices=("both", "REST", "gRPC"),
+        default="both",
+        help="measure REST, gRPC or both (default both)",
+    )
     args = parser.parse_args()
+    transports = ["REST", "gRPC"] if args.transport == "both" else [args.transport]
     if args.concurrency < 1 or args.seconds <= 0 or args.warmup < 0 or args.rows < 1:
         parser.error("--concurrency and --rows must be >= 1, --seconds > 0, --warmup >= 0")
     if args.rate <= 0 or args.rate_seconds < 0:
@@ -559,6 +568,8 @@ def main() -> None:
             }
             results = {}
             for name, (server, make_sender) in cases.items():
+                if name.split()[1] not in transports:
+                    continue
                 results[name] = measured(
                     server,
                     partial(
@@ -579,6 +590,7 @@ def main() -> None:
                     "plain gRPC fixed": cases["plain gRPC"],
                     "ours gRPC fixed": cases["ours gRPC champion alone"],
                 }
+                open_loop = {k: v for k, v in open_loop.items() if k.split()[1] in transports}
                 print(f"fixed rate: {args.rate:g} req/s for {args.rate_seconds:g} s per case")
                 for name, (server, make_sender) in open_loop.items():
                     fixed[name] = measured(
@@ -592,7 +604,7 @@ def main() -> None:
                             args.rate_seconds,
                         ),
                     )
-            print_report(results, fixed)
+            print_report(results, fixed, transports)
             for name, server in servers.items():
                 if server.process.poll() is not None:
                     print(f"WARNING: {name} server exited during the run; log: {server.log}")

@@ -2,8 +2,9 @@
 
 Shadow scoring uses it: each answered request queues its shadow work and returns; the thread
 takes everything queued since its last pass (at most ``max_items``) and hands it to the handler
-at once, so under load one transform and one model call serve many requests, and when idle a
-request's shadow work starts at once.
+at once, so under load one transform and one model call serve many requests. With ``linger_s``
+the thread, woken by a first item, waits that long for others to join it before a pass: fewer,
+larger passes, each taking the interpreter's lock from the request threads once.
 """
 
 import logging
@@ -26,10 +27,16 @@ class MicroBatches:
     """
 
     def __init__(
-        self, handler: Callable[[list[Any]], None], *, name: str, max_items: int = 256
+        self,
+        handler: Callable[[list[Any]], None],
+        *,
+        name: str,
+        max_items: int = 256,
+        linger_s: float = 0.0,
     ) -> None:
         self._handler = handler
         self._max_items = max_items
+        self._linger_s = linger_s
         self._queue: deque[Any] = deque()
         self._wake = threading.Condition()
         self._submitted = 0
@@ -44,7 +51,8 @@ class MicroBatches:
                 raise RuntimeError("micro-batches closed: no more work is taken")
             self._queue.append(item)
             self._submitted += 1
-            self._wake.notify_all()
+            if len(self._queue) == 1:  # the thread waits only on an empty queue
+                self._wake.notify_all()
 
     def drain(self, timeout_s: float = 10.0) -> None:
         """Wait until the work submitted so far has been handled; ``TimeoutError`` if not
@@ -69,6 +77,8 @@ class MicroBatches:
                 self._wake.wait_for(lambda: self._queue or self._closed)
                 if not self._queue:
                     return  # closed and nothing left
+                if self._linger_s > 0:  # submits do not wake it (the queue is not empty)
+                    self._wake.wait_for(lambda: self._closed, timeout=self._linger_s)
                 count = min(len(self._queue), self._max_items)
                 items = [self._queue.popleft() for _ in range(count)]
             try:

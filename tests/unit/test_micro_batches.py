@@ -1,6 +1,7 @@
 """Shadow work is handled off the request path, in micro-batches, and never lost."""
 
 import threading
+import time
 
 import pytest
 
@@ -83,3 +84,27 @@ def test_drain_says_when_the_work_is_not_done_in_time():
     finally:
         release.set()
         batches.close()
+
+
+def test_lingering_gathers_work_submitted_just_after_the_first_item_into_one_call():
+    calls: list[list[tuple]] = []
+    batches = MicroBatches(calls.append, name="test-shadow", linger_s=0.5)
+    try:
+        batches.submit("first")
+        for n in range(20):  # well within the linger: the thread is still waiting for company
+            batches.submit(n)
+        batches.drain(10)
+        batches.submit("alone")
+        batches.drain(10)
+    finally:
+        batches.close()
+    assert calls == [[("first",), *((n,) for n in range(20))], [("alone",)]]
+
+
+def test_close_cuts_the_linger_short_and_handles_what_is_queued():
+    calls: list[int] = []
+    batches = MicroBatches(lambda items: calls.append(len(items)), name="test-shadow", linger_s=60)
+    batches.submit(1)
+    time.sleep(0.3)  # the thread is lingering now, for a minute unless close wakes it
+    batches.close(timeout_s=10)
+    assert calls == [1]
