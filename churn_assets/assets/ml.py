@@ -4,6 +4,7 @@ Thin wrappers around the Dagster-free core (features, training, candidate, regis
 Every asset and asset check runs in the ``duckdb_warehouse`` pool (one DuckDB writer at a time).
 """
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import dagster as dg
@@ -11,6 +12,7 @@ import pandas as pd
 import pyarrow as pa
 
 from churn_assets.assets.landing import WAREHOUSE_POOL
+from churn_assets.assets.waiting import wait_for
 from churn_assets.candidate import (
     current_champion,
     evaluate_gates,
@@ -29,7 +31,6 @@ from churn_assets.registry import ModelRegistry
 from churn_assets.resources import PlatformResource
 from churn_assets.segments import segment_table
 from churn_assets.training import (
-    TrainingError,
     TrainingSet,
     assert_point_in_time,
     landed_frames,
@@ -49,6 +50,16 @@ __all__ = [
     "registered_model",
     "training_set",
 ]
+
+
+# What an ML asset waits for before anything has landed.
+WAITING_FOR_EVENTS = (
+    "landed customer events (produce to churn.customers, e.g. `churn simulate`; the "
+    "kafka_landing_sensor lands them)"
+)
+WAITING_FOR_OUTCOMES = (
+    "landed outcomes (churned or retained, on ml.feedback; the kafka_landing_sensor lands them)"
+)
 
 
 def _load_landed(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -71,23 +82,26 @@ def _replace_table(settings: Settings, table: str, frame: pd.DataFrame) -> int:
     kinds={"duckdb", "pandas"},
     pool=WAREHOUSE_POOL,
     deps=["landed_customer_events"],
+    output_required=False,
 )
 def customer_features(
     context: dg.AssetExecutionContext, platform: PlatformResource
-) -> dg.MaterializeResult:
+) -> Iterator[dg.MaterializeResult]:
     """Each customer's latest state as of the newest landed event, plus history features
-    (events in 30 days, login and ticket trends, days since the last event)."""
+    (events in 30 days, login and ticket trends, days since the last event). Waits (no
+    materialisation) until a customer event has landed."""
     settings = platform.settings()
     events, _ = _load_landed(settings)
     if events.empty:
-        raise TrainingError("no landed customer events: run the landing assets first")
+        wait_for(context, WAITING_FOR_EVENTS)
+        return
     as_of = events["event_time"].max()
     frame = customer_features_as_of(
         events, as_of.to_pydatetime(), contract=settings.contract
     ).assign(as_of=as_of)
     rows = _replace_table(settings, "customer_features", frame)
     context.log.info(f"features for {rows} customers as of {as_of}")
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
         metadata={
             "dagster/row_count": rows,
             "as_of": str(as_of),
@@ -96,30 +110,32 @@ def customer_features(
     )
 
 
-def _training_set(settings: Settings) -> TrainingSet:
-    events, feedback = _load_landed(settings)
-    return training_set_for(settings, events, feedback)
-
-
 @dg.asset(
     group_name="ml",
     kinds={"duckdb", "pandas"},
     pool=WAREHOUSE_POOL,
     deps=["landed_customer_events", "landed_feedback"],
+    output_required=False,
 )
 def training_set(
     context: dg.AssetExecutionContext, platform: PlatformResource
-) -> dg.MaterializeResult:
+) -> Iterator[dg.MaterializeResult]:
     """Point-in-time training rows: features as of each snapshot, label = churn within the
     horizon after it; time-based train/validation/test split with purging, or for snapshot
     data (a static export) a seeded, label-stratified split by customer (metadata says which
-    and why)."""
+    and why). Waits (no materialisation, so nothing downstream trains) until customer events
+    and outcomes have landed; too little of them to train on is an error."""
     settings = platform.settings()
-    built = _training_set(settings)
+    events, feedback = _load_landed(settings)
+    for landed, what in ((events, WAITING_FOR_EVENTS), (feedback, WAITING_FOR_OUTCOMES)):
+        if landed.empty:
+            wait_for(context, what)
+            return
+    built = training_set_for(settings, events, feedback)
     rows = _replace_table(settings, "training_set", built.frame)
     by_split = built.frame.groupby("split")["label"].agg(["size", "mean"])
     context.log.info(f"training set: {rows} rows, snapshots {len(built.plan.all)}")
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
         metadata={
             "dagster/row_count": rows,
             "snapshots": len(built.plan.all),
