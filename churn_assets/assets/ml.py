@@ -1,4 +1,5 @@
-"""ML assets: features, training set, candidate model, quality gates, registry, SHAP, segments.
+"""ML assets: features, training set, candidate model, quality gates, registry, SHAP, segments,
+calibration.
 
 Thin wrappers around the Dagster-free core (features, training, candidate, registry, explain).
 Every asset and asset check runs in the ``duckdb_warehouse`` pool (one DuckDB writer at a time).
@@ -13,6 +14,7 @@ import pyarrow as pa
 
 from churn_assets.assets.landing import WAREHOUSE_POOL
 from churn_assets.assets.waiting import wait_for
+from churn_assets.calibration import CalibrationError, calibration_table, scoring_rows
 from churn_assets.candidate import (
     current_champion,
     evaluate_gates,
@@ -41,6 +43,7 @@ if TYPE_CHECKING:  # the type Dagster takes for a metadata value, not re-exporte
     from dagster._core.definitions.metadata import RawMetadataValue
 
 __all__ = [
+    "calibration",
     "candidate_model",
     "customer_features",
     "customer_segments",
@@ -434,6 +437,78 @@ def customer_segments(
     )
 
 
+@dg.asset(
+    group_name="analytics",
+    kinds={"duckdb", "parquet"},
+    pool=WAREHOUSE_POOL,
+    deps=[training_set, registered_model],
+    output_required=False,
+)
+def calibration(
+    context: dg.AssetExecutionContext, platform: PlatformResource
+) -> Iterator[dg.MaterializeResult]:
+    """The champion's predicted churn rate beside the realised churn rate over its horizon, by
+    score decile and by segment, with the calibration error band (read model ``calibration``;
+    definitions in docs/ML.md). Scored on the training set's newest fully labelled test rows.
+    Waits while there is no champion or no training set."""
+    settings = platform.settings()
+    registry = ModelRegistry(settings.registry_dir)
+    if "champion" not in registry.aliases():
+        wait_for(context, "a champion model (the training_job registers the first one)")
+        return
+    with connect(settings.warehouse_path) as con:
+        tables = {row[0] for row in con.execute("SHOW TABLES").fetchall()}
+    if "training_set" not in tables:
+        wait_for(context, "a training set (the training_job builds it)")
+        return
+    model = load_model(registry, "champion")
+    version = registry.get("champion")
+    horizon = settings.training.horizon_days  # the stored training set's labels
+    trained_horizon = version.metadata.get("horizon_days", horizon)
+    if trained_horizon != horizon:
+        raise CalibrationError(
+            f"the champion {version.version} predicts churn within {trained_horizon} days but "
+            f"the training set labels churn within training.horizon_days = {horizon}: retrain, "
+            "or set the horizon back, to compare like with like"
+        )
+    rows = scoring_rows(_stored_training_set(settings).frame)
+    table = calibration_table(
+        rows,
+        model.predict_frame(rows),
+        contract=model.contract,
+        model_version=version.version,
+        horizon_days=int(horizon),
+        calibration_error=float(version.metadata["metrics"]["test_calibration_error"]),
+    )
+    published = _replace_table(settings, "calibration", table)
+    deciles = table.loc[table["grouping"] == "decile"]
+    outside = deciles.loc[
+        (deciles["observed_rate"] - deciles["predicted_rate"]).abs() > deciles["tolerance"]
+    ]
+    scored_at = rows["snapshot_time"].max()
+    context.log.info(
+        f"calibration of {version.version} on {len(rows)} customers scored at {scored_at}: "
+        f"{len(outside)} of {len(deciles)} deciles outside the tolerance"
+    )
+    yield dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": published,
+            "model_version": version.version,
+            "horizon_days": int(horizon),
+            "customers": len(rows),
+            "scored_at": str(scored_at),
+            "deciles_outside_tolerance": len(outside),
+            "deciles": dg.MetadataValue.md(
+                markdown_table(
+                    deciles.drop(columns=["grouping", "horizon_days", "model_version"])
+                    .round(4)
+                    .to_dict("records")
+                )
+            ),
+        }
+    )
+
+
 ml_assets = [
     customer_features,
     training_set,
@@ -441,5 +516,6 @@ ml_assets = [
     registered_model,
     feature_importance,
     customer_segments,
+    calibration,
 ]
 ml_asset_checks = [training_set_point_in_time, *gate_checks]
