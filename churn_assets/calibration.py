@@ -71,8 +71,8 @@ class CalibrationError(ValueError):
 
 
 def segment_label(cohort_type: str, cohort: str) -> str:
-    """A segment's ``group_label``: ``<cohort type>=<value>``, e.g. ``contract_type=two_year``,
-    ``customer_tenure_band=0-5``, ``risk_tier=high``."""
+    """A segment's ``group_label``: ``<cohort type>=<value>``, e.g. ``risk_tier=high``, a
+    category feature's ``<feature>=<value>`` or a band's ``<feature>_band=0-5``."""
     return f"{cohort_type}={cohort}"
 
 
