@@ -9,16 +9,17 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
+from churn_assets.cli_up import _dagster_loaded
 from churn_assets.config import REPO_ROOT, load_settings
 from churn_assets.registry import ModelRegistry
 from churn_assets.schemas import DEFAULT_CONTRACT
+from tests.integration.test_serving import call
 from tests.serving_fixtures import (
     ADMIN_TOKEN,
     contract_model,
@@ -38,33 +39,6 @@ def two_versions(root: Path) -> None:
     registry = ModelRegistry(root)
     register_model(registry, contract_model(DEFAULT_CONTRACT, seed=1), alias="champion")
     register_model(registry, contract_model(DEFAULT_CONTRACT, seed=2))
-
-
-def call(method: str, url: str, body=None, token: str | None = None) -> tuple[int, dict]:
-    headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"{}")
-
-
-def webserver_loaded(port: int) -> bool:
-    query = {
-        "query": "{ workspaceOrError { ... on Workspace { locationEntries { loadStatus } } } }"
-    }
-    try:
-        status, body = call("POST", f"http://127.0.0.1:{port}/graphql", query)
-    except OSError:
-        return False
-    if status != 200:
-        return False
-    entries = body["data"]["workspaceOrError"]["locationEntries"]
-    return bool(entries) and all(entry["loadStatus"] == "LOADED" for entry in entries)
 
 
 def start_webserver(port: int, home: Path, config_path: Path, log: Path) -> subprocess.Popen:
@@ -89,7 +63,7 @@ def start_webserver(port: int, home: Path, config_path: Path, log: Path) -> subp
             start_new_session=True,
         )
     deadline = time.monotonic() + WEBSERVER_READY_S
-    while not webserver_loaded(port):
+    while not _dagster_loaded(f"http://127.0.0.1:{port}"):
         assert process.poll() is None, f"webserver exited:\n{log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, f"webserver not ready:\n{log.read_text()[-3000:]}"
         time.sleep(1)
