@@ -827,6 +827,11 @@ def _train(
                 "CHURN_SIMULATOR__CUSTOMERS=20000 churn up)"
             )
         click.echo(f"WARNING: {cause}; serving continues with the registered champion {champion}")
+    elif champion is None:
+        click.echo(
+            "training waited: nothing to train on has landed yet (the training_job's log says "
+            "what it waits for); `churn simulate` or your producers, then `churn up` again"
+        )
     ctx.invoke(models_list)
 
 

@@ -12,7 +12,8 @@ the one a model was trained with) in two windows, each by its kind:
 * model scores, when both windows' scores are given: a KS test (prediction drift);
 * the joint distribution: a maximum mean discrepancy permutation test
   (:func:`mmd_permutation_test`) on a bounded, seeded sample of each window, because its time and
-  memory grow with the square of the sample (the kernel matrix of both samples together).
+  memory grow with the square of the sample (the kernel matrix of both samples together), with
+  :data:`REPORT_MMD_PERMUTATIONS` permutations.
 
 These are the tests of alibi-detect's ``KSDrift``, ``ChiSquareDrift`` and ``MMDDrift`` (Gaussian
 RBF kernel, median-heuristic bandwidth, unbiased MMD², the same permutations for the same seed),
@@ -21,11 +22,15 @@ the MMD kernel matrix is built once and every permutation is scored by one matri
 of one TensorFlow gather per permutation (1k rows per side: about 0.06 s instead of 3-4 s).
 ``tests/unit/test_drift_alibi.py`` checks the results against alibi-detect's own detectors.
 
-The univariate p-values are corrected together (features and prediction) for multiple testing,
-Benjamini-Hochberg by default. A test is flagged only when its corrected p-value is below the
-threshold *and* its effect size reaches a floor (by default 0.1 for the KS statistic of numeric
-features and scores, and for the total variation distance of categorical features' shares), so
-that very large windows, where any trivial difference is significant, do not alarm on it.
+All p-values of a report (features, prediction and MMD) are corrected together for multiple
+testing, Benjamini-Hochberg by default, so the report as a whole keeps the false-alarm budget of
+the threshold. A test is flagged only when its corrected p-value is below the threshold *and* its
+effect size reaches a floor, so that windows where a trivial difference is significant do not
+alarm on it. Every effect size measures the largest share of the population that moved, so one
+floor (0.1 by default) fits all: the KS statistic for numeric features and scores, the total
+variation distance of the shares for categorical features, and for MMD the KS statistic of the
+two samples' witness-function values (:class:`MMDResult`), the share of rows that the direction
+in which the windows differ most tells apart.
 
 This module is Dagster-free and imports neither alibi-detect nor TensorFlow.
 """
@@ -49,7 +54,9 @@ __all__ = [
     "DEFAULT_MIN_EFFECT",
     "MMD_MIN_ROWS",
     "MMD_PERMUTATIONS",
+    "MULTIVARIATE",
     "PREDICTION",
+    "REPORT_MMD_PERMUTATIONS",
     "DriftReport",
     "FeatureDrift",
     "MMDResult",
@@ -61,6 +68,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PREDICTION = "prediction"
+# The name of the MMD test among the effect floors (``min_effect``) of a report.
+MULTIVARIATE = "multivariate"
 # A boolean feature is tested as a category with these two values (codes 0 and 1).
 BOOLEAN_VALUES = ("false", "true")
 CORRECTIONS = ("fdr", "bonferroni")
@@ -68,8 +77,14 @@ CORRECTIONS = ("fdr", "bonferroni")
 # any set of categories) both measure the largest share of the population that moved, so one floor
 # fits both. 0.05 for categories is too low for a shrinking customer base: churn alone moves the
 # simulator's contract mix by 0.06-0.08 between a 30-day reference and a window a week later.
-DEFAULT_MIN_EFFECT = {"numeric": 0.1, "categorical": 0.1, "score": 0.1}
+# The MMD's witness KS statistic is a share of rows too (see MMDResult).
+DEFAULT_MIN_EFFECT = {"numeric": 0.1, "categorical": 0.1, "score": 0.1, "multivariate": 0.1}
+# alibi-detect's default, and :func:`mmd_permutation_test`'s.
 MMD_PERMUTATIONS = 100
+# A report's MMD joins the correction across about ten tests, so its p-value must be able to go
+# well below threshold / tests: the smallest permutation p-value is 1 / (permutations + 1).
+# 1,000 permutations of 1,000 + 1,000 rows take about half a second.
+REPORT_MMD_PERMUTATIONS = 1000
 # Below this many rows per window a permutation test has too little resolution to mean anything.
 MMD_MIN_ROWS = 30
 
@@ -77,6 +92,7 @@ _EFFECT_METRICS = {
     "numeric": "ks_statistic",
     "categorical": "total_variation",
     "score": "ks_statistic",
+    "multivariate": "witness_ks",
 }
 
 
@@ -112,10 +128,13 @@ class FeatureDrift:
 class DriftReport:
     """The outcome of :func:`drift_report` for one reference window and one live window.
 
-    ``multivariate`` holds the MMD result (``detector``, ``p_value``, ``distance`` (MMD²),
-    ``distance_threshold``, ``sample_rows`` (rows drawn from each window), ``n_permutations``,
-    ``drift``) or ``{"skipped": reason}``. ``drift`` is true when any feature, the prediction or
-    the multivariate test is flagged; ``drifted_features`` lists the flagged features only.
+    ``multivariate`` holds the MMD result (``detector``, ``p_value``, ``p_value_corrected``,
+    ``distance`` (MMD²), ``distance_threshold``, ``effect_size``, ``effect_metric``
+    (``witness_ks``), ``min_effect``, ``sample_rows`` (rows drawn from each window),
+    ``n_permutations``, ``drift``) or ``{"skipped": reason}``; like a feature's, its ``drift`` is
+    true when its corrected p-value is below the threshold and its effect size reaches
+    ``min_effect``. ``drift`` is true when any feature, the prediction or the multivariate test
+    is flagged; ``drifted_features`` lists the flagged features only.
     """
 
     reference_rows: int
@@ -181,14 +200,14 @@ def drift_report(
     Both frames need ``contract``'s features (default: the default contract; other columns are
     ignored); integer and number features must be numeric and finite, booleans true/false (or
     1/0), and no feature may be missing: bad rows raise :class:`ValueError` rather than being
-    dropped. ``threshold`` is the significance level for the corrected
-    univariate p-values and for the MMD p-value; ``correction`` is ``fdr`` (Benjamini-Hochberg)
-    or ``bonferroni`` across all features and the prediction together. ``min_effect`` overrides
-    the effect-size floor per feature name (or ``prediction``). MMD runs on ``mmd_sample`` rows
-    drawn from each window (fewer if a window is smaller), with numeric features standardised on
-    the reference and categories one-hot encoded, or through ``transformer.transform`` when a
-    model's feature transformer is given; ``mmd=False`` skips it.
-    ``reference_scores`` and ``live_scores`` (model scores of the two windows) switch on
+    dropped. ``threshold`` is the significance level for the corrected p-values;
+    ``correction`` is ``fdr`` (Benjamini-Hochberg) or ``bonferroni`` across all features, the
+    prediction and the MMD test together. ``min_effect`` overrides the effect-size floor per
+    feature name, ``prediction`` or ``multivariate`` (the MMD test). MMD runs on ``mmd_sample``
+    rows drawn from each window (fewer if a window is smaller), with numeric features
+    standardised on the reference and categories one-hot encoded, or through
+    ``transformer.transform`` when a model's feature transformer is given; ``mmd=False`` skips
+    it. ``reference_scores`` and ``live_scores`` (model scores of the two windows) switch on
     prediction drift. Everything random follows ``seed``.
     """
     contract = DEFAULT_CONTRACT if contract is None else contract
@@ -201,14 +220,28 @@ def drift_report(
     numeric = _numeric_tests(reference, live, contract)
     categorical = _categorical_tests(reference, live, contract)
     score_test = _score_test(*scores) if scores is not None else None
+    if not mmd:
+        multivariate: dict[str, Any] = {"skipped": "disabled (mmd=False)"}
+    elif min(len(reference), len(live)) < MMD_MIN_ROWS:
+        multivariate = {
+            "skipped": f"MMD needs at least {MMD_MIN_ROWS} rows in each window; got "
+            f"{len(reference)} reference and {len(live)} live rows"
+        }
+    else:
+        multivariate = _mmd_test(
+            reference, live, mmd_sample, threshold, seed, transformer, contract
+        )
 
     raw = {**numeric, **categorical}
     order = list(contract.names)
     tested = order + ([PREDICTION] if score_test is not None else [])
     if score_test is not None:
         raw[PREDICTION] = score_test
-    adjusted_values = adjust_p_values([raw[name][2] for name in tested], correction)
-    adjusted = dict(zip(tested, adjusted_values, strict=True))
+    family = tested + ([MULTIVARIATE] if "skipped" not in multivariate else [])
+    p_values = [raw[name][2] for name in tested]
+    if MULTIVARIATE in family:
+        p_values.append(multivariate["p_value"])
+    adjusted = dict(zip(family, adjust_p_values(p_values, correction), strict=True))
 
     def finish(name: str) -> FeatureDrift:
         kind, statistic, p_value, effect = raw[name]
@@ -229,16 +262,13 @@ def drift_report(
 
     features = [finish(name) for name in order]
     prediction = finish(PREDICTION) if score_test is not None else None
-    if not mmd:
-        multivariate: dict[str, Any] = {"skipped": "disabled (mmd=False)"}
-    elif min(len(reference), len(live)) < MMD_MIN_ROWS:
-        multivariate = {
-            "skipped": f"MMD needs at least {MMD_MIN_ROWS} rows in each window; got "
-            f"{len(reference)} reference and {len(live)} live rows"
-        }
-    else:
-        multivariate = _mmd_test(
-            reference, live, mmd_sample, threshold, seed, transformer, contract
+    if MULTIVARIATE in family:
+        corrected = float(adjusted[MULTIVARIATE])
+        floor = float(floors.get(MULTIVARIATE, DEFAULT_MIN_EFFECT[MULTIVARIATE]))
+        multivariate.update(
+            p_value_corrected=corrected,
+            min_effect=floor,
+            drift=bool(corrected < threshold and multivariate["effect_size"] >= floor),
         )
     drifted = [test.feature for test in features if test.drift]
     drift = bool(
@@ -283,7 +313,7 @@ def _check_options(threshold: float, correction: str, mmd_sample: int) -> None:
 
 def _effect_floors(min_effect: Mapping[str, float] | None, contract: Contract) -> dict[str, float]:
     floors = dict(min_effect or {})
-    known = [*contract.names, PREDICTION]
+    known = [*contract.names, PREDICTION, MULTIVARIATE]
     unknown = sorted(set(floors) - set(known))
     if unknown:
         raise ValueError(f"min_effect names unknown features {unknown}; known: {known}")
@@ -447,10 +477,18 @@ def _category_codes(frame: pd.DataFrame, values: Mapping[str, tuple[str, ...]]) 
 class MMDResult:
     """The outcome of :func:`mmd_permutation_test`.
 
-    ``distance`` is the unbiased MMD² of the two samples; ``p_value`` the share of permutations
-    whose MMD² is at least ``distance``; ``distance_threshold`` the MMD² above which the test
-    flags drift at the given level (from the permutations, as alibi-detect reports it);
-    ``sigma`` the Gaussian kernel's bandwidth.
+    ``distance`` is the unbiased MMD² of the two samples; ``p_value`` is ``(1 + k) / (1 +
+    n_permutations)`` where ``k`` permutations have an MMD² of at least ``distance`` (never 0,
+    so a multiple-testing correction can use it; alibi-detect reports ``k / n_permutations``);
+    ``distance_threshold`` the MMD² above which the test flags drift at the given level (from
+    the permutations, as alibi-detect reports it); ``sigma`` the Gaussian kernel's bandwidth.
+
+    ``witness_ks`` is the test's effect size, on the scale of the univariate ones: the KS
+    statistic between the two samples' values of the (leave-one-out) witness function, the mean
+    kernel similarity of a row to the live rows minus that to the reference rows. The witness is
+    the direction in which the windows differ most in the kernel's feature space, and its KS
+    statistic the largest share of rows that a threshold on it tells apart: about 0.03-0.08
+    between samples of one distribution of 1,000 rows each, whatever the number of features.
     """
 
     p_value: float
@@ -458,6 +496,7 @@ class MMDResult:
     distance_threshold: float
     sigma: float
     n_permutations: int
+    witness_ks: float
 
 
 def mmd_permutation_test(
@@ -474,8 +513,9 @@ def mmd_permutation_test(
     ``exp(-|a - b|² / (2 sigma²))`` whose bandwidth ``sigma`` is the median heuristic on the
     reference (``sqrt(median / 2)`` of the squared distances between distinct reference rows,
     the lower median when their number is even), the unbiased MMD² (kernel diagonal left out),
-    and a p-value that is the share of ``n_permutations`` random relabellings of the pooled rows
-    whose MMD² is at least the observed one. The permutations are those that
+    and a p-value from ``n_permutations`` random relabellings of the pooled rows: one plus the
+    number whose MMD² is at least the observed one, over one plus ``n_permutations`` (the
+    observed labelling counts as one of the permutations). The permutations are those that
     ``np.random.seed(seed)`` followed by ``np.random.permutation`` draws (alibi-detect uses
     NumPy's global generator), here from a private ``RandomState``, so NumPy's global state is
     left alone. The kernel matrix is computed once, in float64, and every permutation's MMD²
@@ -509,7 +549,8 @@ def mmd_permutation_test(
         in_ref[permutations.permutation(n + m)[:n], j] = 1.0
     in_live = 1.0 - in_ref
     kernel_ref = kernel @ in_ref  # row i, column j: sum of k(i, r) over column j's reference rows
-    kernel_live = kernel.sum(axis=1)[:, None] - kernel_ref
+    row_sums = kernel.sum(axis=1)
+    kernel_live = row_sums[:, None] - kernel_ref
     sum_ref_ref = np.einsum("ij,ij->j", in_ref, kernel_ref)
     sum_live_live = np.einsum("ij,ij->j", in_live, kernel_live)
     sum_live_ref = np.einsum("ij,ij->j", in_live, kernel_ref)
@@ -517,12 +558,18 @@ def mmd_permutation_test(
         sum_ref_ref / (n * (n - 1)) + sum_live_live / (m * (m - 1)) - 2.0 * sum_live_ref / (n * m)
     )
     observed, permuted = float(mmd2[0]), mmd2[1:]
+    # The witness at each row, leaving the row itself out (the kernel's diagonal is zero).
+    is_live = np.arange(n + m) >= n
+    to_ref = kernel_ref[:, 0] / (n - ~is_live)
+    to_live = (row_sums - kernel_ref[:, 0]) / (m - is_live)
+    witness = to_live - to_ref
     return MMDResult(
-        p_value=float((observed <= permuted).mean()),
+        p_value=float((1 + np.count_nonzero(observed <= permuted)) / (n_permutations + 1)),
         distance=observed,
         distance_threshold=float(np.sort(permuted)[::-1][int(p_val * n_permutations)]),
         sigma=sigma,
         n_permutations=n_permutations,
+        witness_ks=float(ks_2samp(witness[:n], witness[n:], method="asymp").statistic),
     )
 
 
@@ -584,16 +631,18 @@ def _mmd_test(
             raise ValueError("transformer.transform produced NaN or infinite values")
     permutation_seed = int(rng.integers(2**32 - 1))
     result = mmd_permutation_test(
-        x_ref, x, n_permutations=MMD_PERMUTATIONS, p_val=threshold, seed=permutation_seed
+        x_ref, x, n_permutations=REPORT_MMD_PERMUTATIONS, p_val=threshold, seed=permutation_seed
     )
+    # The corrected p-value, the floor and the verdict join once the whole family is known.
     return {
         "detector": "mmd",
         "p_value": result.p_value,
         "distance": result.distance,
         "distance_threshold": result.distance_threshold,
+        "effect_size": result.witness_ks,
+        "effect_metric": _EFFECT_METRICS[MULTIVARIATE],
         "sample_rows": rows,
         "n_permutations": result.n_permutations,
-        "drift": bool(result.p_value < threshold),
     }
 
 

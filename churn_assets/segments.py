@@ -21,6 +21,7 @@ __all__ = [
     "cohort_types",
     "risk_tier",
     "segment_table",
+    "with_cohorts",
 ]
 
 RISK_TIER = "risk_tier"
@@ -63,6 +64,17 @@ def _bands(values: pd.Series, feature: Feature) -> pd.Series:
     return pd.cut(values.astype(float), edges, labels=labels).astype(str)
 
 
+def with_cohorts(customers: pd.DataFrame, contract: Contract) -> pd.DataFrame:
+    """``customers`` (the contract's features and ``risk``, the model's probability) with a
+    column per cohort type of :func:`cohort_types` that is not a feature already: the risk tier
+    and the band of :func:`band_feature`."""
+    frame = customers.assign(**{RISK_TIER: risk_tier(customers["risk"].to_numpy())})
+    banded = band_feature(contract)
+    if banded is not None:
+        frame[banded.name + BAND_SUFFIX] = _bands(frame[banded.name], banded)
+    return frame
+
+
 def segment_table(
     customers: pd.DataFrame, model_version: str | None, contract: Contract | None = None
 ) -> pd.DataFrame:
@@ -81,9 +93,7 @@ def segment_table(
     missing = needed - set(customers.columns)
     if missing:
         raise ValueError(f"segment_table needs columns {sorted(missing)}")
-    frame = customers.assign(**{RISK_TIER: risk_tier(customers["risk"].to_numpy())})
-    if banded is not None:
-        frame[banded.name + BAND_SUFFIX] = _bands(frame[banded.name], banded)
+    frame = with_cohorts(customers, contract)
     parts = []
     for cohort in cohorts:
         grouped = (

@@ -25,6 +25,7 @@ from serving.errors import (
 from serving.feedback import FeedbackPublisher
 from serving.plane import ServingPlane
 from serving.requests import MAX_BATCH
+from serving.retraining import RetrainRequest, RetrainResponse, retrain
 
 __all__ = [
     "BodySizeLimit",
@@ -86,6 +87,12 @@ _ERROR_DESCRIPTIONS = {
     409: "The router's state does not allow it (e.g. no challenger to promote, or a version "
     "that needs inputs the served contract does not give)",
     503: "A dependency (Kafka, the registry) is unavailable; retry",
+}
+_RETRAIN_ERRORS = {
+    401: _ERROR_DESCRIPTIONS[401],
+    409: "A rollout is in progress or pending (a challenger in shadow or canary, or registered "
+    "and not judged yet): the detail says which and what to do",
+    503: "Dagster cannot be reached, or refused the launch: the detail says why",
 }
 
 
@@ -319,6 +326,25 @@ def create_router(
     def audit(authorization: AuthHeader = None) -> list[dict[str, Any]]:
         require_admin(authorization)
         return plane.store.audit()
+
+    @router.post(
+        "/admin/retrain",
+        tags=["admin"],
+        summary="Launch the retraining job in Dagster (REST only)",
+        description="Launches the platform's `retraining_job` in its Dagster instance through "
+        "the Dagster webserver's GraphQL API (`dagster.url`), with `reason` as the run's "
+        "`churn/retraining_reason` tag, and answers with the run id once it is queued. Refused "
+        "with 409 while a rollout is in progress or pending.",
+        responses={
+            code: {"model": ErrorBody, "description": text}
+            for code, text in _RETRAIN_ERRORS.items()
+        },
+    )
+    async def retrain_now(
+        body: RetrainRequest, authorization: AuthHeader = None
+    ) -> RetrainResponse:
+        require_admin(authorization)
+        return await retrain(plane, body)
 
     @router.get(
         "/metrics",

@@ -233,14 +233,17 @@ def infer_request(rows, model="churn-router", version="", names=FEATURE_NAMES):
 
 @contextlib.contextmanager
 def served_with_broker(
-    root: Path, build: Callable[[Path], object] = build_registry
+    root: Path, build: Callable[[Path], object] = build_registry, **sections: dict
 ) -> Iterator[RunningServer]:
-    """Under ``root``: a config, a registry ``build`` fills (default: v1 champion and v2
-    challenger, trained), an embedded broker with every topic (``/feedback`` answers 200 only
-    once Kafka acknowledges), and a ready ``churn serve`` on them; all stopped on exit."""
+    """Under ``root``: a config (``sections`` merged in), a registry ``build`` fills (default:
+    v1 champion and v2 challenger, trained), an embedded broker with every topic (``/feedback``
+    answers 200 only once Kafka acknowledges), and a ready ``churn serve`` on them; all stopped
+    on exit. Unless ``sections`` name one, the server's Dagster webserver is a port nothing
+    listens on: ``POST /admin/retrain`` must never launch runs in a Dagster that happens to run
+    on this machine's default port."""
     from tests.conftest import write_config
 
-    config_path = write_config(root)
+    config_path = write_config(root, **{"dagster": {"webserver_port": free_port()}, **sections})
     settings = load_settings(config_path)
     build(settings.registry_dir)
     broker = EmbeddedBroker(settings.run_dir)

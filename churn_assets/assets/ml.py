@@ -1,9 +1,11 @@
-"""ML assets: features, training set, candidate model, quality gates, registry, SHAP, segments.
+"""ML assets: features, training set, candidate model, quality gates, registry, SHAP, segments,
+calibration.
 
 Thin wrappers around the Dagster-free core (features, training, candidate, registry, explain).
 Every asset and asset check runs in the ``duckdb_warehouse`` pool (one DuckDB writer at a time).
 """
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import dagster as dg
@@ -11,6 +13,8 @@ import pandas as pd
 import pyarrow as pa
 
 from churn_assets.assets.landing import WAREHOUSE_POOL
+from churn_assets.assets.waiting import wait_for
+from churn_assets.calibration import CalibrationError, calibration_table, scoring_rows
 from churn_assets.candidate import (
     current_champion,
     evaluate_gates,
@@ -29,7 +33,6 @@ from churn_assets.registry import ModelRegistry
 from churn_assets.resources import PlatformResource
 from churn_assets.segments import segment_table
 from churn_assets.training import (
-    TrainingError,
     TrainingSet,
     assert_point_in_time,
     landed_frames,
@@ -40,6 +43,7 @@ if TYPE_CHECKING:  # the type Dagster takes for a metadata value, not re-exporte
     from dagster._core.definitions.metadata import RawMetadataValue
 
 __all__ = [
+    "calibration",
     "candidate_model",
     "customer_features",
     "customer_segments",
@@ -49,6 +53,16 @@ __all__ = [
     "registered_model",
     "training_set",
 ]
+
+
+# What an ML asset waits for before anything has landed.
+WAITING_FOR_EVENTS = (
+    "landed customer events (produce to churn.customers, e.g. `churn simulate`; the "
+    "kafka_landing_sensor lands them)"
+)
+WAITING_FOR_OUTCOMES = (
+    "landed outcomes (churned or retained, on ml.feedback; the kafka_landing_sensor lands them)"
+)
 
 
 def _load_landed(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -71,23 +85,26 @@ def _replace_table(settings: Settings, table: str, frame: pd.DataFrame) -> int:
     kinds={"duckdb", "pandas"},
     pool=WAREHOUSE_POOL,
     deps=["landed_customer_events"],
+    output_required=False,
 )
 def customer_features(
     context: dg.AssetExecutionContext, platform: PlatformResource
-) -> dg.MaterializeResult:
+) -> Iterator[dg.MaterializeResult]:
     """Each customer's latest state as of the newest landed event, plus history features
-    (events in 30 days, login and ticket trends, days since the last event)."""
+    (events in 30 days, login and ticket trends, days since the last event). Waits (no
+    materialisation) until a customer event has landed."""
     settings = platform.settings()
     events, _ = _load_landed(settings)
     if events.empty:
-        raise TrainingError("no landed customer events: run the landing assets first")
+        wait_for(context, WAITING_FOR_EVENTS)
+        return
     as_of = events["event_time"].max()
     frame = customer_features_as_of(
         events, as_of.to_pydatetime(), contract=settings.contract
     ).assign(as_of=as_of)
     rows = _replace_table(settings, "customer_features", frame)
     context.log.info(f"features for {rows} customers as of {as_of}")
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
         metadata={
             "dagster/row_count": rows,
             "as_of": str(as_of),
@@ -96,30 +113,32 @@ def customer_features(
     )
 
 
-def _training_set(settings: Settings) -> TrainingSet:
-    events, feedback = _load_landed(settings)
-    return training_set_for(settings, events, feedback)
-
-
 @dg.asset(
     group_name="ml",
     kinds={"duckdb", "pandas"},
     pool=WAREHOUSE_POOL,
     deps=["landed_customer_events", "landed_feedback"],
+    output_required=False,
 )
 def training_set(
     context: dg.AssetExecutionContext, platform: PlatformResource
-) -> dg.MaterializeResult:
+) -> Iterator[dg.MaterializeResult]:
     """Point-in-time training rows: features as of each snapshot, label = churn within the
     horizon after it; time-based train/validation/test split with purging, or for snapshot
     data (a static export) a seeded, label-stratified split by customer (metadata says which
-    and why)."""
+    and why). Waits (no materialisation, so nothing downstream trains) until customer events
+    and outcomes have landed; too little of them to train on is an error."""
     settings = platform.settings()
-    built = _training_set(settings)
+    events, feedback = _load_landed(settings)
+    for landed, what in ((events, WAITING_FOR_EVENTS), (feedback, WAITING_FOR_OUTCOMES)):
+        if landed.empty:
+            wait_for(context, what)
+            return
+    built = training_set_for(settings, events, feedback)
     rows = _replace_table(settings, "training_set", built.frame)
     by_split = built.frame.groupby("split")["label"].agg(["size", "mean"])
     context.log.info(f"training set: {rows} rows, snapshots {len(built.plan.all)}")
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
         metadata={
             "dagster/row_count": rows,
             "snapshots": len(built.plan.all),
@@ -418,6 +437,78 @@ def customer_segments(
     )
 
 
+@dg.asset(
+    group_name="analytics",
+    kinds={"duckdb", "parquet"},
+    pool=WAREHOUSE_POOL,
+    deps=[training_set, registered_model],
+    output_required=False,
+)
+def calibration(
+    context: dg.AssetExecutionContext, platform: PlatformResource
+) -> Iterator[dg.MaterializeResult]:
+    """The champion's predicted churn rate beside the realised churn rate over its horizon, by
+    score decile and by segment, with the calibration error band (read model ``calibration``;
+    definitions in docs/ML.md). Scored on the training set's newest fully labelled test rows.
+    Waits while there is no champion or no training set."""
+    settings = platform.settings()
+    registry = ModelRegistry(settings.registry_dir)
+    if "champion" not in registry.aliases():
+        wait_for(context, "a champion model (the training_job registers the first one)")
+        return
+    with connect(settings.warehouse_path) as con:
+        tables = {row[0] for row in con.execute("SHOW TABLES").fetchall()}
+    if "training_set" not in tables:
+        wait_for(context, "a training set (the training_job builds it)")
+        return
+    model = load_model(registry, "champion")
+    version = registry.get("champion")
+    horizon = settings.training.horizon_days  # the stored training set's labels
+    trained_horizon = version.metadata.get("horizon_days", horizon)
+    if trained_horizon != horizon:
+        raise CalibrationError(
+            f"the champion {version.version} predicts churn within {trained_horizon} days but "
+            f"the training set labels churn within training.horizon_days = {horizon}: retrain, "
+            "or set the horizon back, to compare like with like"
+        )
+    rows = scoring_rows(_stored_training_set(settings).frame)
+    table = calibration_table(
+        rows,
+        model.predict_frame(rows),
+        contract=model.contract,
+        model_version=version.version,
+        horizon_days=int(horizon),
+        calibration_error=float(version.metadata["metrics"]["test_calibration_error"]),
+    )
+    published = _replace_table(settings, "calibration", table)
+    deciles = table.loc[table["grouping"] == "decile"]
+    outside = deciles.loc[
+        (deciles["observed_rate"] - deciles["predicted_rate"]).abs() > deciles["tolerance"]
+    ]
+    scored_at = rows["snapshot_time"].max()
+    context.log.info(
+        f"calibration of {version.version} on {len(rows)} customers scored at {scored_at}: "
+        f"{len(outside)} of {len(deciles)} deciles outside the tolerance"
+    )
+    yield dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": published,
+            "model_version": version.version,
+            "horizon_days": int(horizon),
+            "customers": len(rows),
+            "scored_at": str(scored_at),
+            "deciles_outside_tolerance": len(outside),
+            "deciles": dg.MetadataValue.md(
+                markdown_table(
+                    deciles.drop(columns=["grouping", "horizon_days", "model_version"])
+                    .round(4)
+                    .to_dict("records")
+                )
+            ),
+        }
+    )
+
+
 ml_assets = [
     customer_features,
     training_set,
@@ -425,5 +516,6 @@ ml_assets = [
     registered_model,
     feature_importance,
     customer_segments,
+    calibration,
 ]
 ml_asset_checks = [training_set_point_in_time, *gate_checks]

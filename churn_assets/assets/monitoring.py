@@ -7,6 +7,7 @@ read model, and drift and outlier events go to ``ml.drift-alerts`` and ``ml.outl
 """
 
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -15,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 
 from churn_assets.assets.landing import WAREHOUSE_POOL
+from churn_assets.assets.waiting import wait_for
 from churn_assets.config import Settings
 from churn_assets.contract import Contract
 from churn_assets.kafka import make_producer
@@ -53,15 +55,31 @@ class MonitoringError(RuntimeError):
     """Monitoring cannot run on the data at hand (the message says what is missing)."""
 
 
-def _champion(settings: Settings) -> tuple[ScoringModel, dict[str, bytes]]:
+# What a monitoring asset waits for when there is nothing to monitor yet.
+WAITING_FOR_CHAMPION = "a champion model (the training_job registers the first one)"
+WAITING_FOR_EVENTS = (
+    "landed customer events in the live window (produce to churn.customers; the "
+    "kafka_landing_sensor lands them)"
+)
+WAITING_FOR_PREDICTIONS = (
+    "landed predictions (serve traffic: serving mirrors every prediction to ml.predictions and "
+    "the kafka_landing_sensor lands them)"
+)
+
+
+def _champion(settings: Settings) -> tuple[ScoringModel, dict[str, bytes]] | None:
+    """The champion and its files, or None while the registry has none."""
     registry = ModelRegistry(settings.registry_dir)
+    if "champion" not in registry.aliases():
+        return None
     model = load_model(registry, "champion")
     files = model.to_files()
     return model, files
 
 
 def _live_events(settings: Settings, contract: Contract) -> pd.DataFrame:
-    """The landed events of the live window with ``contract``'s features (the champion's)."""
+    """The landed events of the live window with ``contract``'s features (the champion's);
+    empty when nothing has landed in it."""
     seconds = settings.monitoring.live_window_days * 86_400
     with connect(settings.warehouse_path) as con:
         ensure_schema(con, settings.contract)
@@ -73,8 +91,6 @@ def _live_events(settings: Settings, contract: Contract) -> pd.DataFrame:
                 "land events with the contract the champion was trained on"
             )
         live = con.execute(live_events_sql(contract), [seconds]).df()
-    if live.empty:
-        raise MonitoringError("no landed customer events in the live window; land data first")
     live["event_time"] = pd.to_datetime(live["event_time"], utc=True)
     return live
 
@@ -105,20 +121,29 @@ def _produce(settings: Settings, topic: str, messages: list[tuple[str, bytes]]) 
     kinds={"scipy", "duckdb"},
     pool=WAREHOUSE_POOL,
     deps=["landed_customer_events", "registered_model"],
+    output_required=False,
 )
 def drift_report(
     context: dg.AssetExecutionContext, platform: PlatformResource
-) -> dg.MaterializeResult:
-    """Feature drift (KS, chi-square; FDR-corrected, effect-size floor), multivariate MMD and
-    prediction drift of the live window against the champion's training reference."""
+) -> Iterator[dg.MaterializeResult]:
+    """Feature drift (KS, chi-square), multivariate MMD and prediction drift of the live window
+    against the champion's training reference, all FDR-corrected together, each held to an
+    effect-size floor. Waits (no materialisation) while there is no champion or no live event."""
     from churn_assets.drift import drift_report as compute_drift
 
     settings = platform.settings()
     cfg = settings.monitoring.drift_detection
-    model, files = _champion(settings)
+    champion = _champion(settings)
+    if champion is None:
+        wait_for(context, WAITING_FOR_CHAMPION)
+        return
+    model, files = champion
     contract = model.contract
     reference = load_reference_frame(files, contract.names)
     live = _live_events(settings, contract)
+    if live.empty:
+        wait_for(context, WAITING_FOR_EVENTS)
+        return
     report = compute_drift(
         reference,
         live[list(contract.names)],
@@ -165,7 +190,7 @@ def drift_report(
         p_values = {f: features[f]["p_value"] for f in flagged}
         if report.multivariate.get("drift"):
             flagged.append("multivariate_mmd")
-            p_values["multivariate_mmd"] = float(report.multivariate["p_value"])
+            p_values["multivariate_mmd"] = float(report.multivariate["p_value_corrected"])
         alert = DriftAlert(
             alert_id=report_id,
             model_version=model.version or "",
@@ -181,7 +206,7 @@ def drift_report(
             settings, Topics.DRIFT_ALERTS, [(report_id, encode_message(Topics.DRIFT_ALERTS, alert))]
         )
     context.log.info(f"drift report {report_id}: drifted {report.drifted_features or 'none'}")
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
         metadata={
             "report_id": report_id,
             "drift": report.drift,
@@ -232,17 +257,26 @@ def drift_report_no_drift(platform: PlatformResource) -> dg.AssetCheckResult:
     kinds={"scikit-learn", "duckdb"},
     pool=WAREHOUSE_POOL,
     deps=["landed_customer_events", "registered_model"],
+    output_required=False,
 )
 def outlier_report(
     context: dg.AssetExecutionContext, platform: PlatformResource
-) -> dg.MaterializeResult:
+) -> Iterator[dg.MaterializeResult]:
     """IsolationForest and Mahalanobis outlier rates of the live window against the expected
-    contamination, with the most outlying records."""
+    contamination, with the most outlying records. Waits (no materialisation) while there is no
+    champion or no live event."""
     settings = platform.settings()
     contamination = settings.monitoring.outlier_detection.contamination
-    model, files = _champion(settings)
-    scorer = load_outlier_scorer(model.transformer, files)
+    champion = _champion(settings)
+    if champion is None:
+        wait_for(context, WAITING_FOR_CHAMPION)
+        return
+    model, files = champion
     live = _live_events(settings, model.contract)
+    if live.empty:
+        wait_for(context, WAITING_FOR_EVENTS)
+        return
+    scorer = load_outlier_scorer(model.transformer, files)
     x = model.transformer.transform(live)
     iso_scores, iso_flags = scorer.score_isolation_forest(x)
     maha_scores, maha_flags = scorer.score_mahalanobis(x)
@@ -299,7 +333,7 @@ def outlier_report(
     ]
     sent = _produce(settings, Topics.OUTLIERS, events)
     context.log.info(f"outlier rates {rates} (expected {contamination})")
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
         metadata={
             "isolation_forest_rate": rates["isolation_forest"],
             "mahalanobis_rate": rates["mahalanobis"],
@@ -321,13 +355,14 @@ def outlier_report(
     kinds={"duckdb", "pandas"},
     pool=WAREHOUSE_POOL,
     deps=["landed_predictions", "landed_feedback"],
+    output_required=False,
 )
 def live_performance(
     context: dg.AssetExecutionContext, platform: PlatformResource
-) -> dg.MaterializeResult:
+) -> Iterator[dg.MaterializeResult]:
     """Ground truth joined to landed predictions: realised ROC-AUC, precision/recall and
     calibration per version and arm over time, and a label-free estimate where labels are
-    pending."""
+    pending. Waits (no materialisation) until a prediction has landed."""
     from churn_assets.performance import join_outcomes, performance_report
 
     settings = platform.settings()
@@ -336,7 +371,8 @@ def live_performance(
         predictions = con.execute("SELECT * FROM landed_predictions").df()
         feedback = con.execute("SELECT * FROM landed_feedback").df()
     if predictions.empty:
-        raise MonitoringError("no landed predictions: serve traffic and land ml.predictions")
+        wait_for(context, WAITING_FOR_PREDICTIONS)
+        return
     for frame, columns in (
         (predictions, ["predicted_at"]),
         (feedback, ["outcome_time", "observed_at"]),
@@ -375,7 +411,7 @@ def live_performance(
         },
     )
     context.log.info(f"live performance over {len(joined)} predictions as of {as_of}")
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
         metadata={
             "predictions": len(joined),
             "labelled": int(joined["labelled"].sum()),

@@ -3,9 +3,11 @@
 from datetime import timedelta
 
 import dagster as dg
+import duckdb
 import pytest
 
 from churn_assets.assets.ml import ml_asset_checks, ml_assets
+from churn_assets.calibration import CALIBRATION_COLUMNS
 from churn_assets.config import load_settings
 from churn_assets.kafka import make_producer
 from churn_assets.landing import Lander
@@ -13,7 +15,7 @@ from churn_assets.registry import ModelRegistry
 from churn_assets.resources import PlatformResource
 from churn_assets.schemas import Topics
 from churn_assets.simulator import SimulationConfig, Simulator, produce_simulation
-from churn_assets.warehouse import load_read_model
+from churn_assets.warehouse import load_read_model, read_model_path
 from tests.ml_fixtures import small_frames, write_landed
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -88,6 +90,27 @@ def test_default_simulation_through_kafka_trains_a_v1_near_the_known_best(
     segments = load_read_model(broker_settings.read_models_dir, "customer_segments")
     tiers = segments.loc[segments["cohort_type"] == "risk_tier"].set_index("cohort")
     assert tiers.loc["high", "observed_churn_rate"] > tiers.loc["low", "observed_churn_rate"]
+
+    # Like with like: v1's 14-day predicted rate beside the realised 14-day churn of the same
+    # customers, within the calibration error band in every score decile.
+    path = read_model_path(broker_settings.read_models_dir, "calibration")
+    with duckdb.connect() as con:
+        types = con.execute(f"DESCRIBE SELECT * FROM read_parquet('{path}')").fetchall()
+    assert {name: kind for name, kind, *_ in types} == CALIBRATION_COLUMNS
+    calibration = load_read_model(broker_settings.read_models_dir, "calibration")
+    assert list(calibration.columns) == list(CALIBRATION_COLUMNS)
+    deciles = calibration.loc[calibration["grouping"] == "decile"]
+    print(deciles.drop(columns=["grouping", "model_version"]).round(4).to_string(index=False))
+    assert list(deciles["group_label"]) == [str(i) for i in range(1, 11)]
+    assert set(calibration["model_version"]) == {"v1"}
+    assert set(calibration["horizon_days"]) == {broker_settings.training.horizon_days}
+    gaps = (deciles["observed_rate"] - deciles["predicted_rate"]).abs()
+    assert (gaps <= deciles["tolerance"]).all(), deciles
+    assert deciles["predicted_rate"].is_monotonic_increasing
+    assert deciles["observed_rate"].iloc[-1] > 10 * deciles["observed_rate"].iloc[0]
+    assert 500 <= deciles["customers"].min() <= deciles["customers"].max() <= 1_500
+    assert "contract_type=month-to-month" in set(calibration["group_label"])
+    assert materialization(result, "calibration")["deciles_outside_tolerance"].value == 0
 
 
 def test_more_data_gives_a_v2_challenger_and_a_bad_candidate_is_blocked(settings_path):

@@ -6,14 +6,18 @@ import os
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
+import dagster as dg
 import pytest
 
 from churn_assets.broker import read_state
-from churn_assets.config import load_settings
+from churn_assets.config import Settings, load_settings
+from churn_assets.kafka import scan_topic
+from churn_assets.monitoring import read_monitoring
 from churn_assets.registry import ModelRegistry
-from churn_assets.schemas import FEATURE_NAMES
+from churn_assets.schemas import FEATURE_NAMES, Topics
 from churn_assets.warehouse import load_read_model
 from tests.integration.platform_helpers import (
     READY_LINE,
@@ -23,6 +27,38 @@ from tests.integration.platform_helpers import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+
+def platform_runs(settings: Settings, statuses: list[dg.DagsterRunStatus]) -> list[str]:
+    """``<job> <run id> <status>`` for the platform instance's runs in ``statuses``."""
+    with dg.DagsterInstance.from_config(str(settings.data_dir / "dagster_home")) as instance:
+        records = instance.get_run_records(filters=dg.RunsFilter(statuses=statuses))
+        return [
+            f"{r.dagster_run.job_name} {r.dagster_run.run_id} {r.dagster_run.status.value}"
+            for r in records
+        ]
+
+
+def wait_for_first_monitoring(settings: Settings, log_path, timeout_s: float = 300) -> dict:
+    """The monitoring figures once the sensors' first drift report exists and no run is in
+    flight (landing, monitoring: the start-up path's runs have finished)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        monitoring = read_monitoring(settings.read_models_dir)
+        if "drift" in monitoring and not platform_runs(settings, IN_FLIGHT):
+            return monitoring
+        assert time.monotonic() < deadline, (
+            f"no drift report, or runs in flight ({platform_runs(settings, IN_FLIGHT)}), "
+            f"{timeout_s}s after start-up:\n{log_path.read_text()[-3000:]}"
+        )
+        time.sleep(2)
 
 
 def test_up_runs_the_platform_and_ctrl_c_stops_everything(churn_cli, settings_path, tmp_path):
@@ -79,6 +115,24 @@ def test_up_runs_the_platform_and_ctrl_c_stops_everything(churn_cli, settings_pa
         broker = read_state(settings.run_dir)
         assert broker is not None
 
+        # The start-up path leaves nothing red: no failed run (live_performance, with no
+        # prediction landed yet, waits), no drift alert on a simulation without drift.
+        monitoring = wait_for_first_monitoring(settings, log_path)
+        assert platform_runs(settings, [dg.DagsterRunStatus.FAILURE]) == []
+        drift = monitoring["drift"]
+        assert drift["model_version"] == "v1"
+        assert drift["drift"] is False, drift
+        assert not any(f["drift"] for f in drift["features"].values()), drift
+        assert drift["multivariate"]["drift"] is False, drift["multivariate"]
+        assert sum(e.messages for e in scan_topic(settings, Topics.DRIFT_ALERTS)) == 0
+        # The analytics page's calibration: predicted and realised 14-day churn by decile,
+        # within the calibration error band.
+        calibration = load_read_model(settings.read_models_dir, "calibration")
+        deciles = calibration.loc[calibration["grouping"] == "decile"]
+        assert len(deciles) == 10 and set(deciles["model_version"]) == {"v1"}
+        gaps = (deciles["observed_rate"] - deciles["predicted_rate"]).abs()
+        assert (gaps <= deciles["tolerance"]).all(), deciles.to_string()
+
         record = customers.iloc[0][list(FEATURE_NAMES)].to_dict()
         record = {k: (v.item() if hasattr(v, "item") else v) for k, v in record.items()}
         deadline = time.monotonic() + 120
@@ -97,6 +151,7 @@ def test_up_runs_the_platform_and_ctrl_c_stops_everything(churn_cli, settings_pa
                 assert time.monotonic() < deadline, log_path.read_text()[-4000:]
                 time.sleep(1)
         assert prediction["model_version"] == "v1" and 0 <= prediction["probability"] <= 1
+
         deadline = time.monotonic() + 90
         while True:
             try:
@@ -136,6 +191,23 @@ def test_up_runs_the_platform_and_ctrl_c_stops_everything(churn_cli, settings_pa
         )["runsOrError"]["results"]
         assert [r["status"] for r in runs] == ["SUCCESS"]
         assert {"key": "churn/retraining_reason", "value": "test"} in runs[0]["tags"]
+        # Mid-rollout (v2 in shadow) the API's trigger refuses, with the reason.
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{http_port}/admin/retrain",
+            data=json.dumps({"reason": "again"}).encode(),
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": "Bearer platform-up-token",
+            },
+            method="POST",
+        )
+        try:
+            urllib.request.urlopen(request, timeout=60)
+            raise AssertionError("POST /admin/retrain mid-rollout was accepted")
+        except urllib.error.HTTPError as refused:
+            assert refused.code == 409
+            assert "a rollout of v2 is in progress" in json.load(refused)["detail"]
+        assert platform_runs(settings, [dg.DagsterRunStatus.FAILURE]) == []
     finally:
         process.send_signal(signal.SIGINT)
         try:

@@ -5,7 +5,8 @@ types, headers and bodies as the schema declares them, invalid input rejected, v
 accepted, ...), once without a token and once with ``Authorization: Bearer <admin token>``.
 Generation is derandomized and bounded, so a run is reproducible and takes a few minutes.
 No operation is excluded: the admin ones change router state in the admin run, and answer
-what their schema documents in every state they reach (409 when there is nothing to promote).
+what their schema documents in every state they reach (409 when there is nothing to promote;
+retraining's 503 while no Dagster can be reached).
 
 The run goes through schemathesis's engine (what ``schemathesis run`` uses) rather than
 ``schemathesis.pytest.from_fixture(...).parametrize()``: the schema only exists once the server
@@ -93,7 +94,16 @@ def fuzz(server, headers: dict[str, str]) -> tuple[list[Finding], list[str]]:
                             "expected-statuses": ["2xx", "404", "422"],
                         }
                     },
-                }
+                },
+                # Retraining launches a job in Dagster, which this server has none of (its
+                # dagster.url is a closed port): once no rollout is pending it answers the 503
+                # its schema documents, "Dagster cannot be reached". That 503 only.
+                {
+                    "include-path-regex": r"^/admin/retrain$",
+                    "checks": {
+                        "not_a_server_error": {"expected-statuses": ["2xx", "3xx", "4xx", "503"]}
+                    },
+                },
             ],
             "parameters": {
                 "path.model_name": {"dictionary": "models", "probability": 0.8},

@@ -168,7 +168,7 @@ def test_grafana_is_provisioned_with_the_dashboards(compose):
 # PostgreSQL and the code location.
 NEEDS = {
     "topics": {"kafka"},
-    "serving": {"kafka", "admin_token"},
+    "serving": {"kafka", "admin_token", "dagster"},
     "dagster-code": {"kafka", "postgres", "serving", "admin_token"},
     "dagster-daemon": {"kafka", "postgres"},
     "dagster-webserver": {"postgres"},
