@@ -13,8 +13,10 @@ import param
 from churn_assets.contract import Contract
 from churn_assets.segments import BAND_SUFFIX, RISK_TIER, cohort_types
 from dashboards import charts
-from dashboards.data import Unavailable, feature_label, form_contract
+from dashboards.forms import feature_label
 from dashboards.pages.common import Context, explanation, heading, table
+from dashboards.sources import Unavailable
+from dashboards.sources.registry import form_contract
 
 __all__ = ["AnalyticsPage", "cohort_labels"]
 

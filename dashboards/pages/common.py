@@ -8,7 +8,9 @@ import pandas as pd
 import panel as pn
 
 from churn_assets.config import Settings
-from dashboards.data import ReadModels, ServingClient, Unavailable
+from dashboards.sources import Unavailable
+from dashboards.sources.read_models import ReadModels
+from dashboards.sources.serving import ServingClient
 
 __all__ = ["Context", "explanation", "heading", "stat_cards", "table"]
 

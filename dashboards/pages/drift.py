@@ -6,8 +6,10 @@ import panel as pn
 import param
 
 from dashboards import charts
-from dashboards.data import Unavailable, form_contract, open_alerts, reference_sample
 from dashboards.pages.common import Context, explanation, heading, stat_cards, table
+from dashboards.sources import Unavailable
+from dashboards.sources.read_models import open_alerts
+from dashboards.sources.registry import form_contract, reference_sample
 
 __all__ = ["DriftPage"]
 

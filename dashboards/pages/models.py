@@ -8,8 +8,10 @@ import pandas as pd
 import panel as pn
 import param
 
-from dashboards.data import ADMIN_TOKEN_ENV, ActionResult, Unavailable, registry_versions
 from dashboards.pages.common import Context, explanation, heading, stat_cards, table
+from dashboards.sources import Unavailable
+from dashboards.sources.registry import registry_versions
+from dashboards.sources.serving import ADMIN_TOKEN_ENV, ActionResult
 
 __all__ = ["ModelsPage"]
 

@@ -572,7 +572,8 @@ def test_admin_buttons_promote_roll_back_and_set_the_strategy_on_the_live_router
 
 
 def test_kafka_lag_counts_messages_past_the_landed_offsets(platform):
-    from dashboards.data import ReadModels, kafka_lag
+    from dashboards.sources.kafka import kafka_lag
+    from dashboards.sources.read_models import ReadModels
 
     settings, _server, _dashboard = platform
     lag = kafka_lag(settings, ReadModels(settings).frame("landing_offsets"), budget_s=5)

@@ -13,20 +13,13 @@ import pytest
 from churn_assets.config import load_settings
 from churn_assets.monitoring import publish_monitoring_section
 from churn_assets.schemas import DEFAULT_CONTRACT
-from dashboards.data import (
-    DAGSTER_RUNS_QUERY,
-    ReadModels,
-    ServingClient,
-    Unavailable,
-    dagster_graphql_url,
-    dagster_runs,
-    default_features,
-    kafka_lag,
-    open_alerts,
-    registry_versions,
-    request_rate,
-    validate_features,
-)
+from dashboards.forms import default_features, validate_features
+from dashboards.sources import Unavailable
+from dashboards.sources.dagster import DAGSTER_RUNS_QUERY, dagster_graphql_url, dagster_runs
+from dashboards.sources.kafka import kafka_lag
+from dashboards.sources.read_models import ReadModels, open_alerts
+from dashboards.sources.registry import registry_versions
+from dashboards.sources.serving import ServingClient, request_rate
 from tests.serving_fixtures import free_port
 
 pytestmark = pytest.mark.unit
@@ -359,7 +352,7 @@ def test_the_app_module_never_imports_dagster():
     import sys
 
     code = (
-        "import sys, dashboards.app, dashboards.data; "
+        "import sys, dashboards.app; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'dagster'))"
     )
     result = subprocess.run(
@@ -385,7 +378,7 @@ def test_read_models_are_cached_until_republished_and_copies_are_independent(set
 
 
 def test_lag_counts_from_offsets_of_the_brokers_current_log_only():
-    from dashboards.data import _landed_offsets
+    from dashboards.sources.kafka import _landed_offsets
 
     offsets = pd.DataFrame(
         {
