@@ -9,7 +9,15 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-from bokeh.models import ColumnDataSource, HoverTool, Legend, LegendItem, Range1d, Span
+from bokeh.models import (
+    ColumnDataSource,
+    DatetimeTickFormatter,
+    HoverTool,
+    Legend,
+    LegendItem,
+    Range1d,
+    Span,
+)
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 
@@ -21,6 +29,7 @@ __all__ = [
     "feature_colours",
     "grouped_bars",
     "p_value_chart",
+    "time_range",
     "rate_chart",
     "update_rate_chart",
 ]
@@ -42,18 +51,66 @@ def _figure(**kwargs) -> figure:
     return fig
 
 
-def p_value_chart(history: pd.DataFrame, threshold: float) -> figure:
-    """Corrected p-value per feature over time (log scale) against the drift threshold."""
-    fig = _figure(
-        x_axis_type="datetime", y_axis_type="log", y_axis_label="corrected p-value", height=320
+# Few enough labels that they do not run into each other on a phone.
+TIME_TICKS = 4
+TIME_FORMAT, DATE_FORMAT = "%H:%M:%S", "%d %b %Y"
+FINE_SCALES = ("microseconds", "milliseconds", "seconds", "minsec")
+COARSE_SCALES = ("minutes", "hourmin", "hours")
+
+
+def _time_axis(fig: figure) -> None:
+    """Make ``fig``'s x axis (``x_axis_type="datetime"``) read as clock times with the date
+    below them, at every zoom level: Bokeh's default formats fall back to microseconds
+    ("585500us") on a range a few milliseconds wide, as one report's is. (A formatter is a
+    model of one document, so every figure gets its own.)"""
+    context = DatetimeTickFormatter(
+        **dict.fromkeys(FINE_SCALES + COARSE_SCALES, DATE_FORMAT), days="%Y", months="", years=""
     )
+    fig.xaxis.formatter = DatetimeTickFormatter(
+        **dict.fromkeys(FINE_SCALES, TIME_FORMAT),
+        **dict.fromkeys(COARSE_SCALES, "%H:%M"),
+        days="%d %b",
+        months="%b %Y",
+        years="%Y",
+        context=context,
+    )
+    fig.xaxis.ticker.desired_num_ticks = TIME_TICKS
+
+
+def time_range(times: pd.Series, min_span: pd.Timedelta) -> tuple[pd.Timestamp, pd.Timestamp]:
+    """A range over ``times`` (tz-naive), padded by 5 %, and at least ``min_span`` wide around
+    its middle (so one point sits in the middle of a readable span)."""
+    start, end = times.min(), times.max()
+    span = max(end - start, pd.Timedelta(0))
+    if span < min_span:
+        middle = start + span / 2
+        return middle - min_span / 2, middle + min_span / 2
+    return start - span * 0.05, end + span * 0.05
+
+
+def p_value_chart(history: pd.DataFrame, threshold: float) -> figure:
+    """Corrected p-value per feature over report time (log scale) against the drift threshold:
+    one line per feature through its reports. A single report is a column of points in the
+    middle of a two-hour axis (the page says that the history builds as reports come)."""
+    times = history["computed_at"].dt.tz_convert("UTC").dt.tz_localize(None)
+    start, end = time_range(times, pd.Timedelta(hours=2))
+    fig = _figure(
+        x_axis_type="datetime",
+        y_axis_type="log",
+        x_axis_label="report time (UTC)",
+        y_axis_label="corrected p-value",
+        height=320,
+        x_range=Range1d(start, end),
+    )
+    _time_axis(fig)
     floor = 1e-12
     colours = feature_colours(history["feature"])
-    for feature, rows in history.groupby("feature", sort=True):
-        rows = rows.sort_values("computed_at")
+    frame = history.assign(t=times)
+    for feature, rows in frame.groupby("feature", sort=True):
+        rows = rows.sort_values("t")
         source = ColumnDataSource(
             {
-                "t": rows["computed_at"].dt.tz_localize(None),
+                "t": rows["t"],
                 "p": np.clip(rows["p_value_corrected"].astype(float), floor, 1.0),
                 "feature": [feature] * len(rows),
                 "drift": rows["drift"].map({True: "yes", False: "no"}),
@@ -61,12 +118,20 @@ def p_value_chart(history: pd.DataFrame, threshold: float) -> figure:
         )
         colour = colours[feature]
         fig.line("t", "p", source=source, color=colour, line_width=2)
-        fig.scatter("t", "p", source=source, color=colour, size=6)
+        fig.scatter("t", "p", source=source, color=colour, size=7)
     fig.add_layout(
         Span(location=threshold, dimension="width", line_color="red", line_dash="dashed")
     )
     fig.add_tools(
-        HoverTool(tooltips=[("feature", "@feature"), ("p", "@p{0.0000}"), ("drift", "@drift")])
+        HoverTool(
+            tooltips=[
+                ("feature", "@feature"),
+                ("report", "@t{%Y-%m-%d %H:%M:%S} UTC"),
+                ("p", "@p{0.0000}"),
+                ("drift", "@drift"),
+            ],
+            formatters={"@t": "datetime"},
+        )
     )
     return fig
 
@@ -209,6 +274,7 @@ def rate_chart(source: ColumnDataSource) -> figure:
         x_range=Range1d(now - pd.Timedelta(minutes=1), now),
         y_range=Range1d(0, 1),
     )
+    _time_axis(fig)
     fig.line("t", "rate", source=source, line_width=2, color=REFERENCE_COLOUR)
     fig.scatter("t", "rate", source=source, size=5, color=REFERENCE_COLOUR)
     return fig

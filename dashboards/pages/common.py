@@ -14,12 +14,16 @@ from dashboards.sources.serving import ServingClient
 
 __all__ = ["Context", "explanation", "heading", "stat_cards", "table"]
 
+# A wide table scrolls sideways inside its own box, never the page. Panel's ``.panel-df`` rules
+# are more specific than bare ``td``, hence the class in each selector. Cells keep to one line
+# except the last column (reasons, details), which wraps once it has 20em.
 TABLE_CSS = """
-:host { overflow-x: auto; max-width: 100%; }
-table { border-collapse: collapse; font-size: 0.85rem; width: 100%; }
-th, td { padding: 4px 8px; border-bottom: 1px solid #e3e3e3; text-align: left !important;
-         white-space: nowrap; }
-th { background: #f5f7fa; }
+:host { overflow-x: auto; max-width: 100%; -webkit-overflow-scrolling: touch; }
+table.panel-df { border-collapse: collapse; font-size: 0.85rem; width: 100%; }
+.panel-df th, .panel-df td { padding: 4px 8px; border-bottom: 1px solid #e3e3e3;
+                             text-align: left !important; white-space: nowrap; }
+.panel-df td:last-child { white-space: normal; min-width: 20em; }
+.panel-df th { background: #f5f7fa; }
 """
 
 CARDS_CSS = """

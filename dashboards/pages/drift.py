@@ -37,7 +37,20 @@ class DriftPage(pn.viewable.Viewer):
     def _p_values(self):
         if isinstance(self.history, Unavailable):
             return explanation(self.history)
+        reports = self.history["computed_at"].drop_duplicates().sort_values()
+        if len(reports) == 1:
+            note = (
+                f"One report so far, computed {reports.iloc[0]:%Y-%m-%d %H:%M} UTC: each point is "
+                "a feature's corrected p-value. The history builds as reports come (each "
+                "drift_report run adds one)."
+            )
+        else:
+            note = (
+                f"{len(reports)} reports from {reports.iloc[0]:%Y-%m-%d %H:%M} to "
+                f"{reports.iloc[-1]:%Y-%m-%d %H:%M} UTC, one line per feature."
+            )
         return pn.Column(
+            pn.pane.Markdown(note, margin=(0, 10), css_classes=["history-note"]),
             pn.pane.Bokeh(
                 charts.p_value_chart(self.history, self.threshold), sizing_mode="stretch_width"
             ),
