@@ -24,6 +24,18 @@ __all__ = ["ReadModels", "open_alerts"]
 
 ROLLOUT_STATE_FILE = "rollout_state.json"
 ROLLOUT_DECISIONS = "rollout_decisions"
+CALIBRATION = "calibration"
+# The calibration read model's contract (one row per group of customers).
+CALIBRATION_COLUMNS = (
+    "grouping",  # 'decile' (group_label '1'..'10') or 'segment'
+    "group_label",
+    "customers",
+    "predicted_rate",  # mean predicted churn probability over the horizon
+    "observed_rate",  # realised churn within the same horizon after scoring
+    "tolerance",  # half-width of the calibration error band
+    "horizon_days",
+    "model_version",
+)
 
 
 class ReadModels:
@@ -33,13 +45,16 @@ class ReadModels:
         self.settings = settings
         self.directory = settings.read_models_dir
 
-    def frame(self, name: str, *, what: str | None = None) -> pd.DataFrame | Unavailable:
-        """Read model ``name`` as a DataFrame; missing, unreadable or empty -> Unavailable."""
+    def frame(
+        self, name: str, *, what: str | None = None, missing: Unavailable | None = None
+    ) -> pd.DataFrame | Unavailable:
+        """Read model ``name`` as a DataFrame; missing, unreadable or empty -> Unavailable
+        (``missing``, when given, for one that is not published or has no rows yet)."""
         source = what or f"read model {name!r}"
         try:
             frame = _load_cached(self.directory, name)
         except ReadModelMissing:
-            return Unavailable(
+            return missing or Unavailable(
                 source,
                 f"it has not been published yet ({self.directory / (name + '.parquet')})",
                 "Materialise the Dagster asset that publishes it.",
@@ -47,7 +62,7 @@ class ReadModels:
         except ReadModelUnreadable as exc:
             return Unavailable(source, f"the file cannot be read ({exc})")
         if frame.empty:
-            return Unavailable(source, "it holds no rows yet")
+            return missing or Unavailable(source, "it holds no rows yet")
         return frame
 
     def monitoring(self) -> dict[str, Any] | Unavailable:
@@ -70,6 +85,35 @@ class ReadModels:
             return frame
         frame["computed_at"] = pd.to_datetime(frame["computed_at"], utc=True)
         return frame.sort_values(["computed_at", "feature"], ignore_index=True)
+
+    def calibration(self) -> pd.DataFrame | Unavailable:
+        """Observed vs predicted churn over the model's horizon, by score decile and by segment
+        (:data:`CALIBRATION_COLUMNS`); until it is published, a "waiting for" explanation.
+        One model version and one horizon, or an explanation of the mix."""
+        source = "Calibration"
+        frame = self.frame(
+            CALIBRATION,
+            what=source,
+            missing=Unavailable(
+                source,
+                f"waiting for the {CALIBRATION!r} read model "
+                f"({self.directory / (CALIBRATION + '.parquet')} is not published yet)",
+                "It is published once the customers a model scored have been followed for "
+                "its horizon, so observed churn can be set beside predicted risk.",
+            ),
+        )
+        if isinstance(frame, Unavailable):
+            return frame
+        absent = [column for column in CALIBRATION_COLUMNS if column not in frame.columns]
+        if absent:
+            return Unavailable(source, f"the read model has no column {', '.join(absent)}")
+        for column in ("horizon_days", "model_version"):
+            values = sorted(frame[column].astype(str).unique())
+            if len(values) > 1:
+                return Unavailable(
+                    source, f"the read model mixes {column} values ({', '.join(values)})"
+                )
+        return frame
 
     def live_window(self) -> pd.DataFrame | Unavailable:
         """Landed customer events of the last ``monitoring.live_window_days`` (the drift

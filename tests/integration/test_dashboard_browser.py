@@ -119,6 +119,38 @@ def _drift_tests(reference: pd.DataFrame, live: pd.DataFrame) -> list[dict]:
     ]
 
 
+CALIBRATION_HORIZON_DAYS = 14
+
+
+def calibration_frame(customers: pd.DataFrame) -> pd.DataFrame:
+    """The ``calibration`` read model (the shape the calibration asset publishes: one row per
+    score decile and per contract segment) for customers scored by v1 (column ``risk``).
+    Realised churn within the horizon is drawn from each customer's risk (seeded), so the
+    groups land near the diagonal with sampling noise, as a calibrated model's do."""
+    rng = np.random.default_rng(7)
+    scored = customers.assign(
+        churned=rng.random(len(customers)) < customers["risk"],
+        decile=(pd.qcut(customers["risk"], 10, labels=False) + 1).astype(str),
+    )
+    rows = []
+    for grouping, column in (("decile", "decile"), ("segment", "contract_type")):
+        for label, group in scored.groupby(column):
+            predicted = float(group["risk"].mean())
+            rows.append(
+                {
+                    "grouping": grouping,
+                    "group_label": str(label),
+                    "customers": len(group),
+                    "predicted_rate": predicted,
+                    "observed_rate": float(group["churned"].mean()),
+                    "tolerance": 0.01 + 1.96 * np.sqrt(predicted * (1 - predicted) / len(group)),
+                    "horizon_days": CALIBRATION_HORIZON_DAYS,
+                    "model_version": "v1",
+                }
+            )
+    return pd.DataFrame(rows).astype({"customers": "int64", "horizon_days": "int32"})
+
+
 def publish_sample_read_models(settings: Settings) -> None:
     read_models = settings.read_models_dir
     registry = ModelRegistry(settings.registry_dir)
@@ -232,6 +264,7 @@ def publish_sample_read_models(settings: Settings) -> None:
     customers["risk"] = model.predict_frame(customers)
     segments = segment_table(customers.assign(churned=customers["label"].astype(bool)), "v1")
     _publish(read_models, "customer_segments", segments)
+    _publish(read_models, "calibration", calibration_frame(customers))
 
     # Rollout: shadow started, passed, and the canary advanced once.
     policy = RolloutPolicy.from_settings(settings)
