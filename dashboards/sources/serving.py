@@ -15,6 +15,12 @@ from dashboards.sources import HTTP_TIMEOUT_S, Unavailable, http_detail
 __all__ = ["ADMIN_TOKEN_ENV", "ActionResult", "ServingClient", "request_rate"]
 
 ADMIN_TOKEN_ENV = "CHURN_ADMIN_TOKEN"
+RETRAIN_PATH = "/admin/retrain"
+RETRAIN_REFUSALS = {
+    401: "the serving API did not accept the dashboard's admin token",
+    409: "a rollout is in progress",
+    503: "the serving API cannot reach Dagster",
+}
 
 
 @dataclass(frozen=True)
@@ -149,24 +155,60 @@ class ServingClient:
         return response.json()
 
     # -- admin -------------------------------------------------------------------------------------
-    def _admin(self, method: str, path: str, body: Any = None) -> ActionResult:
+    def _admin(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        timeout_s: float | None = None,
+        refusals: Mapping[int, str] | None = None,
+        session: requests.Session | None = None,
+    ) -> ActionResult:
+        """An admin call with the bearer token; ``refusals`` names what a status means."""
         if not self.admin_enabled:
             return ActionResult(
                 False, f"admin actions are disabled: set {ADMIN_TOKEN_ENV} for the dashboard"
             )
         try:
-            response = self._session.request(
+            response = (session or self._session).request(
                 method,
                 self.base_url + path,
                 json=body,
                 headers={"Authorization": f"Bearer {self.token}"},
-                timeout=self.timeout_s * 3,
+                timeout=timeout_s or self.timeout_s * 3,
             )
         except requests.RequestException as exc:
             return ActionResult(False, self._unreachable(exc).message())
         if response.status_code != 200:
-            return ActionResult(False, f"refused: {http_detail(response)}")
+            meaning = (refusals or {}).get(response.status_code)
+            refused = f"refused ({meaning})" if meaning else "refused"
+            return ActionResult(False, f"{refused}: {http_detail(response)}")
         return ActionResult(True, "done", response.json())
+
+    def retrain(self, reason: str) -> ActionResult:
+        """``POST /admin/retrain {"reason"}``: launch the retraining job in the platform's
+        Dagster instance; on success the message names the run id (``body`` is the answer:
+        ``run_id``, ``job``, ``reason``). Blocking (a Dagster launch takes seconds): pages call
+        it off the event loop, on a session of its own, since ``requests.Session`` is not
+        thread-safe."""
+        with requests.Session() as session:
+            result = self._admin(
+                "POST",
+                RETRAIN_PATH,
+                {"reason": reason},
+                timeout_s=self.timeout_s * 5,
+                refusals=RETRAIN_REFUSALS,
+                session=session,
+            )
+        if not result.ok:
+            return result
+        answer = result.body if isinstance(result.body, dict) else {}
+        if not answer.get("run_id"):
+            return ActionResult(False, f"{RETRAIN_PATH} answered without a run id: {answer!r}")
+        return ActionResult(
+            True, f"run {answer['run_id']} of {answer.get('job', 'the retraining job')}", answer
+        )
 
     def promote(self) -> ActionResult:
         return self._admin("POST", "/router/promote-v2")
