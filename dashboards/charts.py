@@ -56,6 +56,9 @@ def _figure(**kwargs) -> figure:
     )
     fig.outline_line_color = None
     fig.grid.grid_line_alpha = 0.4
+    # Readable on a phone (Bokeh's tick labels default to 11px).
+    fig.axis.major_label_text_font_size = "12px"
+    fig.axis.axis_label_text_font_size = "13px"
     return fig
 
 
@@ -236,7 +239,7 @@ def distribution_chart(
             legend_label=f"{label} ({len(series):,} rows)",
         )
     fig.legend.location = "top_right"
-    fig.legend.label_text_font_size = "8pt"
+    fig.legend.label_text_font_size = "12px"
     return fig
 
 
@@ -270,7 +273,7 @@ def grouped_bars(
         items.append(LegendItem(label=name, renderers=[renderer]))
     if len(items) > 1:  # outside the plot, so it never hides a bar
         fig.add_layout(
-            Legend(items=items, orientation="horizontal", label_text_font_size="8pt"), "above"
+            Legend(items=items, orientation="horizontal", label_text_font_size="12px"), "above"
         )
     fig.y_range.start = 0
     fig.xaxis.major_label_orientation = math.pi / 6 if len(categories) > 4 else 0

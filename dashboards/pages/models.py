@@ -285,7 +285,7 @@ class ModelsPage(pn.viewable.Viewer):
                 "reasons": ["; ".join(r) for r in decisions["reasons"]],
             }
         )
-        return table(shown)
+        return table(shown, wrap_last=True)
 
     def __panel__(self):
         admin_note = (
