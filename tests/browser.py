@@ -146,29 +146,46 @@ function* deep(root) {
 }
 """
 
-# The viewport the page was laid out in, the document's width, and the boxes that scroll
-# sideways (wide tables may, inside their own box; nothing else should).
+# The viewport the page was laid out in, the document's width, the boxes that scroll sideways
+# (wide tables may, inside their own box; nothing else should) and what is cut off: text or a
+# chart canvas reaching past the window's edges outside any box that scrolls sideways.
 LAYOUT_JS = (
     "() => {"
     + _DEEP
     + """
-  const sideways = [];
+  const scrollsSideways = (el) => ['auto', 'scroll'].includes(getComputedStyle(el).overflowX)
+    && el.scrollWidth > el.clientWidth + 1;
+  const parentOf = (el) => el.parentElement
+    || (el.getRootNode() instanceof ShadowRoot ? el.getRootNode().host : null);
+  const name = (el) => el.tagName.toLowerCase() + '.' + [...el.classList].join('.');
+  const sideways = [], cut = [];
   for (const el of deep(document)) {
-    const style = getComputedStyle(el);
-    if (!['auto', 'scroll'].includes(style.overflowX)) continue;
-    if (el.scrollWidth <= el.clientWidth + 1) continue;
-    const root = el.shadowRoot || el;
-    sideways.push({
-      element: el.tagName.toLowerCase() + '.' + [...el.classList].join('.'),
-      table: root.querySelector('table.panel-df') !== null,
-      scrollWidth: el.scrollWidth, clientWidth: el.clientWidth,
-    });
+    if (scrollsSideways(el)) {
+      const root = el.shadowRoot || el;
+      sideways.push({
+        element: name(el),
+        table: root.querySelector('table.panel-df') !== null,
+        scrollWidth: el.scrollWidth, clientWidth: el.clientWidth,
+      });
+    }
+    const ownText = [...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim());
+    if (!ownText && el.tagName !== 'CANVAS') continue;
+    const box = el.getBoundingClientRect();
+    if (box.width === 0 || box.height === 0) continue;
+    if (box.left >= -1 && box.right <= window.innerWidth + 1) continue;
+    let ancestor = parentOf(el);
+    while (ancestor && !scrollsSideways(ancestor)) ancestor = parentOf(ancestor);
+    if (!ancestor) {
+      cut.push({element: name(el), text: el.textContent.trim().slice(0, 40),
+                left: box.left, right: box.right});
+    }
   }
   return {
     innerWidth: window.innerWidth,
     scale: window.visualViewport.scale,
     scrollWidth: document.scrollingElement.scrollWidth,
     sideways: sideways,
+    cut: cut,
   };
 }"""
 )

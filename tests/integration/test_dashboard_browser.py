@@ -448,13 +448,15 @@ def _json(method: str, url: str, body=None, token=None):
 
 def _assert_readable_layout(page, device: Device, headline: tuple[str, int]) -> None:
     """The page is laid out at the device's width (the viewport meta tag works) without sideways
-    scrolling but inside a wide table's own box; its headline figures are in the window and
-    its headline and body text at least MIN_FONT_PX CSS pixels."""
+    scrolling but inside a wide table's own box, and nothing is cut off at the window's edges;
+    its headline figures are in the window and its headline and body text at least MIN_FONT_PX
+    CSS pixels."""
     where = f"{device.name} {device.width}x{device.height}"
     found = layout(page)
     assert (found["innerWidth"], found["scale"]) == (device.width, 1), (where, found)
     assert found["scrollWidth"] <= found["innerWidth"], (where, found)
     assert all(box["table"] for box in found["sideways"]), (where, found["sideways"])
+    assert found["cut"] == [], (where, found["cut"])
     selector, least = headline
     figures = [box for box in boxes(page.locator(selector)) if box["text"]]
     assert len(figures) >= least, (where, selector, figures)
