@@ -56,7 +56,7 @@ class ModelsPage(pn.viewable.Viewer):
         self.buttons = self._buttons()
         self.audit = pn.Column(sizing_mode="stretch_width")
         self.retrain_reason = pn.widgets.TextInput(
-            name="Reason for retraining",
+            label="Reason for retraining",
             placeholder="e.g. drift in monthly charges since the price change",
             css_classes=["retrain-reason"],
             sizing_mode="stretch_width",

@@ -78,7 +78,7 @@ PAGES = {
     ),
     "drift": (
         "Drift",
-        ["Open alerts", "Latest report", "Multivariate drift", "monthly_charges"],
+        ["Open alerts", "8 reports from", "Latest report", "Multivariate drift", "monthly_charges"],
         (".card .value", 4),
     ),
     # The form's labels are the contract's descriptions (config/features.yaml).
