@@ -138,7 +138,8 @@ class AnalyticsPage(pn.viewable.Viewer):
             "after they were scored. "
             f"**Tolerance**: the half-width of the calibration error band "
             f"({_tolerance_text(frame['tolerance'])}); a calibrated model keeps each group's "
-            "observed rate within it of the predicted one, on the dashed diagonal's band. "
+            "observed rate that close to its predicted rate, inside the shaded band around the "
+            "dashed diagonal. "
             f"**Deciles**: customers ranked by predicted risk and cut into ten equal groups"
             f"{order}."
         )
