@@ -771,7 +771,7 @@ class RetrainAPI(BaseHTTPRequestHandler):
         if RetrainAPI.answer == "dagster_down":
             return self._reply(503, {"detail": DAGSTER_DOWN})
         reason = request["body"]["reason"]
-        return self._reply(200, {"run_id": RUN_ID, "job": "training_job", "reason": reason})
+        return self._reply(200, {"run_id": RUN_ID, "job": "retraining_job", "reason": reason})
 
     def do_GET(self):  # noqa: N802 - http.server's naming
         self._reply(404, {"detail": "Not Found"})
@@ -845,7 +845,7 @@ def test_retrain_button_launches_a_run_off_the_event_loop_and_shows_refusals(
         other.open(f"{retrain_dashboard.url}?page=analytics", "Global feature importance")
         assert page.locator(".retrain-success").count() == 0  # still waiting on the API
         RetrainAPI.release.set()
-        result.get_by_text(f"Retraining launched: run {RUN_ID} of training_job").wait_for(
+        result.get_by_text(f"Retraining launched: run {RUN_ID} of retraining_job").wait_for(
             timeout=30_000
         )
         assert "drift in monthly charges since the price change" in " ".join(
