@@ -56,6 +56,7 @@ def _figure(**kwargs) -> figure:
     )
     fig.outline_line_color = None
     fig.grid.grid_line_alpha = 0.4
+    fig.min_border_right = 24  # room for the last tick label (a clock time is wide)
     # Readable on a phone (Bokeh's tick labels default to 11px).
     fig.axis.major_label_text_font_size = "12px"
     fig.axis.axis_label_text_font_size = "13px"
@@ -63,7 +64,7 @@ def _figure(**kwargs) -> figure:
 
 
 # Few enough labels that they do not run into each other on a phone.
-TIME_TICKS = 4
+TIME_TICKS = 3
 TIME_FORMAT, DATE_FORMAT = "%H:%M:%S", "%d %b %Y"
 FINE_SCALES = ("microseconds", "milliseconds", "seconds", "minsec")
 COARSE_SCALES = ("minutes", "hourmin", "hours")
