@@ -26,6 +26,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 from playwright.sync_api import expect
 from scipy.stats import chi2_contingency, ks_2samp
 
@@ -763,7 +764,9 @@ class RetrainAPI(BaseHTTPRequestHandler):
             "body": json.loads(body),
         }
         RetrainAPI.received.append(request)
-        assert RetrainAPI.release.wait(30), "the test never released the answer"
+        # Held longer than a page may take to load, so a blocked event loop shows as a page
+        # that does not load (not as a timed-out answer).
+        assert RetrainAPI.release.wait(90), "the test never released the answer"
         if request["authorization"] != f"Bearer {RetrainAPI.token}":
             return self._reply(401, {"detail": "a valid admin bearer token is required"})
         if RetrainAPI.answer == "rollout":
@@ -842,7 +845,10 @@ def test_retrain_button_launches_a_run_off_the_event_loop_and_shows_refusals(
         result.get_by_text("Launching the retraining job").wait_for(timeout=10_000)
         expect(page.locator(".action-retrain button")).to_be_disabled()
         other = Page(browser)
-        other.open(f"{retrain_dashboard.url}?page=analytics", "Global feature importance")
+        try:
+            other.open(f"{retrain_dashboard.url}?page=analytics", "Global feature importance")
+        except PlaywrightTimeoutError:
+            pytest.fail("no other page loads while the retrain call waits: it blocks the loop")
         assert page.locator(".retrain-success").count() == 0  # still waiting on the API
         RetrainAPI.release.set()
         result.get_by_text(f"Retraining launched: run {RUN_ID} of retraining_job").wait_for(
