@@ -16,6 +16,8 @@ __all__ = ["ADMIN_TOKEN_ENV", "ActionResult", "ServingClient", "request_rate"]
 
 ADMIN_TOKEN_ENV = "CHURN_ADMIN_TOKEN"
 RETRAIN_PATH = "/admin/retrain"
+# Serving launches the run in Dagster before it answers, which takes seconds on a busy machine.
+RETRAIN_TIMEOUT_S = 30.0
 RETRAIN_REFUSALS = {
     401: "the serving API did not accept the dashboard's admin token",
     409: "a rollout is in progress",
@@ -197,7 +199,7 @@ class ServingClient:
                 "POST",
                 RETRAIN_PATH,
                 {"reason": reason},
-                timeout_s=self.timeout_s * 5,
+                timeout_s=RETRAIN_TIMEOUT_S,
                 refusals=RETRAIN_REFUSALS,
                 session=session,
             )

@@ -52,6 +52,7 @@ from churn_assets.schemas import FEATURE_NAMES, NUMERIC_FEATURES
 from churn_assets.segments import segment_table
 from churn_assets.simulator import SimulationConfig, sample_customers, simulate_frames
 from churn_assets.warehouse import publish_read_model
+from dashboards.sources.serving import RETRAIN_TIMEOUT_S
 from tests.browser import (
     DESKTOP,
     DEVICES,
@@ -413,9 +414,9 @@ class Page:
         )
         self.page.on("pageerror", lambda error: self.errors.append(f"pageerror: {error}"))
 
-    def open(self, url: str, ready_text: str):
-        self.page.goto(url)
-        self.page.get_by_text(ready_text, exact=False).first.wait_for(timeout=30_000)
+    def open(self, url: str, ready_text: str, timeout_ms: int = 30_000):
+        self.page.goto(url, timeout=timeout_ms)
+        self.page.get_by_text(ready_text, exact=False).first.wait_for(timeout=timeout_ms)
         return self.page
 
     def close(self, name: str | None = None) -> None:
@@ -764,8 +765,6 @@ class RetrainAPI(BaseHTTPRequestHandler):
             "body": json.loads(body),
         }
         RetrainAPI.received.append(request)
-        # Held longer than a page may take to load, so a blocked event loop shows as a page
-        # that does not load (not as a timed-out answer).
         assert RetrainAPI.release.wait(90), "the test never released the answer"
         if request["authorization"] != f"Bearer {RetrainAPI.token}":
             return self._reply(401, {"detail": "a valid admin bearer token is required"})
@@ -844,9 +843,15 @@ def test_retrain_button_launches_a_run_off_the_event_loop_and_shows_refusals(
         _retrain(page, "drift in monthly charges since the price change")
         result.get_by_text("Launching the retraining job").wait_for(timeout=10_000)
         expect(page.locator(".action-retrain button")).to_be_disabled()
+        # Given less time than the dashboard waits for the answer (RETRAIN_TIMEOUT_S), so a
+        # call that blocks the event loop shows as a page that does not load.
         other = Page(browser)
         try:
-            other.open(f"{retrain_dashboard.url}?page=analytics", "Global feature importance")
+            other.open(
+                f"{retrain_dashboard.url}?page=analytics",
+                "Global feature importance",
+                timeout_ms=int(RETRAIN_TIMEOUT_S * 1000 * 2 / 3),
+            )
         except PlaywrightTimeoutError:
             pytest.fail("no other page loads while the retrain call waits: it blocks the loop")
         assert page.locator(".retrain-success").count() == 0  # still waiting on the API
