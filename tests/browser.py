@@ -116,24 +116,18 @@ class Device:
         return options
 
 
-CHROME_ANDROID = "Mozilla/5.0 (Linux; Android 14; {model}) AppleWebKit/537.36 (KHTML, like Gecko) "
+def _android(name: str, width: int, height: int, scale: float, model: str, phone: bool) -> Device:
+    """Chrome on an Android ``model``: a phone's user agent says "Mobile", a tablet's does not."""
+    agent = (
+        f"Mozilla/5.0 (Linux; Android 14; {model}) AppleWebKit/537.36 (KHTML, like Gecko) "
+        f"Chrome/126.0.0.0 {'Mobile ' if phone else ''}Safari/537.36"
+    )
+    return Device(name, width, height, scale=scale, mobile=True, user_agent=agent)
+
+
 DESKTOP = Device("desktop", 1440, 900)
-TABLET = Device(
-    "tablet",
-    820,
-    1180,
-    scale=2,
-    mobile=True,
-    user_agent=CHROME_ANDROID.format(model="SM-X710") + "Chrome/126.0.0.0 Safari/537.36",
-)
-PHONE = Device(
-    "phone",
-    390,
-    844,
-    scale=3,
-    mobile=True,
-    user_agent=CHROME_ANDROID.format(model="Pixel 8") + "Chrome/126.0.0.0 Mobile Safari/537.36",
-)
+TABLET = _android("tablet", 820, 1180, 2, "SM-X710", phone=False)
+PHONE = _android("phone", 390, 844, 3, "Pixel 8", phone=True)
 DEVICES = (DESKTOP, TABLET, PHONE)
 
 # Elements of the page, including those inside Panel's shadow roots, as a JS generator.
