@@ -78,6 +78,7 @@ def build(page: str) -> pn.template.BootstrapTemplate:
     template = pn.template.BootstrapTemplate(
         title="Churn platform",
         header_background="#1f3b57",
+        meta_viewport="width=device-width, initial-scale=1",
         main=[_navigation(page), content],
     )
     return template

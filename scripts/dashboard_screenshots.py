@@ -1,9 +1,10 @@
 """Regenerate the screenshots in docs/images/dashboard/ used by docs/DASHBOARD_GUIDE.md.
 
-Runs the dashboard's browser tests at 1280 px (real serving process, real broker, sample read
-models published with the project's code; see tests/integration/test_dashboard_browser.py), which
-write one image per page, then reduces each to a 128-colour palette so the committed PNGs stay
-small. Usage: .venv/bin/python scripts/dashboard_screenshots.py
+Runs the dashboard's page tests (real serving process, real broker, sample read models published
+with the project's code; see tests/integration/test_dashboard_browser.py), which write one image
+per page on a 1440 px desktop and a few on a 390 px phone (mobile emulation), then reduces each to
+a 128-colour palette so the committed PNGs stay small.
+Usage: .venv/bin/python scripts/dashboard_screenshots.py
 """
 
 import os
@@ -17,6 +18,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 TARGET = REPO / "docs" / "images" / "dashboard"
 PAGES = ("monitoring", "drift", "prediction", "models", "analytics")
+PHONE_PAGES = ("monitoring", "analytics")  # DOCS_PHONE_PAGES in the test
+IMAGES = (*PAGES, *(f"{page}-phone" for page in PHONE_PAGES))
 
 
 def main() -> int:
@@ -32,7 +35,7 @@ def main() -> int:
                 "no:cacheprovider",
                 str(REPO / "tests" / "integration" / "test_dashboard_browser.py"),
                 "-k",
-                "1280 or prediction_form",
+                "test_page_reads or prediction_form",
             ],
             cwd=REPO,
             env=env,
@@ -42,7 +45,7 @@ def main() -> int:
             return result.returncode
         TARGET.mkdir(parents=True, exist_ok=True)
         total = 0
-        for page in PAGES:
+        for page in IMAGES:
             source = Path(raw) / f"{page}.png"
             image = Image.open(source).convert("RGB")
             image.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(

@@ -1,87 +1,183 @@
-"""Analytics: customer segments by predicted risk, churn by cohort, global feature importance.
+"""Analytics: calibration (observed churn beside predicted risk over the same horizon, by score
+decile and by segment), customer segments by predicted risk, global feature importance.
 
-The cohorts are those the customer_segments asset published (churn_assets.segments: the
-contract's category and boolean features and bands of its first integer feature), labelled from
-the champion's contract."""
-
-import re
+Observed and predicted rates are only compared where they cover the same horizon: the
+``calibration`` read model's. The ``customer_segments`` read model's observed churn is "ever
+churned", which no horizon-bound risk should be measured against, so it is not shown beside one.
+"""
 
 import pandas as pd
 import panel as pn
-import param
 
-from churn_assets.contract import Contract
-from churn_assets.segments import BAND_SUFFIX, RISK_TIER, cohort_types
 from dashboards import charts
-from dashboards.data import Unavailable, feature_label, form_contract
-from dashboards.pages.common import Context, explanation, heading, table
+from dashboards.pages.common import Context, explanation, heading, stat_cards, table
+from dashboards.sources import Unavailable
 
-__all__ = ["AnalyticsPage", "cohort_labels"]
+__all__ = ["AnalyticsPage", "calibration_rows"]
 
 TIER_ORDER = ("low", "medium", "high")  # churn_assets.segments.RISK_TIERS
-BAND_START = re.compile(r"^(-?\d+)")
 
 
-def cohort_labels(types: list[str], contract: Contract) -> dict[str, str]:
-    """Cohort type -> its label: the feature's label, ``(bands)`` added for a banded one."""
-    labels = {}
-    for cohort_type in types:
-        name = cohort_type.removesuffix(BAND_SUFFIX)
-        try:
-            label = feature_label(contract.feature(name))
-        except KeyError:
-            label = name.replace("_", " ").capitalize()
-        labels[cohort_type] = f"{label} (bands)" if name != cohort_type else label
-    return labels
+def calibration_rows(calibration: pd.DataFrame, grouping: str) -> pd.DataFrame:
+    """The rows of one ``grouping`` ('decile' in numeric order, 'segment' by name) with the gap
+    (observed - predicted) and whether it is within the tolerance."""
+    rows = calibration.loc[calibration["grouping"] == grouping].copy()
+    if grouping == "decile":
+        rows = rows.assign(_order=pd.to_numeric(rows["group_label"], errors="coerce"))
+    else:
+        rows = rows.assign(_order=rows["group_label"].astype(str))
+    rows = rows.sort_values("_order").drop(columns="_order").reset_index(drop=True)
+    gap = rows["observed_rate"] - rows["predicted_rate"]
+    return rows.assign(gap=gap, within=gap.abs() <= rows["tolerance"])
+
+
+def _points(rate: float) -> str:
+    return f"{rate * 100:+.1f} pp"
+
+
+def _tolerance_text(tolerance: pd.Series) -> str:
+    low, high = tolerance.min() * 100, tolerance.max() * 100
+    return f"± {low:.1f} pp" if round(low, 1) == round(high, 1) else f"± {low:.1f}–{high:.1f} pp"
 
 
 class AnalyticsPage(pn.viewable.Viewer):
-    """Read models published by the customer_segments and feature_importance assets."""
-
-    cohort = param.Selector(doc="Cohort to compare churn across.")
+    """Read models published by the calibration, customer_segments and feature_importance
+    assets."""
 
     def __init__(self, context: Context, **params) -> None:
         super().__init__(**params)
         self.context = context
+        self.calibration = context.read_models.calibration()
         self.segments = context.read_models.frame("customer_segments", what="Customer segments")
         self.importance = context.read_models.frame("feature_importance", what="Feature importance")
-        contract = form_contract(context.settings).contract
-        if isinstance(self.segments, Unavailable):
-            types = list(cohort_types(contract))
-        else:
-            types = list(dict.fromkeys(self.segments["cohort_type"]))
-        types = [t for t in types if t != RISK_TIER] or ["none"]
-        self.labels = cohort_labels(types, contract)
-        self.param.cohort.objects = types
-        self.cohort = types[0]
 
-    def _cohort_frame(self, cohort_type: str) -> pd.DataFrame:
-        assert not isinstance(self.segments, Unavailable)
-        rows = self.segments.loc[self.segments["cohort_type"] == cohort_type]
-        if cohort_type == RISK_TIER:
-            order = {tier: i for i, tier in enumerate(TIER_ORDER)}
-            rows = rows.assign(_order=rows["cohort"].map(order)).sort_values("_order")
-        elif cohort_type.endswith(BAND_SUFFIX):
-            starts = rows["cohort"].astype(str).str.extract(BAND_START, expand=False)
-            rows = rows.assign(_order=pd.to_numeric(starts, errors="coerce")).sort_values("_order")
+    # -- calibration ------------------------------------------------------------------------------
+    def _calibration(self) -> list[pn.viewable.Viewable]:
+        if isinstance(self.calibration, Unavailable):
+            return [explanation(self.calibration)]
+        frame = self.calibration
+        horizon = int(frame["horizon_days"].iloc[0])
+        model = str(frame["model_version"].iloc[0])
+        deciles = calibration_rows(frame, "decile")
+        segments = calibration_rows(frame, "segment")
+        parts: list[pn.viewable.Viewable] = [
+            pn.pane.HTML(
+                stat_cards(self._calibration_cards(deciles, horizon, model)),
+                sizing_mode="stretch_width",
+                css_classes=["calibration-cards"],
+            )
+        ]
+        if deciles.empty:
+            parts.append(
+                pn.pane.Alert("No score deciles in the calibration read model.", alert_type="info")
+            )
         else:
-            rows = rows.sort_values("cohort")
-        return rows.reset_index(drop=True)
+            parts += [
+                heading(f"By score decile ({horizon}-day churn)", 4),
+                pn.pane.Bokeh(charts.calibration_chart(deciles), sizing_mode="stretch_width"),
+                pn.pane.HTML(charts.calibration_key(), sizing_mode="stretch_width"),
+            ]
+        if not segments.empty:
+            parts += [
+                heading(f"By segment ({horizon}-day churn)", 4),
+                pn.pane.Bokeh(
+                    charts.segment_calibration_chart(segments), sizing_mode="stretch_width"
+                ),
+                pn.pane.HTML(charts.segment_calibration_key(), sizing_mode="stretch_width"),
+            ]
+        parts += [
+            pn.pane.Markdown(
+                self._definitions(frame, deciles, horizon, model),
+                margin=(0, 10),
+                css_classes=["calibration-definitions"],
+            ),
+            table(self._calibration_table(pd.concat([deciles, segments], ignore_index=True))),
+        ]
+        return parts
 
+    @staticmethod
+    def _calibration_cards(deciles: pd.DataFrame, horizon: int, model: str):
+        cards = [("Horizon", f"{horizon} days", "predicted and observed over the same days", "")]
+        if not deciles.empty:
+            within = int(deciles["within"].sum())
+            worst = deciles.loc[deciles["gap"].abs().idxmax()]
+            cards += [
+                (
+                    "Deciles within tolerance",
+                    f"{within} of {len(deciles)}",
+                    "observed inside the calibration band",
+                    "good" if within == len(deciles) else "warn",
+                ),
+                (
+                    "Largest gap",
+                    _points(float(worst["gap"])),
+                    f"decile {worst['group_label']}, tolerance ± {worst['tolerance'] * 100:.1f} pp",
+                    "good" if worst["within"] else "bad",
+                ),
+                (
+                    "Customers",
+                    f"{int(deciles['customers'].sum()):,}",
+                    f"scored by {model}",
+                    "",
+                ),
+            ]
+        return cards
+
+    @staticmethod
+    def _definitions(frame: pd.DataFrame, deciles: pd.DataFrame, horizon: int, model: str):
+        order = ""
+        if len(deciles) > 1:
+            rising = deciles["predicted_rate"].iloc[-1] >= deciles["predicted_rate"].iloc[0]
+            first, last = deciles["group_label"].iloc[0], deciles["group_label"].iloc[-1]
+            low, high = (first, last) if rising else (last, first)
+            order = f" (decile {low} has the lowest predicted risk, {high} the highest)"
+        return (
+            f"**Predicted**: the mean churn probability that {model} gave the customers of a "
+            f"group when it scored them, for churn within {horizon} days. "
+            f"**Observed**: the share of those customers who churned within {horizon} days "
+            "after they were scored. "
+            f"**Tolerance**: the half-width of the calibration error band "
+            f"({_tolerance_text(frame['tolerance'])}); a calibrated model keeps each group's "
+            "observed rate that close to its predicted rate, inside the shaded band around the "
+            "dashed diagonal. "
+            f"**Deciles**: customers ranked by predicted risk and cut into ten equal groups"
+            f"{order}."
+        )
+
+    @staticmethod
+    def _calibration_table(rows: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "group": rows["grouping"] + " " + rows["group_label"].astype(str),
+                "customers": rows["customers"].map("{:,}".format),
+                "predicted": rows["predicted_rate"].map("{:.1%}".format),
+                "observed": rows["observed_rate"].map("{:.1%}".format),
+                "gap": rows["gap"].map(_points),
+                "tolerance": rows["tolerance"].map(lambda t: f"± {t * 100:.1f} pp"),
+                "within tolerance": rows["within"].map({True: "yes", False: "no"}),
+            }
+        )
+
+    # -- segments and importance ------------------------------------------------------------------
     def _tiers(self):
         if isinstance(self.segments, Unavailable):
             return explanation(self.segments)
-        tiers = self._cohort_frame("risk_tier")
+        tiers = self.segments.loc[self.segments["cohort_type"] == "risk_tier"]
         if tiers.empty:
             return pn.pane.Alert("No risk tiers in the segments read model.", alert_type="info")
-        shown = tiers[["cohort", "customers", "observed_churn_rate", "mean_predicted_risk"]]
-        shown = shown.assign(share=tiers["customers"] / tiers["customers"].sum()).rename(
-            columns={"cohort": "risk tier"}
+        order = {tier: i for i, tier in enumerate(TIER_ORDER)}
+        tiers = tiers.assign(_order=tiers["cohort"].map(order)).sort_values("_order")
+        share = tiers["customers"] / tiers["customers"].sum()
+        shown = pd.DataFrame(
+            {
+                "risk tier": tiers["cohort"],
+                "customers": tiers["customers"],
+                "share": share.map("{:.1%}".format),
+                "mean predicted risk": tiers["mean_predicted_risk"].map("{:.1%}".format),
+            }
         )
         chart = charts.grouped_bars(
-            list(tiers["cohort"]),
-            {"share of customers": shown["share"].to_numpy()},
-            y_label="share of customers",
+            list(tiers["cohort"]), {"share of customers": share.to_numpy()}, y_label="share"
         )
         return pn.Column(
             pn.pane.Markdown(
@@ -93,24 +189,6 @@ class AnalyticsPage(pn.viewable.Viewer):
             table(shown),
             sizing_mode="stretch_width",
         )
-
-    @param.depends("cohort")
-    def _cohorts(self):
-        if isinstance(self.segments, Unavailable):
-            return explanation(self.segments)
-        rows = self._cohort_frame(self.cohort)
-        if rows.empty:
-            label = self.labels.get(self.cohort, self.cohort)
-            return pn.pane.Alert(f"No {label} cohorts published.", alert_type="info")
-        chart = charts.grouped_bars(
-            list(rows["cohort"]),
-            {
-                "observed churn": rows["observed_churn_rate"].to_numpy(),
-                "mean predicted risk": rows["mean_predicted_risk"].to_numpy(),
-            },
-            y_label="churn rate",
-        )
-        return pn.pane.Bokeh(chart, sizing_mode="stretch_width")
 
     def _importance(self):
         if isinstance(self.importance, Unavailable):
@@ -131,19 +209,12 @@ class AnalyticsPage(pn.viewable.Viewer):
         )
 
     def __panel__(self):
-        selector = pn.widgets.Select.from_param(
-            self.param.cohort,
-            label="Cohort",
-            options={label: key for key, label in self.labels.items()},
-            width=260,
-        )
         return pn.Column(
             heading("Analytics", 2),
+            heading("Calibration: observed vs predicted churn"),
+            *self._calibration(),
             heading("Customer segments by predicted risk"),
             self._tiers(),
-            heading("Churn by cohort: observed vs predicted"),
-            selector,
-            self._cohorts,
             heading("Global feature importance"),
             self._importance(),
             sizing_mode="stretch_width",

@@ -8,16 +8,22 @@ import pandas as pd
 import panel as pn
 
 from churn_assets.config import Settings
-from dashboards.data import ReadModels, ServingClient, Unavailable
+from dashboards.sources import Unavailable
+from dashboards.sources.read_models import ReadModels
+from dashboards.sources.serving import ServingClient
 
 __all__ = ["Context", "explanation", "heading", "stat_cards", "table"]
 
+# A wide table scrolls sideways inside its own box, never the page. Panel's ``.panel-df`` rules
+# are more specific than bare ``td``, hence the class in each selector. Cells keep to one line,
+# except a long-text last column (``table(..., wrap_last=True)``), which wraps once it has 20em.
 TABLE_CSS = """
 :host { overflow-x: auto; max-width: 100%; }
-table { border-collapse: collapse; font-size: 0.85rem; width: 100%; }
-th, td { padding: 4px 8px; border-bottom: 1px solid #e3e3e3; text-align: left !important;
-         white-space: nowrap; }
-th { background: #f5f7fa; }
+table.panel-df { border-collapse: collapse; font-size: 0.85rem; width: 100%; }
+.panel-df th, .panel-df td { padding: 4px 8px; border-bottom: 1px solid #e3e3e3;
+                             text-align: left !important; white-space: nowrap; }
+:host(.wrap-last) .panel-df td:last-child { white-space: normal; min-width: 20em; }
+.panel-df th { background: #f5f7fa; }
 """
 
 CARDS_CSS = """
@@ -57,12 +63,15 @@ def heading(text: str, level: int = 3) -> pn.pane.Markdown:
     return pn.pane.Markdown(f"{'#' * level} {text}", margin=(10, 10, 0, 10))
 
 
-def table(frame: pd.DataFrame, **kwargs) -> pn.pane.DataFrame:
+def table(frame: pd.DataFrame, *, wrap_last: bool = False, **kwargs) -> pn.pane.DataFrame:
+    """``frame`` as an HTML table that scrolls sideways in its own box when it is wider than
+    the page; ``wrap_last`` lets a long-text last column wrap."""
     return pn.pane.DataFrame(
         frame,
         index=False,
         sizing_mode="stretch_width",
         stylesheets=[TABLE_CSS],
+        css_classes=["wrap-last"] if wrap_last else [],
         float_format=lambda v: f"{v:.4g}",
         na_rep="—",
         **kwargs,

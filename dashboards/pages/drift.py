@@ -6,8 +6,10 @@ import panel as pn
 import param
 
 from dashboards import charts
-from dashboards.data import Unavailable, form_contract, open_alerts, reference_sample
 from dashboards.pages.common import Context, explanation, heading, stat_cards, table
+from dashboards.sources import Unavailable
+from dashboards.sources.read_models import open_alerts
+from dashboards.sources.registry import form_contract, reference_sample
 
 __all__ = ["DriftPage"]
 
@@ -35,7 +37,20 @@ class DriftPage(pn.viewable.Viewer):
     def _p_values(self):
         if isinstance(self.history, Unavailable):
             return explanation(self.history)
+        reports = self.history["computed_at"].drop_duplicates().sort_values()
+        if len(reports) == 1:
+            note = (
+                f"One report so far, computed {reports.iloc[0]:%Y-%m-%d %H:%M} UTC: each point is "
+                "a feature's corrected p-value. The history builds as reports come (each "
+                "drift_report run adds one)."
+            )
+        else:
+            note = (
+                f"{len(reports)} reports from {reports.iloc[0]:%Y-%m-%d %H:%M} to "
+                f"{reports.iloc[-1]:%Y-%m-%d %H:%M} UTC, one line per feature."
+            )
         return pn.Column(
+            pn.pane.Markdown(note, margin=(0, 10), css_classes=["history-note"]),
             pn.pane.Bokeh(
                 charts.p_value_chart(self.history, self.threshold), sizing_mode="stretch_width"
             ),

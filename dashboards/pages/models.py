@@ -1,6 +1,8 @@
 """Model management: registered versions and their metrics, the live router state, the rollout
-state and its decision history, and the admin actions (each behind a confirmation)."""
+state and its decision history, the router's admin actions (each behind a confirmation) and
+retraining with a reason."""
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -8,8 +10,10 @@ import pandas as pd
 import panel as pn
 import param
 
-from dashboards.data import ADMIN_TOKEN_ENV, ActionResult, Unavailable, registry_versions
 from dashboards.pages.common import Context, explanation, heading, stat_cards, table
+from dashboards.sources import Unavailable
+from dashboards.sources.registry import registry_versions
+from dashboards.sources.serving import ADMIN_TOKEN_ENV, ActionResult
 
 __all__ = ["ModelsPage"]
 
@@ -51,6 +55,28 @@ class ModelsPage(pn.viewable.Viewer):
         self._state: dict | None = None
         self.buttons = self._buttons()
         self.audit = pn.Column(sizing_mode="stretch_width")
+        self.retrain_reason = pn.widgets.TextInput(
+            label="Reason for retraining",
+            placeholder="e.g. drift in monthly charges since the price change",
+            css_classes=["retrain-reason"],
+            sizing_mode="stretch_width",
+            max_width=520,
+        )
+        self.retrain_button = pn.widgets.Button(
+            label="Retrain", color="primary", width=150, css_classes=["action-retrain"]
+        )
+        self.retrain_button.on_click(self._retrain)
+        self.retrain_result = pn.Column(sizing_mode="stretch_width")
+        if not context.serving.admin_enabled:
+            self.retrain_button.disabled = True
+            self.retrain_result.objects = [
+                pn.pane.Alert(
+                    f"Retraining is disabled: {ADMIN_TOKEN_ENV} is not set in the dashboard's "
+                    "environment (the serving admin API needs it).",
+                    alert_type="info",
+                    css_classes=["retrain-result"],
+                )
+            ]
         self._refresh_router()
 
     # -- live router state ------------------------------------------------------------------------
@@ -192,6 +218,32 @@ class ModelsPage(pn.viewable.Viewer):
         self.message.objects = [pn.pane.Alert(text, alert_type=kind, css_classes=["action-result"])]
         self._refresh_router()
 
+    # -- retraining -------------------------------------------------------------------------------
+    async def _retrain(self, _event=None) -> None:
+        """Launch the retraining job through the serving admin API, off the event loop (the
+        launch takes seconds; other sessions keep being served meanwhile)."""
+        reason = self.retrain_reason.value_input.strip()
+        if not reason:
+            self._show_retrain("Give a reason for retraining first.", "warning")
+            return
+        self.retrain_button.disabled = True
+        self._show_retrain(f"Launching the retraining job ({reason!r})…", "info")
+        try:
+            result = await asyncio.to_thread(self.context.serving.retrain, reason)
+        finally:
+            self.retrain_button.disabled = False
+        if result.ok:
+            self._show_retrain(
+                f"Retraining launched: {result.message}, reason {reason!r}.", "success"
+            )
+        else:
+            self._show_retrain(f"Retraining not launched: {result.message}", "danger")
+
+    def _show_retrain(self, text: str, kind: str) -> None:
+        self.retrain_result.objects = [
+            pn.pane.Alert(text, alert_type=kind, css_classes=["retrain-result", f"retrain-{kind}"])
+        ]
+
     # -- registry and rollout read models ---------------------------------------------------------
     def _versions(self):
         versions = registry_versions(self.context.settings)
@@ -233,7 +285,7 @@ class ModelsPage(pn.viewable.Viewer):
                 "reasons": ["; ".join(r) for r in decisions["reasons"]],
             }
         )
-        return table(shown)
+        return table(shown, wrap_last=True)
 
     def __panel__(self):
         admin_note = (
@@ -262,6 +314,21 @@ class ModelsPage(pn.viewable.Viewer):
             pn.FlexBox(*self.buttons.values(), flex_wrap="wrap"),
             self.confirmation,
             self.message,
+            heading("Retrain"),
+            pn.pane.Markdown(
+                "Launches the retraining job in the platform's Dagster instance with your "
+                "reason, through the serving admin API (`POST /admin/retrain`); refused while "
+                "a rollout is in progress.",
+                margin=(0, 10),
+            ),
+            pn.FlexBox(
+                self.retrain_reason,
+                self.retrain_button,
+                flex_wrap="wrap",
+                align_items="flex-end",
+                sizing_mode="stretch_width",
+            ),
+            self.retrain_result,
             heading("Registered versions"),
             self._versions(),
             heading("Rollout"),

@@ -11,8 +11,11 @@ import param
 from bokeh.models import ColumnDataSource
 
 from dashboards import charts
-from dashboards.data import Unavailable, dagster_runs, kafka_lag, request_rate
 from dashboards.pages.common import Context, explanation, heading, stat_cards, table
+from dashboards.sources import Unavailable
+from dashboards.sources.dagster import dagster_runs
+from dashboards.sources.kafka import kafka_lag
+from dashboards.sources.serving import request_rate
 
 __all__ = ["MonitoringPage"]
 

@@ -6,15 +6,10 @@ import panel as pn
 import param
 
 from dashboards import charts
-from dashboards.data import (
-    FormField,
-    Unavailable,
-    form_contract,
-    form_fields,
-    reference_sample,
-    validate_features,
-)
+from dashboards.forms import FormField, form_fields, validate_features
 from dashboards.pages.common import Context, explanation, heading, stat_cards
+from dashboards.sources import Unavailable
+from dashboards.sources.registry import form_contract, reference_sample
 
 __all__ = ["PredictionPage"]
 

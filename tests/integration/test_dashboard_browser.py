@@ -2,25 +2,31 @@
 
 One serving process (v1 champion, v2 challenger), one embedded broker and one `panel serve`
 subprocess per module, pointed at a temporary config whose read models are published here with
-the project's own code (simulator, drift p-value correction, SHAP, rollout state machine). Every
-page is loaded at 1280, 768 and 390 pixels wide with no console errors, and screenshotted into
-``$CHURN_TEST_ARTIFACTS/dashboard`` (default ``test-artifacts/dashboard``). With
-``CHURN_DASHBOARD_DOCS_DIR`` set, the 1280-wide screenshots are also copied there (what
-``scripts/dashboard_screenshots.py`` does for docs/images/dashboard).
+the project's own code (simulator, drift p-value correction, SHAP, rollout state machine, and a
+calibration read model of the shape the calibration asset publishes). Every page is loaded on a
+1440x900 desktop and, with Playwright's mobile emulation (mobile viewport honouring the viewport
+meta tag, touch, device pixel ratio, mobile user agent), an 820x1180 tablet and a 390x844 phone:
+no console errors, no sideways scrolling but inside a wide table's own box, the page's headline
+figures inside the window and at least 12 CSS px, and so is its body text. Screenshots go to
+``$CHURN_TEST_ARTIFACTS/dashboard`` (default ``test-artifacts/dashboard``); with
+``CHURN_DASHBOARD_DOCS_DIR`` set, the guide's images too (``scripts/dashboard_screenshots.py``).
 """
 
 import json
 import os
+import threading
 import time
 import urllib.request
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pandas as pd
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 from playwright.sync_api import expect
 from scipy.stats import chi2_contingency, ks_2samp
 
@@ -46,22 +52,59 @@ from churn_assets.schemas import FEATURE_NAMES, NUMERIC_FEATURES
 from churn_assets.segments import segment_table
 from churn_assets.simulator import SimulationConfig, sample_customers, simulate_frames
 from churn_assets.warehouse import publish_read_model
-from tests.browser import Dashboard, chromium
+from dashboards.sources.serving import RETRAIN_TIMEOUT_S
+from tests.browser import (
+    DESKTOP,
+    DEVICES,
+    PHONE,
+    Dashboard,
+    Device,
+    boxes,
+    chromium,
+    layout,
+    screenshot_whole_page,
+)
 from tests.conftest import write_config
 from tests.serving_fixtures import ADMIN_TOKEN, build_registry, start_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-WIDTHS = (1280, 768, 390)
 LANDED_PER_PARTITION, PRODUCED_PER_PARTITION = 7, 10
+# Per page: its heading, texts that show it rendered, and its headline figures (a selector, and
+# how many there are at least).
 PAGES = {
-    "monitoring": ("Monitoring", ["Serving", "Requests/s", "Error rate", "Kafka lag"]),
-    "drift": ("Drift", ["Open alerts", "Latest report", "Multivariate drift", "monthly_charges"]),
+    "monitoring": (
+        "Monitoring",
+        ["Serving", "Requests/s", "Error rate", "Kafka lag"],
+        (".card .value", 7),
+    ),
+    "drift": (
+        "Drift",
+        ["Open alerts", "8 reports from", "Latest report", "Multivariate drift", "monthly_charges"],
+        (".card .value", 4),
+    ),
     # The form's labels are the contract's descriptions (config/features.yaml).
-    "prediction": ("Prediction testing", ["Months since sign-up", "Contract term", "Predict"]),
-    "models": ("Model management", ["Registered versions", "Rollout decisions", "Champion"]),
-    "analytics": ("Analytics", ["Customer segments", "Churn by cohort", "Global feature"]),
+    "prediction": (
+        "Prediction testing",
+        ["Months since sign-up", "Contract term", "Predict"],
+        ("[class*='feature-kind-'] label", 8),
+    ),
+    "models": (
+        "Model management",
+        ["Registered versions", "Rollout decisions", "Champion", "Retrain"],
+        (".router-state .card .value", 5),
+    ),
+    "analytics": (
+        "Analytics",
+        ["Calibration", "By score decile", "By segment", "Customer segments", "Global feature"],
+        (".calibration-cards .card .value", 4),
+    ),
 }
+# Body text: paragraphs, list items, table cells, form labels, card labels and notes, chart keys.
+BODY_TEXT = "p, li, td, th, label, .card .label, .card .note, .chart-key"
+MIN_FONT_PX = 12
+# Guide images: every page on the desktop, these on the phone too.
+DOCS_PHONE_PAGES = ("monitoring", "analytics")
 
 
 def artifacts_dir() -> Path:
@@ -117,6 +160,38 @@ def _drift_tests(reference: pd.DataFrame, live: pd.DataFrame) -> list[dict]:
         )
         for (name, kind, detector, statistic, p, effect), q in zip(raw, corrected, strict=True)
     ]
+
+
+CALIBRATION_HORIZON_DAYS = 14
+
+
+def calibration_frame(customers: pd.DataFrame) -> pd.DataFrame:
+    """The ``calibration`` read model (the shape the calibration asset publishes: one row per
+    score decile and per contract segment) for customers scored by v1 (column ``risk``).
+    Realised churn within the horizon is drawn from each customer's risk (seeded), so the
+    groups land near the diagonal with sampling noise, as a calibrated model's do."""
+    rng = np.random.default_rng(7)
+    scored = customers.assign(
+        churned=rng.random(len(customers)) < customers["risk"],
+        decile=(pd.qcut(customers["risk"], 10, labels=False) + 1).astype(str),
+    )
+    rows = []
+    for grouping, column in (("decile", "decile"), ("segment", "contract_type")):
+        for label, group in scored.groupby(column):
+            predicted = float(group["risk"].mean())
+            rows.append(
+                {
+                    "grouping": grouping,
+                    "group_label": str(label),
+                    "customers": len(group),
+                    "predicted_rate": predicted,
+                    "observed_rate": float(group["churned"].mean()),
+                    "tolerance": 0.01 + 1.96 * np.sqrt(predicted * (1 - predicted) / len(group)),
+                    "horizon_days": CALIBRATION_HORIZON_DAYS,
+                    "model_version": "v1",
+                }
+            )
+    return pd.DataFrame(rows).astype({"customers": "int64", "horizon_days": "int32"})
 
 
 def publish_sample_read_models(settings: Settings) -> None:
@@ -232,6 +307,7 @@ def publish_sample_read_models(settings: Settings) -> None:
     customers["risk"] = model.predict_frame(customers)
     segments = segment_table(customers.assign(churned=customers["label"].astype(bool)), "v1")
     _publish(read_models, "customer_segments", segments)
+    _publish(read_models, "calibration", calibration_frame(customers))
 
     # Rollout: shadow started, passed, and the canary advanced once.
     policy = RolloutPolicy.from_settings(settings)
@@ -323,10 +399,11 @@ def browser():
 
 
 class Page:
-    """A browser tab at one width that records console errors and page errors."""
+    """A browser tab on one device that records console errors and page errors."""
 
-    def __init__(self, browser, width: int) -> None:
-        self.context = browser.new_context(viewport={"width": width, "height": 900})
+    def __init__(self, browser, device: Device = DESKTOP) -> None:
+        self.device = device
+        self.context = browser.new_context(**device.context_options())
         self.page = self.context.new_page()
         self.errors: list[str] = []
         self.page.on(
@@ -337,9 +414,9 @@ class Page:
         )
         self.page.on("pageerror", lambda error: self.errors.append(f"pageerror: {error}"))
 
-    def open(self, url: str, ready_text: str):
-        self.page.goto(url)
-        self.page.get_by_text(ready_text, exact=False).first.wait_for(timeout=30_000)
+    def open(self, url: str, ready_text: str, timeout_ms: int = 30_000):
+        self.page.goto(url, timeout=timeout_ms)
+        self.page.get_by_text(ready_text, exact=False).first.wait_for(timeout=timeout_ms)
         return self.page
 
     def close(self, name: str | None = None) -> None:
@@ -348,16 +425,13 @@ class Page:
         self.context.close()
 
 
-def docs_screenshot(page, name: str) -> None:
-    """With CHURN_DASHBOARD_DOCS_DIR set (scripts/dashboard_screenshots.py), the guide's image."""
+def docs_screenshot(page, name: str, max_height: int = 1600) -> None:
+    """With CHURN_DASHBOARD_DOCS_DIR set (scripts/dashboard_screenshots.py), the guide's image:
+    the page's top ``max_height`` CSS pixels, at one image pixel per CSS pixel."""
     docs = os.environ.get("CHURN_DASHBOARD_DOCS_DIR")
     if docs:
         Path(docs).mkdir(parents=True, exist_ok=True)
-        size = page.viewport_size
-        page.set_viewport_size({"width": 1280, "height": 1400})  # the pages scroll inside
-        page.wait_for_timeout(1000)
-        page.screenshot(path=str(Path(docs) / f"{name}.png"))
-        page.set_viewport_size(size)
+        screenshot_whole_page(page, Path(docs) / f"{name}.png", max_height, css_pixels=True)
 
 
 def _json(method: str, url: str, body=None, token=None):
@@ -374,12 +448,36 @@ def _json(method: str, url: str, body=None, token=None):
 # -- tests -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("width", WIDTHS)
+def _assert_readable_layout(page, device: Device, headline: tuple[str, int]) -> None:
+    """The page is laid out at the device's width (the viewport meta tag works) without sideways
+    scrolling but inside a wide table's own box, and nothing is cut off at the window's edges;
+    its headline figures are in the window and its headline and body text at least MIN_FONT_PX
+    CSS pixels."""
+    where = f"{device.name} {device.width}x{device.height}"
+    found = layout(page)
+    assert (found["innerWidth"], found["scale"]) == (device.width, 1), (where, found)
+    assert found["scrollWidth"] <= found["innerWidth"], (where, found)
+    assert all(box["table"] for box in found["sideways"]), (where, found["sideways"])
+    assert found["cut"] == [], (where, found["cut"])
+    selector, least = headline
+    figures = [box for box in boxes(page.locator(selector)) if box["text"]]
+    assert len(figures) >= least, (where, selector, figures)
+    for box in figures:
+        assert box["width"] > 0 and box["height"] > 0, (where, box)
+        assert 0 <= box["left"] and box["right"] <= found["innerWidth"], (where, box)
+        assert box["fontSize"] >= MIN_FONT_PX, (where, box)
+    body = [box for box in boxes(page.locator(BODY_TEXT)) if box["width"] > 0 and box["text"]]
+    assert body, where
+    small = [box for box in body if box["fontSize"] < MIN_FONT_PX]
+    assert small == [], (where, small)
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=[d.name for d in DEVICES])
 @pytest.mark.parametrize("page_key", list(PAGES))
-def test_page_loads_without_console_errors(platform, browser, page_key, width):
+def test_page_reads_on_every_device(platform, browser, page_key, device):
     _settings, _server, dashboard = platform
-    title, texts = PAGES[page_key]
-    tab = Page(browser, width)
+    title, texts, headline = PAGES[page_key]
+    tab = Page(browser, device)
     try:
         page = tab.open(f"{dashboard.url}?page={page_key}", texts[0])
         # expect() retries until the element renders (or 10 s pass); is_visible() would not.
@@ -389,12 +487,15 @@ def test_page_loads_without_console_errors(platform, browser, page_key, width):
         expect(page.locator(f'nav a.active[data-page="{page_key}"]')).to_have_count(1)
         assert page.get_by_text("Traceback").count() == 0
         page.wait_for_timeout(500)  # let late renders (Bokeh, periodic callbacks) report errors
-        shot = artifacts_dir() / f"{page_key}-{width}.png"
-        page.screenshot(path=str(shot), full_page=True)
+        _assert_readable_layout(page, device, headline)
+        shot = artifacts_dir() / f"{page_key}-{device.name}.png"
+        screenshot_whole_page(page, shot)
         assert shot.stat().st_size > 5_000
-        if width == 1280 and page_key != "prediction":  # that one is shot with an answer
+        if device == DESKTOP and page_key != "prediction":  # that one is shot with an answer
             docs_screenshot(page, page_key)
-        assert tab.errors == [], f"{title} at {width}px: {tab.errors}"
+        if device == PHONE and page_key in DOCS_PHONE_PAGES:
+            docs_screenshot(page, f"{page_key}-phone", max_height=2400)
+        assert tab.errors == [], f"{title} on the {device.name}: {tab.errors}"
     finally:
         tab.close()
 
@@ -402,7 +503,7 @@ def test_page_loads_without_console_errors(platform, browser, page_key, width):
 def test_monitoring_shows_live_serving_figures_and_kafka_lag(platform, browser):
     _settings, server, dashboard = platform
     _json("POST", f"{server.http}/predict", {**SAMPLE, "customer_id": "lag-check"})
-    tab = Page(browser, 1280)
+    tab = Page(browser)
     try:
         page = tab.open(f"{dashboard.url}?page=monitoring", "Kafka lag")
         cards = page.locator(".card")
@@ -426,7 +527,7 @@ def test_monitoring_shows_live_serving_figures_and_kafka_lag(platform, browser):
         assert page.get_by_text("Updated ").first.inner_text() != first_update
         assert tab.errors == []
     finally:
-        tab.close("monitoring-live-1280")
+        tab.close("monitoring-live-desktop")
 
 
 SAMPLE = {
@@ -459,7 +560,7 @@ def _fill_form(page, features: dict, customer_id: str) -> None:
 
 def test_prediction_form_round_trips_to_the_serving_process(platform, browser):
     settings, server, dashboard = platform
-    tab = Page(browser, 1280)
+    tab = Page(browser)
     try:
         page = tab.open(f"{dashboard.url}?page=prediction", "Predict")
         # One field per feature of the champion's contract, each its kind's widget.
@@ -505,14 +606,14 @@ def test_prediction_form_round_trips_to_the_serving_process(platform, browser):
         assert routed.count() == 0
         assert tab.errors == []
     finally:
-        tab.close("prediction-round-trip-1280")
+        tab.close("prediction-round-trip-desktop")
 
 
 def test_admin_buttons_promote_roll_back_and_set_the_strategy_on_the_live_router(platform, browser):
     _settings, server, dashboard = platform
     before = _json("GET", f"{server.http}/router/metrics")["state"]
     assert (before["champion"], before["challenger"]) == ("v1", "v2")
-    tab = Page(browser, 1280)
+    tab = Page(browser)
     frames: list[str] = []
     tab.page.on(
         "websocket",
@@ -568,11 +669,12 @@ def test_admin_buttons_promote_roll_back_and_set_the_strategy_on_the_live_router
         assert frames and not any(ADMIN_TOKEN in frame for frame in frames)
         assert tab.errors == []
     finally:
-        tab.close("models-after-rollback-1280")
+        tab.close("models-after-rollback-desktop")
 
 
 def test_kafka_lag_counts_messages_past_the_landed_offsets(platform):
-    from dashboards.data import ReadModels, kafka_lag
+    from dashboards.sources.kafka import kafka_lag
+    from dashboards.sources.read_models import ReadModels
 
     settings, _server, _dashboard = platform
     lag = kafka_lag(settings, ReadModels(settings).frame("landing_offsets"), budget_s=5)
@@ -580,3 +682,223 @@ def test_kafka_lag_counts_messages_past_the_landed_offsets(platform):
     assert rows["lag"].tolist() == [PRODUCED_PER_PARTITION - LANDED_PER_PARTITION] * 3
     assert rows["exact"].all()
     assert lag.loc[lag["topic"] == "ml.feedback", "lag"].sum() == 0
+
+
+def test_analytics_sets_observed_beside_predicted_churn_over_one_horizon(platform, browser):
+    """The calibration view renders the published read model: its figures, by decile and by
+    segment, with the definitions and the horizon from the data."""
+    from churn_assets.warehouse import load_read_model
+
+    settings, _server, dashboard = platform
+    calibration = load_read_model(settings.read_models_dir, "calibration")
+    deciles = calibration.loc[calibration["grouping"] == "decile"]
+    gaps = deciles["observed_rate"] - deciles["predicted_rate"]
+    within = int((gaps.abs() <= deciles["tolerance"]).sum())
+    worst = deciles.loc[gaps.abs().idxmax()]
+    tab = Page(browser, PHONE)
+    try:
+        page = tab.open(f"{dashboard.url}?page=analytics", "By score decile")
+
+        def card(label: str) -> str:
+            return page.locator(
+                f'.calibration-cards .card[data-label="{label}"] .value'
+            ).inner_text()
+
+        assert card("Horizon") == f"{CALIBRATION_HORIZON_DAYS} days"
+        assert card("Deciles within tolerance") == f"{within} of 10"
+        worst_gap = (worst["observed_rate"] - worst["predicted_rate"]) * 100
+        assert card("Largest gap") == f"{worst_gap:+.1f} pp"
+        assert card("Customers") == f"{int(deciles['customers'].sum()):,}"
+        definitions = " ".join(page.locator(".calibration-definitions p").all_inner_texts())
+        for text in (
+            f"for churn within {CALIBRATION_HORIZON_DAYS} days",
+            f"churned within {CALIBRATION_HORIZON_DAYS} days after they were scored",
+            "decile 1 has the lowest predicted risk, 10 the highest",
+        ):
+            assert text in definitions, definitions
+        groups = page.locator("td", has_text="decile ").all_inner_texts()
+        assert groups == [f"decile {n}" for n in range(1, 11)]  # numeric order
+        segments = page.locator("td", has_text="segment ").all_inner_texts()
+        assert segments == [
+            f"segment {label}"
+            for label in sorted(
+                calibration.loc[calibration["grouping"] == "segment", "group_label"]
+            )
+        ]
+        # The chart of deciles and the chart of segments (plus tiers and importance).
+        expect(page.locator(".bk-Canvas, canvas").first).to_be_visible()
+        assert page.get_by_text("observed churn").count() == 0  # the old "ever churned" chart
+        assert tab.errors == []
+    finally:
+        tab.close("analytics-calibration-phone")
+
+
+# -- retraining from the dashboard -----------------------------------------------------------------
+
+RUN_ID = "4f1c2d8e-retrain"
+ROLLOUT_REASON = "a rollout is in progress: canary step 2 of 5 (v2 at 25%)"
+DAGSTER_DOWN = "Dagster at http://127.0.0.1:3000/graphql does not answer"
+
+
+class RetrainAPI(BaseHTTPRequestHandler):
+    """A stand-in for the serving API's ``POST /admin/retrain``, answering as the real endpoint
+    does (200 with run id, job and reason; 401 without the admin token; 409 with the reason
+    while a rollout is in progress; 503 when Dagster is unreachable). The real endpoint, which
+    launches the job in Dagster, is tested with serving (tests/integration/, the serving
+    worker's retraining test); this one checks what the dashboard sends and shows. Every other
+    path answers 404, which the page explains.
+
+    ``answer`` picks the reply; ``release`` holds the reply until the test sets it."""
+
+    answer = "ok"
+    token = ADMIN_TOKEN
+    release = threading.Event()
+    received: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path != "/admin/retrain":
+            return self._reply(404, {"detail": "Not Found"})
+        request = {
+            "authorization": self.headers.get("Authorization"),
+            "content_type": self.headers.get("Content-Type"),
+            "body": json.loads(body),
+        }
+        RetrainAPI.received.append(request)
+        assert RetrainAPI.release.wait(90), "the test never released the answer"
+        if request["authorization"] != f"Bearer {RetrainAPI.token}":
+            return self._reply(401, {"detail": "a valid admin bearer token is required"})
+        if RetrainAPI.answer == "rollout":
+            return self._reply(409, {"detail": ROLLOUT_REASON})
+        if RetrainAPI.answer == "dagster_down":
+            return self._reply(503, {"detail": DAGSTER_DOWN})
+        reason = request["body"]["reason"]
+        return self._reply(200, {"run_id": RUN_ID, "job": "retraining_job", "reason": reason})
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        self._reply(404, {"detail": "Not Found"})
+
+    def _reply(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def retrain_dashboard(platform, tmp_path_factory):
+    """A second ``churn dashboard`` whose serving API is :class:`RetrainAPI`."""
+    _settings, _server, main_dashboard = platform
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RetrainAPI)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    root = tmp_path_factory.mktemp("retrain")
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    dashboard = None
+    try:
+        dashboard = Dashboard(main_dashboard.config_path, url, root / "panel.log")
+        yield dashboard
+    finally:
+        RetrainAPI.release.set()
+        if dashboard is not None:
+            dashboard.stop()
+        server.shutdown()
+        server.server_close()
+
+
+def _retrain(page, reason: str) -> None:
+    box = page.locator(".retrain-reason input")
+    box.fill(reason)
+    page.locator(".action-retrain button").click()
+
+
+def test_retrain_button_launches_a_run_off_the_event_loop_and_shows_refusals(
+    retrain_dashboard, browser
+):
+    RetrainAPI.received.clear()
+    RetrainAPI.release.clear()
+    RetrainAPI.answer, RetrainAPI.token = "ok", ADMIN_TOKEN
+    tab = Page(browser)
+    frames: list[str] = []
+    tab.page.on(
+        "websocket",
+        lambda socket: socket.on("framereceived", lambda payload: frames.append(str(payload))),
+    )
+    other = None
+    try:
+        page = tab.open(f"{retrain_dashboard.url}?page=models", "Reason for retraining")
+        result = page.locator(".retrain-result")
+
+        # No reason, no request.
+        page.locator(".action-retrain button").click()
+        result.get_by_text("Give a reason for retraining first.").wait_for(timeout=10_000)
+        assert RetrainAPI.received == []
+
+        # The launch waits on the API; meanwhile the server still serves another page.
+        _retrain(page, "drift in monthly charges since the price change")
+        result.get_by_text("Launching the retraining job").wait_for(timeout=10_000)
+        expect(page.locator(".action-retrain button")).to_be_disabled()
+        # Given less time than the dashboard waits for the answer (RETRAIN_TIMEOUT_S), so a
+        # call that blocks the event loop shows as a page that does not load.
+        other = Page(browser)
+        try:
+            other.open(
+                f"{retrain_dashboard.url}?page=analytics",
+                "Global feature importance",
+                timeout_ms=int(RETRAIN_TIMEOUT_S * 1000 * 2 / 3),
+            )
+        except PlaywrightTimeoutError:
+            pytest.fail("no other page loads while the retrain call waits: it blocks the loop")
+        assert page.locator(".retrain-success").count() == 0  # still waiting on the API
+        RetrainAPI.release.set()
+        result.get_by_text(f"Retraining launched: run {RUN_ID} of retraining_job").wait_for(
+            timeout=30_000
+        )
+        assert "drift in monthly charges since the price change" in " ".join(
+            result.get_by_text("Retraining launched").all_inner_texts()
+        )
+        expect(page.locator(".action-retrain button")).to_be_enabled()
+        assert RetrainAPI.received == [
+            {
+                "authorization": f"Bearer {ADMIN_TOKEN}",
+                "content_type": "application/json",
+                "body": {"reason": "drift in monthly charges since the price change"},
+            }
+        ]
+
+        # Refusals say why.
+        refusals = (
+            (
+                "rollout",
+                ADMIN_TOKEN,
+                f"refused (a rollout is in progress): HTTP 409: {ROLLOUT_REASON}",
+            ),
+            (
+                "dagster_down",
+                ADMIN_TOKEN,
+                f"(the serving API cannot reach Dagster): HTTP 503: {DAGSTER_DOWN}",
+            ),
+            (
+                "ok",
+                "another-token",
+                "(the serving API did not accept the dashboard's admin token): HTTP 401",
+            ),
+        )
+        for answer, token, shown in refusals:
+            RetrainAPI.answer, RetrainAPI.token = answer, token
+            _retrain(page, f"check {answer}")
+            page.locator(".retrain-danger").get_by_text(shown).wait_for(timeout=30_000)
+        assert len(RetrainAPI.received) == 4
+        # The admin token stays in the dashboard process: it never reaches the browser.
+        assert frames and not any(ADMIN_TOKEN in frame for frame in frames)
+        assert tab.errors == []
+    finally:
+        RetrainAPI.release.set()
+        if other is not None:
+            other.close()
+        tab.close("models-retrain-desktop")

@@ -24,12 +24,8 @@ from churn_assets.outliers import (
 from churn_assets.registry import ModelRegistry
 from churn_assets.segments import cohort_types, segment_table
 from churn_assets.simulator import sample_customers
-from dashboards.data import (
-    default_features,
-    form_contract,
-    form_fields,
-    validate_features,
-)
+from dashboards.forms import default_features, form_fields, validate_features
+from dashboards.sources.registry import form_contract
 from tests.serving_fixtures import extended_contract
 
 pytestmark = pytest.mark.unit

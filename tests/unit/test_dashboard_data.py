@@ -13,20 +13,13 @@ import pytest
 from churn_assets.config import load_settings
 from churn_assets.monitoring import publish_monitoring_section
 from churn_assets.schemas import DEFAULT_CONTRACT
-from dashboards.data import (
-    DAGSTER_RUNS_QUERY,
-    ReadModels,
-    ServingClient,
-    Unavailable,
-    dagster_graphql_url,
-    dagster_runs,
-    default_features,
-    kafka_lag,
-    open_alerts,
-    registry_versions,
-    request_rate,
-    validate_features,
-)
+from dashboards.forms import default_features, validate_features
+from dashboards.sources import Unavailable
+from dashboards.sources.dagster import DAGSTER_RUNS_QUERY, dagster_graphql_url, dagster_runs
+from dashboards.sources.kafka import kafka_lag
+from dashboards.sources.read_models import ReadModels, open_alerts
+from dashboards.sources.registry import registry_versions
+from dashboards.sources.serving import ServingClient, request_rate
 from tests.serving_fixtures import free_port
 
 pytestmark = pytest.mark.unit
@@ -331,7 +324,7 @@ EXPLAINED = {
     "drift": ["Monitoring figures", "Drift history"],
     "prediction": ["Serving API"],
     "models": ["Serving API", "Model registry", "Rollout state", "Rollout decisions"],
-    "analytics": ["Customer segments", "Feature importance"],
+    "analytics": ["Calibration", "Customer segments", "Feature importance"],
 }
 
 
@@ -354,12 +347,52 @@ def test_every_page_builds_with_nothing_available(settings, page_key, monkeypatc
     assert all("unavailable" in text or "disabled" in text for text in alerts), alerts
 
 
+def _calibration(**overrides) -> pd.DataFrame:
+    rows = {
+        "grouping": ["decile", "decile", "decile", "segment"],
+        "group_label": ["2", "10", "1", "month-to-month"],
+        "customers": [100, 100, 100, 300],
+        "predicted_rate": [0.05, 0.40, 0.02, 0.20],
+        "observed_rate": [0.06, 0.30, 0.02, 0.21],
+        "tolerance": [0.03, 0.05, 0.02, 0.03],
+        "horizon_days": [14, 14, 14, 14],
+        "model_version": ["v3"] * 4,
+    }
+    return pd.DataFrame(rows | overrides)
+
+
+def test_calibration_waits_for_its_read_model_then_checks_its_shape(settings):
+    from dashboards.pages.analytics import calibration_rows
+
+    models = ReadModels(settings)
+    waiting = models.calibration()
+    assert isinstance(waiting, Unavailable) and waiting.source == "Calibration"
+    assert waiting.reason.startswith("waiting for the 'calibration' read model")
+    assert "calibration.parquet" in waiting.reason and "horizon" in waiting.hint
+    directory = settings.read_models_dir
+    directory.mkdir(parents=True)
+    path = directory / "calibration.parquet"
+    _calibration().drop(columns="tolerance").to_parquet(path)
+    absent = models.calibration()
+    assert isinstance(absent, Unavailable) and absent.reason.endswith("no column tolerance")
+    _calibration(horizon_days=[14, 14, 7, 14]).to_parquet(path)
+    mixed = models.calibration()
+    assert isinstance(mixed, Unavailable) and "mixes horizon_days values (14, 7)" in mixed.reason
+    _calibration().to_parquet(path)
+    frame = models.calibration()
+    deciles = calibration_rows(frame, "decile")
+    assert deciles["group_label"].tolist() == ["1", "2", "10"]  # numeric, not text, order
+    assert deciles["within"].tolist() == [True, True, False]  # |0.30 - 0.40| > 0.05
+    assert deciles["gap"].round(4).tolist() == [0.0, 0.01, -0.1]
+    assert calibration_rows(frame, "segment")["group_label"].tolist() == ["month-to-month"]
+
+
 def test_the_app_module_never_imports_dagster():
     import subprocess
     import sys
 
     code = (
-        "import sys, dashboards.app, dashboards.data; "
+        "import sys, dashboards.app; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'dagster'))"
     )
     result = subprocess.run(
@@ -385,7 +418,7 @@ def test_read_models_are_cached_until_republished_and_copies_are_independent(set
 
 
 def test_lag_counts_from_offsets_of_the_brokers_current_log_only():
-    from dashboards.data import _landed_offsets
+    from dashboards.sources.kafka import _landed_offsets
 
     offsets = pd.DataFrame(
         {
