@@ -113,11 +113,16 @@ def _name_models(operation: dict[str, Any], models: list[str], versions: list[st
     for parameter in operation.get("parameters", ()):
         if parameter.get("name") == "model_name":
             parameter["schema"] = {"type": "string", "enum": models, "title": "Model Name"}
+        elif parameter.get("name") == "model_version" and parameter.get("required"):
+            parameter["schema"] = {"type": "string", "enum": versions, "title": "Model Version"}
         elif parameter.get("name") == "model_version":
-            named = {"type": "string", "enum": versions}
-            parameter["schema"] = (
-                named if parameter.get("required") else {"anyOf": [named, {"type": "null"}]}
-            ) | {"title": "Model Version"}
+            # The query parameter of the routes without a version: MLServer takes it empty
+            # ("?model_version=") as absent, the model's default version.
+            parameter["schema"] = {
+                "anyOf": [{"type": "string", "enum": ["", *versions]}, {"type": "null"}],
+                "title": "Model Version",
+            }
+            parameter["description"] = "A version of the model; empty or absent: its default"
 
 
 def _bound_tensors(components: dict[str, Any]) -> None:
