@@ -19,7 +19,6 @@ import yaml
 from dagster._config import process_config
 from dagster_k8s import K8sRunLauncher
 from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
-from kubernetes.client.exceptions import ApiException
 
 from churn_assets.config import REPO_ROOT, load_settings
 from churn_assets.deploy import (
@@ -30,6 +29,7 @@ from churn_assets.deploy import (
     validate_manifest,
 )
 from churn_assets.schemas import ALL_TOPICS, Topics
+from tests.k8s_recording import RecordingApiClient
 
 pytestmark = pytest.mark.unit
 
@@ -187,36 +187,6 @@ def test_seldon_core_2_models_autoscale(rendered):
 
 
 # --------------------------------------------------------------------------- RBAC
-
-
-class RecordingApiClient(kubernetes.client.ApiClient):
-    """Records the HTTP requests the real ``CustomObjectsApi`` builds, with no API server.
-
-    A fake is used only because no Kubernetes API server can run on these machines; everything
-    above the transport (KubernetesSeldonTarget, the generated CustomObjectsApi) is the real code.
-    Objects not created yet answer 404 to a PATCH, as an API server does.
-    """
-
-    VERBS = {"GET": "get", "POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}
-
-    def __init__(self) -> None:
-        super().__init__(kubernetes.client.Configuration())
-        self.calls: list[tuple[str, str, str, str]] = []
-        self.existing: set[tuple[str, str, str]] = set()
-
-    def call_api(self, resource_path, method, path_params=None, *args, **kwargs):
-        params = dict(path_params or {})
-        group, plural = params["group"], params["plural"]
-        self.calls.append((group, plural, self.VERBS[method], params.get("namespace", "")))
-        body = kwargs.get("body") if "body" in kwargs else (args[3] if len(args) > 3 else None)
-        key = (group, plural, params.get("name") or body["metadata"]["name"])
-        if method == "PATCH" and key not in self.existing:
-            raise ApiException(status=404, reason="Not Found")
-        self.existing.add(key)
-        return {}
-
-    def close(self) -> None:
-        """Nothing to close: no pool was opened."""
 
 
 def _used_permissions() -> dict[tuple[str, str], set[str]]:
