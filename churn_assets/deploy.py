@@ -355,6 +355,36 @@ RESOURCES: dict[str, dict[str, str]] = {
 }
 MIN_REPLICAS, MAX_REPLICAS, TARGET_CPU_PERCENT = 1, 4, 70
 
+# What each predictor pod needs to produce the rollout's evidence: the production profile
+# (Kafka over SASL_SSL, so every answer is mirrored to ml.predictions), the SASL password from
+# the Secret Strimzi writes for the KafkaUser, and the cluster CA the profile names.
+PRODUCTION_CONFIG = "/opt/churn/config/config.production.yaml"
+KAFKA_USER_SECRET = "churn-platform"
+KAFKA_CA_SECRET = "churn-kafka-cluster-ca-cert"
+KAFKA_CA_DIR = "/etc/churn/kafka-ca"
+ARM_ENV = "CHURN_SERVING__ARM"
+
+
+def _arm(deployment: Deployment, version: str) -> str:
+    """The rollout arm a version's pods serve: ``primary`` for the champion; the challenger's
+    is ``canary`` while it answers a share of traffic, else ``shadow`` (Seldon mirrors every
+    request to it: shadow, and blue-green's warm green)."""
+    if version == deployment.champion:
+        return "primary"
+    return "canary" if deployment.strategy == "canary" else "shadow"
+
+
+def _evidence_env(deployment: Deployment, version: str) -> list[dict[str, Any]]:
+    return [
+        {"name": "CHURN_MODEL_VERSION", "value": version},
+        {"name": ARM_ENV, "value": _arm(deployment, version)},
+        {"name": "CHURN_CONFIG", "value": PRODUCTION_CONFIG},
+        {
+            "name": "CHURN_KAFKA__SASL_PASSWORD",
+            "valueFrom": {"secretKeyRef": {"name": KAFKA_USER_SECRET, "key": "password"}},
+        },
+    ]
+
 
 def _predictor(
     deployment: Deployment,
@@ -367,7 +397,10 @@ def _predictor(
     shadow: bool = False,
 ) -> dict[str, Any]:
     """One predictor per version, named by it, with an image-based MODEL graph node, probes on
-    the V2 health endpoints, resources and a CPU autoscaler (``hpaSpec``)."""
+    the V2 health endpoints, resources and a CPU autoscaler (``hpaSpec``). Its pods know their
+    version and arm (``CHURN_MODEL_VERSION``, ``CHURN_SERVING__ARM``), so their
+    ``predictions_total`` / ``prediction_latency_seconds`` carry both, and they mirror every
+    answer to ``ml.predictions`` (the production profile's Kafka, its password and CA)."""
     container = f"{name}-{version}"
     predictor: dict[str, Any] = {
         "name": version,
@@ -380,12 +413,24 @@ def _predictor(
                         {
                             "name": container,
                             "image": image,
-                            "env": [{"name": "CHURN_MODEL_VERSION", "value": version}],
+                            "env": _evidence_env(deployment, version),
                             "resources": RESOURCES,
                             "readinessProbe": _probe("/v2/health/ready"),
                             "livenessProbe": _probe("/v2/health/live"),
+                            "volumeMounts": [
+                                {"name": "kafka-ca", "mountPath": KAFKA_CA_DIR, "readOnly": True}
+                            ],
                         }
-                    ]
+                    ],
+                    "volumes": [
+                        {
+                            "name": "kafka-ca",
+                            "secret": {
+                                "secretName": KAFKA_CA_SECRET,
+                                "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                            },
+                        }
+                    ],
                 },
                 "hpaSpec": {
                     "minReplicas": MIN_REPLICAS,
@@ -427,7 +472,8 @@ def render_seldon_deployment(
     """A Seldon Core v1 ``SeldonDeployment`` (``protocol: v2``) for ``deployment``.
 
     shadow: champion 100 + challenger ``shadow: true``; canary: champion ``100 - w`` + challenger
-    ``w``; blue-green-ready: blue (champion) 100 + green (challenger) 0, deployed and warm;
+    ``w``; blue-green-ready: blue (champion) 100 + green (challenger) 0 with ``shadow: true``,
+    deployed, warm and judged on a mirror of every request, as the local router keeps green;
     single: the champion alone with 100.
     """
     predictor = functools.partial(
@@ -440,6 +486,11 @@ def render_seldon_deployment(
         predictors = [
             predictor(champion, traffic=100),
             predictor(challenger, traffic=None, shadow=True),
+        ]
+    elif deployment.strategy == "blue_green":
+        predictors = [
+            predictor(champion, traffic=100),
+            predictor(challenger, traffic=0, shadow=True),
         ]
     else:
         weight = _percent(deployment.challenger_traffic)
@@ -466,7 +517,7 @@ def render_seldon_v2(
     """Seldon Core 2 objects: one ``Model`` per live version, then an ``Experiment``.
 
     canary: candidates champion ``100 - w`` and challenger ``w``; shadow: champion 100 plus a
-    100 % mirror to the challenger; blue-green-ready: champion 100 (green loaded, no traffic);
+    100 % mirror to the challenger; blue-green-ready: champion 100 and the same mirror to green;
     single: the champion 100. ``default`` is always the champion. ``requirements`` are the server
     capabilities the models need: :data:`SELDON_CAPABILITY`, which only a ``Server`` running the
     churn serving image offers (``k8s/seldon/v2/server.yaml``), so no stock MLServer server,
@@ -502,7 +553,7 @@ def render_seldon_v2(
         ]
     else:
         spec["candidates"] = [{"name": champion, "weight": 100}]
-        if deployment.strategy == "shadow" and deployment.challenger:
+        if deployment.strategy in ("shadow", "blue_green") and deployment.challenger:
             spec["mirror"] = {"name": f"{name}-{deployment.challenger}", "percent": 100}
     experiment = {
         "apiVersion": SELDON_V2_API,

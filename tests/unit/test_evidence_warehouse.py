@@ -1,4 +1,4 @@
-"""The warehouse's rollout figures: SQL over landed predictions and feedback in real DuckDB files."""
+"""The warehouse's rollout figures: SQL over landed predictions and feedback, real DuckDB files."""
 
 import socket
 from datetime import UTC, datetime, timedelta

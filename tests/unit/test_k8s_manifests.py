@@ -167,6 +167,8 @@ def test_seldon_states_are_what_the_rollout_target_applies():
         "v1": 100,
         "v2": 0,
     }
+    # Green is warm and judged: Seldon mirrors every request to it, as the local router does.
+    assert [p.get("shadow", False) for p in blue_green["spec"]["predictors"]] == [False, True]
     shadow = _load_yaml_docs(K8S / "seldon/v1/seldon-deployment-shadow.yaml")[0]
     assert [p.get("shadow", False) for p in shadow["spec"]["predictors"]] == [False, True]
     for predictor in shadow["spec"]["predictors"]:
@@ -352,6 +354,50 @@ def test_monitoring_objects_carry_the_project_rules_and_dashboards(rendered):
     job = {r["targetLabel"]: r.get("replacement") for r in endpoint["relabelings"]}["job"]
     assert f'up{{job="{job}"}}' in (REPO_ROOT / "config/prometheus/alerts.yml").read_text()
     sdep = _one(rendered["seldon/v1"], "SeldonDeployment")
+    assert service["spec"]["selector"] == {"seldon-deployment-id": sdep["metadata"]["name"]}
+
+
+SELDON_ARMS = {
+    "single": {"v1": "primary"},
+    "shadow": {"v1": "primary", "v2": "shadow"},
+    "canary": {"v1": "primary", "v2": "canary"},
+    "blue-green": {"v1": "primary", "v2": "shadow"},
+}
+
+
+@pytest.mark.parametrize("state", sorted(SELDON_ARMS))
+def test_seldon_predictor_pods_export_their_version_and_arm_and_mirror(state, monkeypatch):
+    """What the rollout's prometheus evidence needs of every Seldon v1 predictor pod: it knows
+    its version and arm (so predictions_total / prediction_latency_seconds carry both), runs
+    the production profile (Kafka configured: every answer mirrored to ml.predictions) with
+    the SASL password by reference and the cluster CA mounted where the profile reads it, and
+    is selected by the Service the ServiceMonitor scrapes."""
+    [sdep] = _load_yaml_docs(K8S / f"seldon/v1/seldon-deployment-{state}.yaml")
+    arms = {}
+    for predictor in sdep["spec"]["predictors"]:
+        [component] = predictor["componentSpecs"]
+        [container] = component["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["CHURN_MODEL_VERSION"]["value"] == predictor["name"]
+        arms[predictor["name"]] = env["CHURN_SERVING__ARM"]["value"]
+        assert env["CHURN_KAFKA__SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": "churn-platform",
+            "key": "password",
+        }
+        for name in ("CHURN_MODEL_VERSION", "CHURN_SERVING__ARM", "CHURN_CONFIG"):
+            monkeypatch.setenv(name, env[name]["value"])
+        monkeypatch.setenv("CHURN_KAFKA__SASL_PASSWORD", "from-the-secret")
+        config = REPO_ROOT / env["CHURN_CONFIG"]["value"].removeprefix("/opt/churn/")
+        settings = load_settings(config)
+        assert settings.serving.arm == arms[predictor["name"]]
+        assert settings.kafka.bootstrap_servers and not settings.kafka.uses_embedded_broker
+        ca = Path(settings.kafka.ssl_ca_location)
+        [mount] = [m for m in container["volumeMounts"] if ca.is_relative_to(m["mountPath"])]
+        volume = next(v for v in component["spec"]["volumes"] if v["name"] == mount["name"])
+        assert volume["secret"]["items"] == [{"key": "ca.crt", "path": ca.name}]
+        assert predictor["graph"]["modelUri"].endswith(f"/{predictor['name']}")
+    assert arms == SELDON_ARMS[state]
+    service = _one(_load_yaml_docs(K8S / "monitoring/serving-metrics.yaml"), "Service", None)
     assert service["spec"]["selector"] == {"seldon-deployment-id": sdep["metadata"]["name"]}
 
 
