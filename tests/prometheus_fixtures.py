@@ -1,13 +1,14 @@
 """A real Prometheus server (Debian's ``prometheus`` binary) scraping local targets."""
 
 import shutil
-import signal
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import yaml
+
+from tests.serving_fixtures import stop_process
 
 __all__ = ["LocalPrometheus"]
 
@@ -69,11 +70,6 @@ class LocalPrometheus:
         raise RuntimeError(f"prometheus not ready in {timeout_s}s:\n{self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        if self.process is not None:
+            stop_process(self.process)
         self.process = None

@@ -25,7 +25,6 @@ from typing import Any
 
 import duckdb
 import numpy as np
-import pandas as pd
 
 from churn_assets.evidence import Figure
 from churn_assets.warehouse import ensure_schema
@@ -127,7 +126,7 @@ class WarehouseFigures:
         """AUC rows (``model_version``, ``arm``, ``kind``, ``roc_auc``, ``labelled``, ``rows``,
         ``positives``) of the champion's primary and the challenger's canary answers in
         ``[start, end]``, realised and estimated, and the queries behind them."""
-        from churn_assets.performance import join_outcomes, performance_report
+        from churn_assets.performance import auc_rows, join_outcomes, performance_report
 
         ensure_schema(self.con)
         prediction_params: list[Any] = [start, end, champion, challenger]
@@ -149,18 +148,5 @@ class WarehouseFigures:
         )
         if joined.empty:
             return [], queries
-        report = performance_report(joined, period=None)
-        report = report.loc[report["period"].astype(str) == "all"]
-        rows = [
-            {
-                "model_version": r["model_version"],
-                "arm": r["arm"],
-                "kind": r["kind"],
-                "roc_auc": None if pd.isna(r["roc_auc"]) else float(r["roc_auc"]),
-                "labelled": int(r.get("labelled", 0) or 0),
-                "rows": int(r.get("rows", 0) or 0),
-                "positives": None if pd.isna(r.get("positives")) else float(r["positives"]),
-            }
-            for r in report.to_dict("records")
-        ]
+        rows = auc_rows(performance_report(joined, period=None))
         return rows, queries

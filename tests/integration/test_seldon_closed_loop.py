@@ -28,7 +28,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,14 +56,13 @@ from tests.conftest import ARTIFACTS, write_config
 from tests.k8s_recording import RecordingApiClient
 from tests.ml_fixtures import small_frames
 from tests.prometheus_fixtures import LocalPrometheus
-from tests.serving_fixtures import build_registry, free_port
+from tests.serving_fixtures import RunningServer, build_registry, free_port, wait_ready
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SDEP = ("machinelearning.seldon.io", "seldondeployments", "churn")
 VERSIONS = ("v1", "v2", "v3", "v4")
 JOB = "churn-serving"
-POD_READY_S = 90
 SCRAPED_S = 2.5  # after traffic: two scrapes at the 1 s interval
 
 # The recording is the API server: module-wide, as a cluster is.
@@ -84,44 +82,24 @@ class RecordedSeldonTarget(DeploymentTargetResource):
         )
 
 
-class Pod:
+class Pod(RunningServer):
     """`churn serve --model-dir` for one predictor, as its container runs it."""
 
     def __init__(self, config: Path, bucket: Path, env: dict[str, str], ports, log: Path):
         self.env = env
-        self.http = f"http://127.0.0.1:{ports[0]}"
-        self.log = log
         version = env["CHURN_MODEL_VERSION"]
         command = [sys.executable, "-m", "churn_assets.cli", "--config", str(config), "serve"]
         command += ["--http-port", str(ports[0]), "--grpc-port", str(ports[1])]
         command += ["--model-dir", str(bucket / version)]
         base = {k: v for k, v in os.environ.items() if not k.startswith("CHURN_")}
         with log.open("a") as sink:
-            self.process = subprocess.Popen(
+            process = subprocess.Popen(
                 command, env={**base, **env}, stdout=sink, stderr=subprocess.STDOUT
             )
+        super().__init__(process, f"http://127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}", log)
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + POD_READY_S
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"pod exited:\n{self.log.read_text()[-3000:]}"
-            try:
-                url = f"{self.http}/v2/models/churn-router/ready"
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        pytest.fail(f"pod not ready in {POD_READY_S}s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        wait_ready(self.process, f"{self.http}/v2/models/churn-router/ready", self.log)
 
 
 class Cluster:

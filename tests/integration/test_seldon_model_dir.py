@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -29,7 +28,7 @@ from churn_assets.registry import ModelRegistry
 from churn_assets.schemas import FEATURE_NAMES
 from churn_assets.simulator import sample_customers
 from tests.conftest import write_config
-from tests.serving_fixtures import RunningServer, build_registry, free_port
+from tests.serving_fixtures import RunningServer, build_registry, free_port, wait_ready
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -99,19 +98,6 @@ def output(body: dict, name: str) -> list:
     return next(o for o in body["outputs"] if o["name"] == name)["data"]
 
 
-def wait_ready(process: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + SERVE_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"exited early:\n{log.read_text()[-4000:]}"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    pytest.fail(f"{url} not ready in {SERVE_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
-
-
 def churn_serve(config: Path, model_dir: Path, *, version: str, ports: tuple[int, int]):
     env = {k: v for k, v in os.environ.items() if k not in ("CHURN_ADMIN_TOKEN", "CHURN_MODEL_DIR")}
     command = [sys.executable, "-m", "churn_assets.cli", "--config", str(config), "serve"]
@@ -139,7 +125,7 @@ def test_churn_serve_model_dir_scores_like_the_registry_version(
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
     server = RunningServer(process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log)
     try:
-        wait_ready(process, f"{server.http}/v2/models/churn-router/ready", log)
+        wait_ready(process, f"{server.http}/v2/models/churn-router/ready", log, SERVE_TIMEOUT_S)
 
         status, body = post(f"{server.http}/predict", rows[0])
         assert status == 200, body
@@ -221,7 +207,7 @@ def test_mlserver_start_serves_the_exported_folder(exported, rows, expected, tmp
     process, http_port, grpc_port = mlserver(folder.parent, tmp_path, log)
     base = f"http://127.0.0.1:{http_port}/v2/models/churn-v1"
     try:
-        wait_ready(process, f"{base}/ready", log)
+        wait_ready(process, f"{base}/ready", log, SERVE_TIMEOUT_S)
 
         status, body = post(f"{base}/infer", pandas_inputs(rows))
         assert status == 200, body
