@@ -256,6 +256,8 @@ def render_seldon_v2(
             "spec": {
                 "storageUri": f"{model_uri_prefix.rstrip('/')}/{version}",
                 "requirements": list(requirements),
+                # Reaches the churn runtime as parameters.extra: the arm its answers belong to.
+                "parameters": [{"name": "arm", "value": _arm(deployment, version)}],
                 "replicas": MIN_REPLICAS,
                 "minReplicas": MIN_REPLICAS,
                 "maxReplicas": MAX_REPLICAS,

@@ -178,6 +178,11 @@ def test_seldon_v2_models_and_experiment_match_the_crds(key: str) -> None:
         f"s3://churn-models/{v}" for v in deployment.live_versions
     ]
     assert all(1 <= m["spec"]["minReplicas"] < m["spec"]["maxReplicas"] for m in models)
+    arms = {m["spec"]["storageUri"].rsplit("/", 1)[1]: m["spec"]["parameters"] for m in models}
+    assert arms[deployment.champion] == [{"name": "arm", "value": "primary"}]
+    if deployment.challenger is not None:
+        arm = "canary" if deployment.strategy == "canary" else "shadow"
+        assert arms[deployment.challenger] == [{"name": "arm", "value": arm}]
     spec = experiment["spec"]
     assert experiment["kind"] == "Experiment"
     assert spec["default"] == f"churn-{deployment.champion}"

@@ -401,6 +401,36 @@ def test_seldon_predictor_pods_export_their_version_and_arm_and_mirror(state, mo
     assert service["spec"]["selector"] == {"seldon-deployment-id": sdep["metadata"]["name"]}
 
 
+@pytest.mark.parametrize("state", sorted(SELDON_ARMS))
+def test_seldon_core_2_models_name_their_arm_and_the_server_mirrors(state):
+    """Seldon Core 2: each Model's `arm` parameter (parameters.extra in the runtime) is its
+    rollout arm; the churn Server runs the production profile with Kafka's password by
+    reference and CA mounted where the profile reads it, and parallel workers off (MLServer then
+    serves the runtime's metrics from the process's registry)."""
+    docs = _load_yaml_docs(K8S / f"seldon/v2/seldon-v2-{state}.yaml")
+    arms = {
+        model["metadata"]["name"].removeprefix("churn-"): {
+            p["name"]: p["value"] for p in model["spec"]["parameters"]
+        }["arm"]
+        for model in _by_kind(docs, "Model")
+    }
+    assert arms == SELDON_ARMS[state]
+    server = _one(_load_yaml_docs(K8S / "seldon/v2/server.yaml"), "Server", "churn-mlserver")
+    [container] = server["spec"]["podSpec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLSERVER_PARALLEL_WORKERS"]["value"] == "0"
+    assert env["CHURN_CONFIG"]["value"] == "/opt/churn/config/config.production.yaml"
+    assert env["CHURN_KAFKA__SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "churn-platform",
+        "key": "password",
+    }
+    production = load_settings(REPO_ROOT / "config/config.production.yaml")
+    ca = Path(production.kafka.ssl_ca_location)
+    [mount] = [m for m in container["volumeMounts"] if ca.is_relative_to(m["mountPath"])]
+    [volume] = [v for v in server["spec"]["podSpec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["items"] == [{"key": "ca.crt", "path": ca.name}]
+
+
 # --------------------------------------------------------------------------- namespace policy
 
 
