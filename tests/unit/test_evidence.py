@@ -1,4 +1,5 @@
-"""The warehouse's rollout figures: SQL over landed predictions and feedback, real DuckDB files."""
+"""Rollout evidence: the warehouse's figures (SQL over landed predictions and feedback in real
+DuckDB files), and what an unreachable source does to a decision."""
 
 import socket
 from datetime import UTC, datetime, timedelta
@@ -197,3 +198,50 @@ def test_prometheus_that_does_not_answer_is_unavailable_not_empty():
     client = PrometheusClient(f"http://127.0.0.1:{port}", timeout_s=1, retries=1, backoff_s=0)
     with pytest.raises(EvidenceUnavailable, match=r"did not answer .* after 2 attempt"):
         client.query("up", NOW.timestamp())
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_an_unreachable_source_holds_the_rollout_and_applies_nothing(config_factory):
+    """A rollout in shadow whose evidence source does not answer records "hold: evidence
+    unavailable", keeps its state and sends the deployment target nothing. The Kubernetes API
+    is recorded (no API server can run here); the warehouse and registry are real files."""
+    from churn_assets.config import load_settings
+    from churn_assets.deploy import KubernetesSeldonTarget
+    from churn_assets.evidence.router import RouterEvidence
+    from churn_assets.registry import ModelRegistry
+    from churn_assets.rollout_control import current_state, run_rollout_step
+    from tests.k8s_recording import RecordingApiClient
+    from tests.serving_fixtures import contract_model, register_model
+
+    settings = load_settings(config_factory(serving={"url": f"http://127.0.0.1:{_closed_port()}"}))
+    registry = ModelRegistry(settings.registry_dir)
+    model = contract_model(settings.contract, rows=200)
+    register_model(registry, model, "champion")
+    register_model(registry, model, "challenger")
+    api = RecordingApiClient()
+    target = KubernetesSeldonTarget("churn", api_client=api, kind="v1")
+    source = RouterEvidence(settings, timeout_s=1)
+    with connect(settings.warehouse_path) as con:
+        started = run_rollout_step(settings, con, target, run_id="r1", evidence=source)
+        assert started.decision.action == "start_shadow"
+        calls = len(api.calls)
+
+        held = run_rollout_step(settings, con, target, run_id="r2", evidence=source)
+
+        assert held.decision.action == "hold"
+        [reason] = held.decision.reasons
+        assert reason.startswith("hold: evidence unavailable from router: GET http://127.0.0.1:")
+        assert "/router/metrics failed" in reason
+        assert held.decision.next_state == started.decision.next_state
+        assert held.applied is None and len(api.calls) == calls
+        assert held.evidence["source"] == "router" and held.evidence["unavailable"]
+        assert current_state(con, registry) == started.decision.next_state
+        recorded = con.execute(
+            "SELECT action, applied, phase_to FROM rollout_decisions ORDER BY rowid"
+        ).fetchall()
+    assert recorded == [("start_shadow", True, "shadow"), ("hold", False, "shadow")]
