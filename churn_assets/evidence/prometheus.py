@@ -26,7 +26,9 @@ scraped the arm, or it served nothing) gives no evidence and the rollout waits. 
 arm whose ``status="ok"`` series exists but which has no ``status="error"`` series has had no
 errors: serving creates the error series at the first error (Seldon predictor pods, which know
 their arm, create both at start). Prometheus unreachable, timing out or answering an HTTP error
-raises :class:`~churn_assets.evidence.EvidenceUnavailable`: the rollout holds.
+raises :class:`~churn_assets.evidence.EvidenceUnavailable`: the rollout holds. Kafka
+unreachable (or landing behind): nothing lands for the window, the warehouse figures are
+missing, and the decision waits, saying how many answers Prometheus counted that have not landed.
 """
 
 import logging
@@ -257,7 +259,11 @@ class PrometheusWarehouseEvidence:
         if shadow_mean is None or primary_mean is None:
             waiting.append(f"Prometheus has no latency yet: {shadow_query}; {primary_query}")
         if not pairs.pairs:
-            waiting.append("no shadow pairs landed in the window (ml.predictions)")
+            waiting.append(
+                f"no shadow pairs landed in the window (ml.predictions) although Prometheus "
+                f"counted {sum(counts.values())} {challenger} shadow answers: the mirror, Kafka "
+                "or landing is behind"
+            )
         if pairs.pairs and shadow_mean is not None and primary_mean is not None:
             overhead_ms = (shadow_mean - primary_mean) * 1000.0
             figures["latency_overhead_ms"] = Figure(
@@ -318,6 +324,12 @@ class PrometheusWarehouseEvidence:
                 waiting=(f"Prometheus has no canary latency yet: {p99_query}",),
             )
         figures["p99_latency_ms"] = Figure(p99_s * 1000.0, PROMETHEUS, f"{p99_query} * 1000")
+        waiting = []
+        if not rows:
+            waiting.append(
+                f"no canary predictions landed in the window (ml.predictions) although "
+                f"Prometheus counted {requests_in_window}: the mirror, Kafka or landing is behind"
+            )
         fields = auc_fields(pair)
         auc_query = f"{queries['predictions']}; {queries['feedback']}; {pair.get('kind')} AUC"
         for name in ("champion_auc", "challenger_auc"):
@@ -330,4 +342,4 @@ class PrometheusWarehouseEvidence:
             elapsed_s=end - start,
             **fields,
         )
-        return Evidence(SOURCE, canary=canary, figures=figures, raw=raw)
+        return Evidence(SOURCE, canary=canary, figures=figures, waiting=tuple(waiting), raw=raw)

@@ -25,6 +25,7 @@ traffic weights, and a copy to every ``shadow: true`` predictor, with the same `
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -380,6 +381,17 @@ def test_a_good_challenger_is_promoted_on_prometheus_and_warehouse_evidence(loop
 def test_a_bad_challenger_is_rolled_back_at_the_shadow_gate(loop):
     ModelRegistry(loop.settings.registry_dir).set_alias("challenger", "v3")
     assert loop.decide()["action"] == "start_shadow"
+    # Answered but not landed yet (Kafka or landing behind): no judgement on counts alone.
+    loop.traffic()
+    time.sleep(SCRAPED_S)
+    waiting = loop.decide()
+    assert waiting["action"] == "wait" and waiting["phase_to"] == "shadow"
+    behind = re.compile(
+        r"no data yet: no shadow pairs landed in the window \(ml\.predictions\) although "
+        r"Prometheus counted (\d+) v3 shadow answers"
+    )
+    [counted] = [int(m[1]) for r in waiting["reasons"] if (m := behind.match(r))]
+    assert counted >= 150, waiting["reasons"]  # 200 sent; increase() extrapolates a little
     state = loop.drive(until={"rolled_back", "canary", "promoted"})
     assert state["phase"] == "rolled_back"
     rollback = loop.decisions()[-1]
