@@ -251,6 +251,17 @@ def test_mlserver_start_refuses_a_tampered_folder(exported, tmp_path):
     assert "Loaded model 'churn-v1' successfully" not in text
 
 
+def models_with_arm(folder: Path, tmp_path: Path, arm: str) -> Path:
+    """A models directory holding ``folder`` whose model-settings.json has ``arm`` in
+    ``parameters.extra``, as Seldon Core 2's agent writes a Model's ``spec.parameters``."""
+    models_dir = tmp_path / "models"
+    copy = shutil.copytree(folder, models_dir / folder.name)
+    model_settings = json.loads((copy / "model-settings.json").read_text())
+    model_settings["parameters"]["extra"] = {"arm": arm}
+    (copy / "model-settings.json").write_text(json.dumps(model_settings))
+    return models_dir
+
+
 def test_mlserver_runtime_counts_and_mirrors_its_answers_under_its_arm(
     exported, rows, expected, broker_settings, settings_path, tmp_path
 ):
@@ -264,11 +275,7 @@ def test_mlserver_runtime_counts_and_mirrors_its_answers_under_its_arm(
     from churn_assets.schemas import Topics
     from churn_assets.warehouse import connect
 
-    models_dir = tmp_path / "models"
-    folder = shutil.copytree(exported[0], models_dir / "v1")
-    model_settings = json.loads((folder / "model-settings.json").read_text())
-    model_settings["parameters"]["extra"] = {"arm": "shadow"}
-    (folder / "model-settings.json").write_text(json.dumps(model_settings))
+    models_dir = models_with_arm(exported[0], tmp_path, "shadow")
     log = tmp_path / "mlserver.log"
     metrics_port = free_port()
     process, http_port, _ = mlserver(
@@ -311,11 +318,7 @@ def test_mlserver_runtime_counts_and_mirrors_its_answers_under_its_arm(
 
 
 def test_mlserver_runtime_refuses_an_unknown_arm(exported, tmp_path):
-    models_dir = tmp_path / "models"
-    folder = shutil.copytree(exported[0], models_dir / "v1")
-    model_settings = json.loads((folder / "model-settings.json").read_text())
-    model_settings["parameters"]["extra"] = {"arm": "blue"}
-    (folder / "model-settings.json").write_text(json.dumps(model_settings))
+    models_dir = models_with_arm(exported[0], tmp_path, "blue")
     log = tmp_path / "mlserver.log"
     process, _, _ = mlserver(models_dir, tmp_path, log)
     try:
