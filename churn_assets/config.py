@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 __all__ = [
@@ -168,6 +176,18 @@ class ServingSettings(_Section):
         description="largest request body (REST, answered 413) or message (gRPC, "
         "RESOURCE_EXHAUSTED) serving reads",
     )
+    # A Seldon predictor serves one version on one arm of the rollout; its rendered pod sets
+    # this so its metrics and mirrored predictions carry that arm. null = the router's own arms.
+    arm: Literal["primary", "canary", "shadow"] | None = None
+
+
+class PrometheusSettings(_Section):
+    """Where the rollout's ``prometheus`` evidence source reads the serving metrics."""
+
+    url: str | None = Field(None, pattern=r"^https?://[^\s/]+(:[0-9]+)?(/[^\s]*)?$")
+    job: str = Field("churn-serving", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    timeout_s: float = Field(5.0, gt=0, le=120)
+    retries: int = Field(2, ge=0, le=10)
 
 
 class RolloutSettings(_Section):
@@ -184,6 +204,7 @@ class RolloutSettings(_Section):
     max_auc_drop: float = Field(0.02, ge=0, le=1)
     alpha: float = Field(0.05, gt=0, lt=1)
     target: Literal["local", "seldon_v1", "seldon_v2"] = "local"
+    evidence: Literal["router", "prometheus"] = "router"
     kubernetes_namespace: str = Field("churn", min_length=1)
     seldon_name: str = Field("churn", min_length=1)
 
@@ -233,6 +254,7 @@ class Settings(BaseSettings):
     simulator: SimulatorSettings = SimulatorSettings()
     training: TrainingSettings = TrainingSettings()
     serving: ServingSettings = ServingSettings()
+    prometheus: PrometheusSettings = PrometheusSettings()
     rollout: RolloutSettings = RolloutSettings()
     dagster: DagsterSettings = DagsterSettings()
     dashboard: DashboardSettings = DashboardSettings()
@@ -251,6 +273,15 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The YAML file arrives as init data; the environment must win over it.
         return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _evidence_has_a_source(self) -> "Settings":
+        if self.rollout.evidence == "prometheus" and not self.prometheus.url:
+            raise ValueError(
+                "rollout.evidence is 'prometheus' but prometheus.url is not set: name the "
+                "Prometheus server the rollout reads (e.g. http://prometheus:9090)"
+            )
+        return self
 
     def resolve(self, path: Path) -> Path:
         """An absolute path for a storage setting (relative ones hang off ``base_dir``)."""
@@ -350,6 +381,9 @@ def _describe(exc: ValidationError, source: Path) -> str:
     lines = [f"invalid configuration ({source}):"]
     for error in exc.errors():
         loc = tuple(error["loc"])
+        if not loc:  # a rule across sections: its message names the keys
+            lines.append(f"  - {error['msg'].removeprefix('Value error, ')}")
+            continue
         key = ".".join(str(part) for part in loc)
         env_name = ENV_PREFIX + ENV_DELIMITER.join(str(p).upper() for p in loc)
         origin = f" (from environment variable {env_name})" if env_name in os.environ else ""

@@ -48,6 +48,7 @@ __all__ = [
     "FEEDBACK_COLUMNS",
     "PERFORMANCE_COLUMNS",
     "PREDICTION_COLUMNS",
+    "auc_rows",
     "estimated_performance",
     "expected_roc_auc",
     "fit_calibration",
@@ -463,6 +464,25 @@ def performance_report(
         joined, threshold=threshold, by=by, period=period, calibration=calibration
     )
     return pd.concat([realised, estimated], ignore_index=True)
+
+
+def auc_rows(report: pd.DataFrame) -> list[dict[str, Any]]:
+    """The overall (period "all") ROC-AUC rows of a :func:`performance_report` by version and
+    arm, JSON-safe: ``model_version``, ``arm``, ``kind``, ``roc_auc`` (None when undefined),
+    ``labelled``, ``rows``, ``positives``."""
+    overall = report.loc[report["period"].astype(str) == OVERALL]
+    return [
+        {
+            "model_version": r["model_version"],
+            "arm": r["arm"],
+            "kind": r["kind"],
+            "roc_auc": None if pd.isna(r["roc_auc"]) else float(r["roc_auc"]),
+            "labelled": int(r.get("labelled", 0) or 0),
+            "rows": int(r.get("rows", 0) or 0),
+            "positives": None if pd.isna(r.get("positives")) else float(r["positives"]),
+        }
+        for r in overall.to_dict("records")
+    ]
 
 
 # -- alerts -------------------------------------------------------------------------------------

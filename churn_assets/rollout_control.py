@@ -2,12 +2,11 @@
 
 ``churn_assets.rollout`` decides; this module feeds it and records what it decided:
 
-* **Evidence.** Shadow evidence comes from the serving API's ``GET /router/shadow-analysis``
-  (pairs where the challenger shadowed the champion); canary evidence from ``GET /router/metrics``
-  (the challenger's canary requests and errors since the step began, its recent p99 latency) and
-  from the ``performance`` section of the monitoring read model that ``live_performance``
-  publishes (AUC per version and arm: realised when both arms have
-  ``monitoring.min_labelled_rows`` labels, the label-free estimate otherwise).
+* **Evidence** comes from the source ``rollout.evidence`` names (``churn_assets.evidence``): the
+  serving router's counters (``router``) or Prometheus and the warehouse (``prometheus``). The
+  decision records the source and, per figure, the query behind it; its reasons end with a line
+  naming which source gave which figure. A source that cannot be reached gives the decision
+  "hold: evidence unavailable" (state unchanged, never a promotion); the next run tries again.
 * **The audit table** ``rollout_decisions`` in the warehouse holds one row per decision, waits
   included: inputs (``evidence``), reasons, figures, the state after it and what the deployment
   target did. Its last row (in insertion order, not by clock) is the rollout's current state.
@@ -30,29 +29,28 @@ import os
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import duckdb
-import requests
 
 from churn_assets.config import Settings
 from churn_assets.deploy import DeploymentError, DeploymentTarget, deployment_for
-from churn_assets.monitoring import read_monitoring
+from churn_assets.evidence import Evidence, EvidenceSource, EvidenceUnavailable, evidence_source
+from churn_assets.evidence.router import serving_url
 from churn_assets.registry import ModelRegistry
 from churn_assets.rollout import (
     TERMINAL_PHASES,
-    CanaryEvidence,
     Decision,
     Phase,
     RolloutPolicy,
     RolloutState,
-    ShadowEvidence,
     adopt,
     decide,
     start,
+    traffic_share,
 )
 from churn_assets.warehouse import publish_read_model
 
@@ -61,7 +59,6 @@ __all__ = [
     "RolloutRecord",
     "active_challenger",
     "champion_changed_by_hand",
-    "collect_evidence",
     "current_state",
     "read_rollout_state",
     "rollout_in_progress",
@@ -104,17 +101,6 @@ FROM {AUDIT_TABLE} ORDER BY rowid
 
 class RolloutControlError(RuntimeError):
     """The rollout cannot take a step; the message says what is missing."""
-
-
-def serving_url(settings: Settings) -> str:
-    """Base URL clients use to reach serving (evidence source, local deployment target,
-    dashboard, `churn traffic`): ``serving.url``, else built from ``serving.host``/``http_port``."""
-    if settings.serving.url:
-        return settings.serving.url.rstrip("/")
-    host = settings.serving.host
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1"
-    return f"http://{host}:{settings.serving.http_port}"
 
 
 # ------------------------------------------------------------------------------------- state
@@ -195,119 +181,6 @@ def active_challenger(state: Mapping[str, Any] | None, aliases: Mapping[str, str
     return challenger
 
 
-# ---------------------------------------------------------------------------------- evidence
-
-
-def _get_json(url: str, timeout_s: float = 10.0) -> dict[str, Any]:
-    try:
-        response = requests.get(url, timeout=timeout_s)
-    except requests.RequestException as exc:
-        raise RolloutControlError(f"GET {url} failed: {exc}; is the serving process up?") from exc
-    if response.status_code != 200:
-        raise RolloutControlError(
-            f"GET {url} answered HTTP {response.status_code}: {response.text[:300]}"
-        )
-    return response.json()
-
-
-def _arm_counts(requests_by_key: Mapping[str, int], version: str, arm: str) -> tuple[int, int]:
-    total = errors = 0
-    for key, count in requests_by_key.items():
-        key_version, key_arm, status = key.split("/")
-        if key_version == version and key_arm == arm:
-            total += int(count)
-            errors += int(count) if status != "ok" else 0
-    return total, errors
-
-
-def _auc_rows(settings: Settings, champion: str, challenger: str) -> dict[str, Any]:
-    """Champion (primary arm) and challenger (canary arm) AUC of one kind for both."""
-    rows = (read_monitoring(settings.read_models_dir).get("performance") or {}).get("auc") or []
-    by_key = {(r["model_version"], r["arm"], r["kind"]): r for r in rows}
-    minimum = settings.monitoring.min_labelled_rows
-    pair = {}
-    for kind in ("realised", "estimated"):
-        champ = by_key.get((champion, "primary", kind))
-        chall = by_key.get((challenger, "canary", kind))
-        if kind == "realised" and not (
-            champ and chall and champ["labelled"] >= minimum and chall["labelled"] >= minimum
-        ):
-            continue
-        pair = {"kind": kind, "champion": champ, "challenger": chall}
-        break
-    return pair
-
-
-def collect_evidence(
-    settings: Settings, state: RolloutState, baseline: Mapping[str, Any], now: float
-) -> tuple[ShadowEvidence | None, CanaryEvidence | None, dict[str, Any]]:
-    """Evidence for ``state``'s phase, and the raw inputs recorded in the audit table."""
-    base = serving_url(settings)
-    raw: dict[str, Any] = {"source": base}
-    metrics = _get_json(f"{base}/router/metrics")
-    counts = metrics.get("requests", {})
-    raw["router_state"] = metrics.get("state")
-    if state.challenger is None:
-        return None, None, raw
-    total, errors = _arm_counts(counts, state.challenger, "canary")
-    raw["canary_requests_total"] = total
-    raw["canary_errors_total"] = errors
-    if state.phase in (Phase.SHADOW, Phase.BLUE_GREEN_READY):
-        analysis = _get_json(f"{base}/router/shadow-analysis?version={state.challenger}")
-        raw["shadow_analysis"] = analysis
-        pairs, errors = int(analysis.get("pairs") or 0), int(analysis.get("errors") or 0)
-        if not pairs and not errors:
-            return None, None, raw
-        shadow = ShadowEvidence(
-            requests=pairs,
-            agreement_rate=float(analysis.get("agreement_rate", 0.0)),
-            ks_statistic=float(analysis.get("ks_statistic", 0.0)),
-            latency_overhead_ms=float(analysis.get("latency_overhead_ms", 0.0)),
-            errors=errors,
-        )
-        return shadow, None, raw
-    if state.phase is not Phase.CANARY:
-        return None, None, raw
-    base_requests = int(baseline.get("canary_requests_total", 0))
-    base_errors = int(baseline.get("canary_errors_total", 0))
-    if total < base_requests or errors < base_errors:
-        # The counters went backwards: serving restarted during the step. Count from its start.
-        raw["serving_restarted"] = True
-        base_requests = base_errors = 0
-    step_requests = total - base_requests
-    step_errors = errors - base_errors
-    latency = metrics.get("latency_ms", {}).get(f"{state.challenger}/canary", {})
-    auc = _auc_rows(settings, state.champion, state.challenger)
-    raw["auc"] = auc
-    champ, chall = auc.get("champion"), auc.get("challenger")
-
-    def rows_behind(row: Mapping[str, Any] | None) -> int:
-        if row is None:
-            return 0
-        return int(row["labelled"] if auc["kind"] == "realised" else row.get("rows", 0))
-
-    def positives(row: Mapping[str, Any] | None) -> float | None:
-        if row is None or row.get("positives") is None:
-            return None
-        return min(float(row["positives"]), float(rows_behind(row)))
-
-    started = state.step_started_at if state.step_started_at is not None else now
-    canary = CanaryEvidence(
-        requests=max(step_requests, 0),
-        errors=min(max(step_errors, 0), max(step_requests, 0)),
-        p99_latency_ms=float(latency.get("p99", 0.0)),
-        champion_auc=None if champ is None else champ.get("roc_auc"),
-        challenger_auc=None if chall is None else chall.get("roc_auc"),
-        champion_labelled=rows_behind(champ),
-        challenger_labelled=rows_behind(chall),
-        auc_kind=auc.get("kind", "estimated"),
-        elapsed_s=max(now - started, 0.0),
-        champion_positives=positives(champ),
-        challenger_positives=positives(chall),
-    )
-    return None, canary, raw
-
-
 # ------------------------------------------------------------------------------------ a step
 
 
@@ -353,8 +226,39 @@ def _sync_registry(registry: ModelRegistry, decision: Decision) -> None:
         registry.clear_alias("challenger")
 
 
+def _judge(
+    source: EvidenceSource,
+    state: RolloutState,
+    baseline: Mapping[str, Any],
+    policy: RolloutPolicy,
+    now: float,
+) -> tuple[Decision, dict[str, Any]]:
+    """The policy's decision on the source's evidence; a hold when the source is unreachable."""
+    try:
+        evidence = source.collect(state, baseline, now)
+    except EvidenceUnavailable as exc:
+        log.warning("rollout holds: evidence unavailable from %s: %s", source.name, exc)
+        reason = f"hold: evidence unavailable from {source.name}: {exc}"
+        hold = Decision("hold", state, traffic_share(state, policy), (reason,), {})
+        return hold, {"source": source.name, "unavailable": str(exc), **source.describe()}
+    decision = decide(state, policy, shadow=evidence.shadow, canary=evidence.canary, now=now)
+    return _with_provenance(decision, evidence), evidence.record()
+
+
+def _with_provenance(decision: Decision, evidence: Evidence) -> Decision:
+    """``decision`` with the source's "no data yet" reasons (when it waits) and a last reason
+    naming which source gave which figure."""
+    reasons = list(decision.reasons)
+    if decision.action == "wait":
+        reasons += [f"no data yet: {why}" for why in evidence.waiting]
+    if evidence.figures:
+        reasons.append(evidence.provenance())
+    return replace(decision, reasons=tuple(reasons))
+
+
 def _decide(
     settings: Settings,
+    source: EvidenceSource,
     state: RolloutState,
     aliases: Mapping[str, str],
     baseline: Mapping[str, Any],
@@ -374,8 +278,7 @@ def _decide(
         and not _judged_before(state.history, challenger)
     ):
         return start(state, challenger, now=now), {"aliases": dict(aliases)}
-    shadow, canary, raw = collect_evidence(settings, state, baseline, now)
-    return decide(state, policy, shadow=shadow, canary=canary, now=now), raw
+    return _judge(source, state, baseline, policy, now)
 
 
 def run_rollout_step(
@@ -385,16 +288,19 @@ def run_rollout_step(
     *,
     run_id: str,
     now: float | None = None,
+    evidence: EvidenceSource | None = None,
 ) -> RolloutRecord:
-    """Decide the next rollout step, apply it through ``target``, record it and publish the
-    read models. A failed apply is recorded (``applied`` false, the error in
-    ``applied_detail``) with the state unchanged, then raised."""
+    """Decide the next rollout step on ``evidence`` (default: the source ``rollout.evidence``
+    names), apply it through ``target``, record it and publish the read models. A failed apply
+    is recorded (``applied`` false, the error in ``applied_detail``) with the state unchanged,
+    then raised."""
     now = time.time() if now is None else now
     registry = ModelRegistry(settings.registry_dir)
     state = current_state(con, registry)
     policy = RolloutPolicy.from_settings(settings)
-    decision, evidence = _decide(
-        settings, state, registry.aliases(), _step_baseline(con), policy, now
+    source = evidence if evidence is not None else evidence_source(settings, con)
+    decision, evidence_record = _decide(
+        settings, source, state, registry.aliases(), _step_baseline(con), policy, now
     )
     describe = target.describe()
     target_name = str(describe.get("target", type(target).__name__))
@@ -413,12 +319,12 @@ def run_rollout_step(
             (*decision.reasons, f"NOT APPLIED ({decision.action}): {error}"),
             decision.figures,
         )
-        record = RolloutRecord(failed, state, evidence, None, target_name)
+        record = RolloutRecord(failed, state, evidence_record, None, target_name)
         _append(con, settings, record, run_id, now)
         raise error
     if decision.action not in ("wait", "hold"):
         _sync_registry(registry, decision)
-    record = RolloutRecord(decision, state, evidence, applied, target_name)
+    record = RolloutRecord(decision, state, evidence_record, applied, target_name)
     _append(con, settings, record, run_id, now)
     return record
 

@@ -43,7 +43,9 @@ done
 log "syncing .venv with uv.lock (python: $PYTHON_ARG)"
 $UV sync --frozen --python "$PYTHON_ARG" --quiet
 # Prometheus's promtool and Alertmanager's amtool: tests/unit/test_monitoring_config.py runs them
-# on config/prometheus/ and config/alertmanager/; Debian's Chromium runs the dashboard's browser
+# on config/prometheus/ and config/alertmanager/; the Prometheus server itself (same Debian
+# package): tests/integration/test_seldon_closed_loop.py scrapes real serving processes with it;
+# Debian's Chromium runs the dashboard's browser
 # tests (Playwright drives it by executable path, nothing downloads a browser). Debian packages,
 # installed only when missing.
 # Their postinst scripts enable and start system services (Prometheus on :9090 with Debian's own
@@ -54,7 +56,7 @@ $UV sync --frozen --python "$PYTHON_ARG" --quiet
 # disabled. Nothing else on the machine is touched.
 ensure_debian_tools() {
   local missing=() pkg policy=/usr/sbin/policy-rc.d made_policy=0 rc=0
-  command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+  { command -v promtool && command -v prometheus; } >/dev/null 2>&1 || missing+=(prometheus)
   command -v amtool >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   [ "${#missing[@]}" -eq 0 ] && return 0
@@ -87,9 +89,9 @@ ensure_debian_tools() {
       "/etc/init.d/$pkg" stop >/dev/null 2>&1 || true
     fi
   done
-  command -v promtool >/dev/null 2>&1 && command -v amtool >/dev/null 2>&1 &&
-    command -v chromium >/dev/null 2>&1 || {
-    log "ERROR: promtool/amtool/chromium still missing after installing ${missing[*]}"
+  command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 &&
+    command -v amtool >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1 || {
+    log "ERROR: prometheus/promtool/amtool/chromium still missing after installing ${missing[*]}"
     exit 1
   }
 }

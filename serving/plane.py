@@ -133,6 +133,16 @@ class ServingPlane:
         self.contract: Contract
         self.requests: RequestModels
         self.state = self._initial_state()
+        # A Seldon predictor pod serves one version on one rollout arm (``serving.arm``, set by
+        # its manifest): its answers carry that arm, and its series exist from the start so
+        # Prometheus's increase() counts the first requests too.
+        self._pinned_arm = settings.serving.arm
+        if self._pinned_arm is not None:
+            for status in ("ok", "error"):
+                self.metrics.predictions_total.labels(
+                    version=self.state.champion, arm=self._pinned_arm, status=status
+                )
+            self._children(self.state.champion, self._pinned_arm)
         self._publish_weights()
 
     # -- state ----------------------------------------------------------------------------------
@@ -294,6 +304,7 @@ class ServingPlane:
         routes = [
             route(state, c or r) for c, r in zip(batch.customer_ids, request_ids, strict=True)
         ]
+        pinned = self._pinned_arm
         by_version: dict[str, list[int]] = {}
         for index, target in enumerate(routes):
             by_version.setdefault(target.primary, []).append(index)
@@ -307,7 +318,7 @@ class ServingPlane:
                 x = loaded.model.transformer.transform_columns(part.columns, len(part))
                 probabilities = loaded.model.predict_matrix(x)
             except Exception:
-                self._count_errors(version, [routes[i].arm for i in indices])
+                self._count_errors(version, [pinned or routes[i].arm for i in indices])
                 if version == state.champion:
                     raise
                 # A failing canary never fails its callers: the champion answers them, and
@@ -327,7 +338,7 @@ class ServingPlane:
                     customer_id=batch.customer_ids[i],
                     probability=float(probabilities[position]),
                     model_version=version,
-                    arm=routes[i].arm,
+                    arm=pinned or routes[i].arm,
                     outlier_score=None if scores is None else float(scores[position]),
                     is_outlier=None if flags is None else bool(flags[position]),
                     latency_ms=elapsed_ms,

@@ -14,17 +14,27 @@ version and the SHA-256 of every artefact) and a ``model-settings.json`` for MLS
   into the server's models directory and MLServer loads :class:`ChurnModel`, named by
   ``model-settings.json``. The agent rewrites that file's ``name`` and ``parameters.version`` (to
   ``churn-v3_1`` and ``1``, say) and keeps only the fields it knows, so the churn version is
-  always read from ``manifest.json``, never from the model settings.
+  always read from ``manifest.json``, never from the model settings. The rendered ``Model``'s
+  ``spec.parameters`` reach the runtime as ``parameters.extra``: ``arm`` names the rollout arm
+  its answers belong to (``primary``, ``canary``, ``shadow``), as ``serving.arm`` does for a v1
+  pod. Its answers are counted in ``predictions_total`` / ``prediction_latency_seconds`` (by
+  churn version and arm) on the server's metrics endpoint and mirrored to ``ml.predictions``.
 
 Every artefact is verified against its SHA-256 before it is used; nothing is unpickled.
 TensorFlow and ``seldon_core`` are never imported here.
 """
 
+import atexit
 import json
 import logging
 import os
 import shutil
 import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +48,7 @@ from mlserver.types import InferenceRequest, InferenceResponse
 from mlserver.utils import get_model_uri
 
 from churn_assets.broker import BrokerError, resolve_bootstrap
-from churn_assets.config import Settings
+from churn_assets.config import Settings, load_settings
 from churn_assets.model import ScoringModel
 from churn_assets.registry import (
     MANIFEST,
@@ -49,6 +59,9 @@ from churn_assets.registry import (
     read_version_dir,
 )
 from serving.errors import InvalidInput
+from serving.metrics import ServingMetrics
+from serving.mirror import PredictionMirror, prediction_event_bytes
+from serving.plane import MODEL_NAME, Prediction
 from serving.runtime import batch_from_request, input_metadata
 
 __all__ = [
@@ -180,6 +193,49 @@ def model_dir_overrides(
     return overrides
 
 
+ARMS = ("primary", "canary", "shadow")
+
+
+@dataclass(frozen=True)
+class RuntimeEvidence:
+    """What every :class:`ChurnModel` of one MLServer process shares: the churn metrics,
+    registered in ``prometheus_client``'s default registry (the one MLServer's metrics endpoint
+    serves with ``parallel_workers: 0``), and one mirror to ``ml.predictions``."""
+
+    metrics: ServingMetrics
+    mirror: PredictionMirror
+
+
+_evidence_lock = threading.Lock()
+_evidence: list[RuntimeEvidence] = []
+
+
+def runtime_evidence() -> RuntimeEvidence:
+    """The process's :class:`RuntimeEvidence`, made at the first model load from the platform
+    settings (``CHURN_CONFIG``: its Kafka settings). Process-wide because MLServer loads every
+    model of a server into one process and serves one Prometheus registry: two models each
+    registering ``predictions_total`` there would clash."""
+    with _evidence_lock:
+        if not _evidence:
+            from prometheus_client import REGISTRY
+
+            metrics = ServingMetrics(REGISTRY)
+            mirror = PredictionMirror(load_settings(), metrics)
+            # MLServer gives no hook after the last model; at exit the queued events go out.
+            atexit.register(mirror.close)
+            _evidence.append(RuntimeEvidence(metrics, mirror))
+        return _evidence[0]
+
+
+def _arm(parameters: Any) -> str:
+    """The rollout arm from the model settings' ``parameters.extra`` (default ``primary``)."""
+    extra = getattr(parameters, "extra", None) or {}
+    arm = extra.get("arm", "primary")
+    if arm not in ARMS:
+        raise ModelFolderError(f"model parameter arm={arm!r} is not one of {ARMS}")
+    return str(arm)
+
+
 class ChurnModel(MLModel):
     """MLServer runtime for one exported version folder (Seldon Core 2, ``mlserver start``).
 
@@ -194,7 +250,16 @@ class ChurnModel(MLModel):
         if not self.settings.inputs:  # the metadata names the contract's inputs
             # Through MLModel's property setter, which also indexes the inputs.
             self.inputs = input_metadata(self._scoring.contract)
-        log.info("model %s serves churn %s from %s", self.name, self._scoring.version, folder)
+        self._arm = _arm(self.settings.parameters)
+        self._evidence = runtime_evidence()
+        metrics, version = self._evidence.metrics, self._scoring.version or ""
+        # The series exist from the start, so Prometheus's increase() counts the first answers.
+        self._ok = metrics.predictions_total.labels(version=version, arm=self._arm, status="ok")
+        self._errors = metrics.predictions_total.labels(
+            version=version, arm=self._arm, status="error"
+        )
+        self._latency = metrics.prediction_latency_seconds.labels(version=version, arm=self._arm)
+        log.info("model %s serves churn %s (arm %s) from %s", self.name, version, self._arm, folder)
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
@@ -202,7 +267,13 @@ class ChurnModel(MLModel):
             requests = batch_from_request(payload, self._scoring.contract)
         except InvalidInput as exc:
             raise MLServerError(str(exc), exc.status_code) from None
-        probabilities = self._scoring.predict_columns(requests.columns, len(requests))
+        started = time.perf_counter()
+        try:
+            probabilities = self._scoring.predict_columns(requests.columns, len(requests))
+        except Exception:
+            self._errors.inc(len(requests))
+            raise
+        self._record(requests, probabilities, (time.perf_counter() - started) * 1000)
         return InferenceResponse(
             id=payload.id,
             model_name=self.name,
@@ -214,3 +285,33 @@ class ChurnModel(MLModel):
                 ),
             ],
         )
+
+    def _record(self, requests: Any, probabilities: np.ndarray, latency_ms: float) -> None:
+        """Count and time the answers, and mirror each to ``ml.predictions`` (never blocking)."""
+        self._ok.inc(len(requests))
+        for _ in range(len(requests)):
+            self._latency.observe(latency_ms / 1000)
+        predicted_at = datetime.now(UTC)
+        version = self._scoring.version or ""
+        rows = zip(
+            requests.request_ids,
+            requests.customer_ids,
+            probabilities,
+            requests.features,
+            strict=True,
+        )
+        for request_id, customer_id, probability, record in rows:
+            prediction = Prediction(
+                request_id=request_id or uuid.uuid4().hex,
+                customer_id=customer_id,
+                probability=float(probability),
+                model_version=version,
+                arm=self._arm,
+                outlier_score=None,
+                is_outlier=None,
+                latency_ms=latency_ms,
+            )
+            self._evidence.mirror.publish_encoded(
+                prediction.request_id,
+                prediction_event_bytes(prediction, record, predicted_at, MODEL_NAME),
+            )

@@ -138,14 +138,35 @@ class RunningServer:
     log: Path
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        return self.process.returncode
+        return stop_process(self.process)
+
+
+def stop_process(process: subprocess.Popen) -> int:
+    """SIGTERM, then SIGKILL after 30 s; the exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+    return process.returncode
+
+
+def wait_ready(process: subprocess.Popen, url: str, log: Path, timeout_s: float = 90) -> None:
+    """Until ``url`` answers 200; fails the test if ``process`` exits or time runs out."""
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"exited early:\n{log.read_text()[-4000:]}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    pytest.fail(f"{url} not ready in {timeout_s}s:\n{log.read_text()[-4000:]}")
 
 
 def start_server(

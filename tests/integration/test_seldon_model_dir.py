@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -29,7 +28,7 @@ from churn_assets.registry import ModelRegistry
 from churn_assets.schemas import FEATURE_NAMES
 from churn_assets.simulator import sample_customers
 from tests.conftest import write_config
-from tests.serving_fixtures import RunningServer, build_registry, free_port
+from tests.serving_fixtures import RunningServer, build_registry, free_port, wait_ready
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -99,19 +98,6 @@ def output(body: dict, name: str) -> list:
     return next(o for o in body["outputs"] if o["name"] == name)["data"]
 
 
-def wait_ready(process: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + SERVE_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"exited early:\n{log.read_text()[-4000:]}"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    pytest.fail(f"{url} not ready in {SERVE_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
-
-
 def churn_serve(config: Path, model_dir: Path, *, version: str, ports: tuple[int, int]):
     env = {k: v for k, v in os.environ.items() if k not in ("CHURN_ADMIN_TOKEN", "CHURN_MODEL_DIR")}
     command = [sys.executable, "-m", "churn_assets.cli", "--config", str(config), "serve"]
@@ -139,7 +125,7 @@ def test_churn_serve_model_dir_scores_like_the_registry_version(
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
     server = RunningServer(process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log)
     try:
-        wait_ready(process, f"{server.http}/v2/models/churn-router/ready", log)
+        wait_ready(process, f"{server.http}/v2/models/churn-router/ready", log, SERVE_TIMEOUT_S)
 
         status, body = post(f"{server.http}/predict", rows[0])
         assert status == 200, body
@@ -175,15 +161,18 @@ def test_churn_serve_model_dir_refuses_another_version(exported, settings_path):
     ) in result.stderr
 
 
-def mlserver(models_dir: Path, cwd: Path, log: Path) -> tuple[subprocess.Popen, int, int]:
+def mlserver(
+    models_dir: Path, cwd: Path, log: Path, *, metrics_port: int | None = None, **extra_env: str
+) -> tuple[subprocess.Popen, int, int]:
     """`mlserver start models_dir` on free ports, no inference workers, in its own cwd."""
     http_port, grpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLSERVER_")}
     env |= {
         "MLSERVER_HTTP_PORT": str(http_port),
         "MLSERVER_GRPC_PORT": str(grpc_port),
-        "MLSERVER_METRICS_PORT": str(free_port()),
+        "MLSERVER_METRICS_PORT": str(metrics_port or free_port()),
         "MLSERVER_PARALLEL_WORKERS": "0",
+        **extra_env,
     }
     binary = Path(sys.executable).with_name("mlserver")
     with log.open("w") as sink:
@@ -221,7 +210,7 @@ def test_mlserver_start_serves_the_exported_folder(exported, rows, expected, tmp
     process, http_port, grpc_port = mlserver(folder.parent, tmp_path, log)
     base = f"http://127.0.0.1:{http_port}/v2/models/churn-v1"
     try:
-        wait_ready(process, f"{base}/ready", log)
+        wait_ready(process, f"{base}/ready", log, SERVE_TIMEOUT_S)
 
         status, body = post(f"{base}/infer", pandas_inputs(rows))
         assert status == 200, body
@@ -260,3 +249,82 @@ def test_mlserver_start_refuses_a_tampered_folder(exported, tmp_path):
     text = log.read_text()
     assert "artefact 'model.ubj' of version v1 failed verification: expected sha256" in text
     assert "Loaded model 'churn-v1' successfully" not in text
+
+
+def models_with_arm(folder: Path, tmp_path: Path, arm: str) -> Path:
+    """A models directory holding ``folder`` whose model-settings.json has ``arm`` in
+    ``parameters.extra``, as Seldon Core 2's agent writes a Model's ``spec.parameters``."""
+    models_dir = tmp_path / "models"
+    copy = shutil.copytree(folder, models_dir / folder.name)
+    model_settings = json.loads((copy / "model-settings.json").read_text())
+    model_settings["parameters"]["extra"] = {"arm": arm}
+    (copy / "model-settings.json").write_text(json.dumps(model_settings))
+    return models_dir
+
+
+def test_mlserver_runtime_counts_and_mirrors_its_answers_under_its_arm(
+    exported, rows, expected, broker_settings, settings_path, tmp_path
+):
+    """Seldon Core 2: the rendered Model's `arm` parameter reaches the runtime as
+    parameters.extra (what the agent writes into model-settings.json); its answers are counted
+    by churn version and arm on MLServer's metrics endpoint and mirrored to ml.predictions,
+    where the real lander lands them with that arm and the callers' request ids."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from churn_assets.landing import Lander
+    from churn_assets.schemas import Topics
+    from churn_assets.warehouse import connect
+
+    models_dir = models_with_arm(exported[0], tmp_path, "shadow")
+    log = tmp_path / "mlserver.log"
+    metrics_port = free_port()
+    process, http_port, _ = mlserver(
+        models_dir, tmp_path, log, metrics_port=metrics_port, CHURN_CONFIG=str(settings_path)
+    )
+    base = f"http://127.0.0.1:{http_port}/v2/models/churn-v1"
+    sent = [{**row, "request_id": f"core2-{i}"} for i, row in enumerate(rows)]
+    try:
+        wait_ready(process, f"{base}/ready", log, SERVE_TIMEOUT_S)
+        status, body = post(f"{base}/infer", records_input(sent))
+        assert status == 200, body
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+            exposition = response.read().decode()
+    finally:
+        stop(process)
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }
+
+    def sample(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    mine = {"version": "v1", "arm": "shadow"}
+    assert sample("predictions_total", **mine, status="ok") == len(rows)
+    assert sample("predictions_total", **mine, status="error") == 0
+    assert sample("prediction_latency_seconds_count", **mine) == len(rows)
+
+    assert Lander(broker_settings, Topics.PREDICTIONS).run().reached_eof
+    with connect(broker_settings.warehouse_path) as con:
+        landed = con.execute(
+            "SELECT request_id, model_version, arm, score FROM landed_predictions "
+            "ORDER BY request_id"
+        ).fetchall()
+    assert [(r[0], r[1], r[2]) for r in landed] == [
+        (f"core2-{i}", "v1", "shadow") for i in range(len(rows))
+    ]
+    np.testing.assert_allclose([r[3] for r in landed], expected, rtol=1e-6)
+
+
+def test_mlserver_runtime_refuses_an_unknown_arm(exported, tmp_path):
+    models_dir = models_with_arm(exported[0], tmp_path, "blue")
+    log = tmp_path / "mlserver.log"
+    process, _, _ = mlserver(models_dir, tmp_path, log)
+    try:
+        process.wait(timeout=SERVE_TIMEOUT_S)  # MLServer 1.7 stops when no model loads
+    finally:
+        stop(process)
+    assert "model parameter arm='blue' is not one of ('primary', 'canary', 'shadow')" in (
+        log.read_text()
+    )

@@ -161,6 +161,7 @@ def test_seldon_deployment_matches_the_crd(key: str) -> None:
         assert (predictors["v1"]["traffic"], predictors["v2"]["traffic"]) == (100 - weight, weight)
     if deployment.strategy == "blue_green":
         assert (predictors["v1"]["traffic"], predictors["v2"]["traffic"]) == (100, 0)
+        assert predictors["v2"]["shadow"] is True and not predictors["v1"].get("shadow")
     if deployment.strategy == "single":
         assert predictors[deployment.champion]["traffic"] == 100
 
@@ -177,6 +178,11 @@ def test_seldon_v2_models_and_experiment_match_the_crds(key: str) -> None:
         f"s3://churn-models/{v}" for v in deployment.live_versions
     ]
     assert all(1 <= m["spec"]["minReplicas"] < m["spec"]["maxReplicas"] for m in models)
+    arms = {m["spec"]["storageUri"].rsplit("/", 1)[1]: m["spec"]["parameters"] for m in models}
+    assert arms[deployment.champion] == [{"name": "arm", "value": "primary"}]
+    if deployment.challenger is not None:
+        arm = "canary" if deployment.strategy == "canary" else "shadow"
+        assert arms[deployment.challenger] == [{"name": "arm", "value": arm}]
     spec = experiment["spec"]
     assert experiment["kind"] == "Experiment"
     assert spec["default"] == f"churn-{deployment.champion}"
@@ -187,7 +193,8 @@ def test_seldon_v2_models_and_experiment_match_the_crds(key: str) -> None:
         assert weights == {"churn-v1": 100 - weight, "churn-v2": weight}
     else:
         assert weights == {f"churn-{deployment.champion}": 100}
-    if deployment.strategy == "shadow":
+    if deployment.strategy in ("shadow", "blue_green"):
+        # Blue-green's green is mirrored too: warm, and the switch is judged on fresh evidence.
         assert spec["mirror"] == {"name": "churn-v2", "percent": 100}
     else:
         assert "mirror" not in spec

@@ -19,7 +19,6 @@ import yaml
 from dagster._config import process_config
 from dagster_k8s import K8sRunLauncher
 from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
-from kubernetes.client.exceptions import ApiException
 
 from churn_assets.config import REPO_ROOT, load_settings
 from churn_assets.deploy import (
@@ -30,6 +29,7 @@ from churn_assets.deploy import (
     validate_manifest,
 )
 from churn_assets.schemas import ALL_TOPICS, Topics
+from tests.k8s_recording import RecordingApiClient
 
 pytestmark = pytest.mark.unit
 
@@ -167,6 +167,8 @@ def test_seldon_states_are_what_the_rollout_target_applies():
         "v1": 100,
         "v2": 0,
     }
+    # Green is warm and judged: Seldon mirrors every request to it, as the local router does.
+    assert [p.get("shadow", False) for p in blue_green["spec"]["predictors"]] == [False, True]
     shadow = _load_yaml_docs(K8S / "seldon/v1/seldon-deployment-shadow.yaml")[0]
     assert [p.get("shadow", False) for p in shadow["spec"]["predictors"]] == [False, True]
     for predictor in shadow["spec"]["predictors"]:
@@ -187,36 +189,6 @@ def test_seldon_core_2_models_autoscale(rendered):
 
 
 # --------------------------------------------------------------------------- RBAC
-
-
-class RecordingApiClient(kubernetes.client.ApiClient):
-    """Records the HTTP requests the real ``CustomObjectsApi`` builds, with no API server.
-
-    A fake is used only because no Kubernetes API server can run on these machines; everything
-    above the transport (KubernetesSeldonTarget, the generated CustomObjectsApi) is the real code.
-    Objects not created yet answer 404 to a PATCH, as an API server does.
-    """
-
-    VERBS = {"GET": "get", "POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}
-
-    def __init__(self) -> None:
-        super().__init__(kubernetes.client.Configuration())
-        self.calls: list[tuple[str, str, str, str]] = []
-        self.existing: set[tuple[str, str, str]] = set()
-
-    def call_api(self, resource_path, method, path_params=None, *args, **kwargs):
-        params = dict(path_params or {})
-        group, plural = params["group"], params["plural"]
-        self.calls.append((group, plural, self.VERBS[method], params.get("namespace", "")))
-        body = kwargs.get("body") if "body" in kwargs else (args[3] if len(args) > 3 else None)
-        key = (group, plural, params.get("name") or body["metadata"]["name"])
-        if method == "PATCH" and key not in self.existing:
-            raise ApiException(status=404, reason="Not Found")
-        self.existing.add(key)
-        return {}
-
-    def close(self) -> None:
-        """Nothing to close: no pool was opened."""
 
 
 def _used_permissions() -> dict[tuple[str, str], set[str]]:
@@ -383,6 +355,80 @@ def test_monitoring_objects_carry_the_project_rules_and_dashboards(rendered):
     assert f'up{{job="{job}"}}' in (REPO_ROOT / "config/prometheus/alerts.yml").read_text()
     sdep = _one(rendered["seldon/v1"], "SeldonDeployment")
     assert service["spec"]["selector"] == {"seldon-deployment-id": sdep["metadata"]["name"]}
+
+
+SELDON_ARMS = {
+    "single": {"v1": "primary"},
+    "shadow": {"v1": "primary", "v2": "shadow"},
+    "canary": {"v1": "primary", "v2": "canary"},
+    "blue-green": {"v1": "primary", "v2": "shadow"},
+}
+
+
+@pytest.mark.parametrize("state", sorted(SELDON_ARMS))
+def test_seldon_predictor_pods_export_their_version_and_arm_and_mirror(state, monkeypatch):
+    """What the rollout's prometheus evidence needs of every Seldon v1 predictor pod: it knows
+    its version and arm (so predictions_total / prediction_latency_seconds carry both), runs
+    the production profile (Kafka configured: every answer mirrored to ml.predictions) with
+    the SASL password by reference and the cluster CA mounted where the profile reads it, and
+    is selected by the Service the ServiceMonitor scrapes."""
+    [sdep] = _load_yaml_docs(K8S / f"seldon/v1/seldon-deployment-{state}.yaml")
+    arms = {}
+    for predictor in sdep["spec"]["predictors"]:
+        [component] = predictor["componentSpecs"]
+        [container] = component["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["CHURN_MODEL_VERSION"]["value"] == predictor["name"]
+        arms[predictor["name"]] = env["CHURN_SERVING__ARM"]["value"]
+        assert env["CHURN_KAFKA__SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": "churn-platform",
+            "key": "password",
+        }
+        for name in ("CHURN_MODEL_VERSION", "CHURN_SERVING__ARM", "CHURN_CONFIG"):
+            monkeypatch.setenv(name, env[name]["value"])
+        monkeypatch.setenv("CHURN_KAFKA__SASL_PASSWORD", "from-the-secret")
+        config = REPO_ROOT / env["CHURN_CONFIG"]["value"].removeprefix("/opt/churn/")
+        settings = load_settings(config)
+        assert settings.serving.arm == arms[predictor["name"]]
+        assert settings.kafka.bootstrap_servers and not settings.kafka.uses_embedded_broker
+        ca = Path(settings.kafka.ssl_ca_location)
+        [mount] = [m for m in container["volumeMounts"] if ca.is_relative_to(m["mountPath"])]
+        volume = next(v for v in component["spec"]["volumes"] if v["name"] == mount["name"])
+        assert volume["secret"]["items"] == [{"key": "ca.crt", "path": ca.name}]
+        assert predictor["graph"]["modelUri"].endswith(f"/{predictor['name']}")
+    assert arms == SELDON_ARMS[state]
+    service = _one(_load_yaml_docs(K8S / "monitoring/serving-metrics.yaml"), "Service", None)
+    assert service["spec"]["selector"] == {"seldon-deployment-id": sdep["metadata"]["name"]}
+
+
+@pytest.mark.parametrize("state", sorted(SELDON_ARMS))
+def test_seldon_core_2_models_name_their_arm_and_the_server_mirrors(state):
+    """Seldon Core 2: each Model's `arm` parameter (parameters.extra in the runtime) is its
+    rollout arm; the churn Server runs the production profile with Kafka's password by
+    reference and CA mounted where the profile reads it, and parallel workers off (MLServer then
+    serves the runtime's metrics from the process's registry)."""
+    docs = _load_yaml_docs(K8S / f"seldon/v2/seldon-v2-{state}.yaml")
+    arms = {
+        model["metadata"]["name"].removeprefix("churn-"): {
+            p["name"]: p["value"] for p in model["spec"]["parameters"]
+        }["arm"]
+        for model in _by_kind(docs, "Model")
+    }
+    assert arms == SELDON_ARMS[state]
+    server = _one(_load_yaml_docs(K8S / "seldon/v2/server.yaml"), "Server", "churn-mlserver")
+    [container] = server["spec"]["podSpec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLSERVER_PARALLEL_WORKERS"]["value"] == "0"
+    assert env["CHURN_CONFIG"]["value"] == "/opt/churn/config/config.production.yaml"
+    assert env["CHURN_KAFKA__SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "churn-platform",
+        "key": "password",
+    }
+    production = load_settings(REPO_ROOT / "config/config.production.yaml")
+    ca = Path(production.kafka.ssl_ca_location)
+    [mount] = [m for m in container["volumeMounts"] if ca.is_relative_to(m["mountPath"])]
+    [volume] = [v for v in server["spec"]["podSpec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["items"] == [{"key": "ca.crt", "path": ca.name}]
 
 
 # --------------------------------------------------------------------------- namespace policy
