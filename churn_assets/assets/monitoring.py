@@ -363,7 +363,7 @@ def live_performance(
     """Ground truth joined to landed predictions: realised ROC-AUC, precision/recall and
     calibration per version and arm over time, and a label-free estimate where labels are
     pending. Waits (no materialisation) until a prediction has landed."""
-    from churn_assets.performance import join_outcomes, performance_report
+    from churn_assets.performance import OVERALL, auc_rows, join_outcomes, performance_report
 
     settings = platform.settings()
     with connect(settings.warehouse_path) as con:
@@ -391,25 +391,8 @@ def live_performance(
     )
     table = performance_report(joined).assign(computed_at=datetime.now(UTC))
     rows = _append_history(settings, "performance_history", table)
-    overall = table.loc[table["period"].astype(str) == "all"]
-    publish_monitoring_section(
-        settings.read_models_dir,
-        "performance",
-        {
-            "auc": [
-                {
-                    "model_version": r["model_version"],
-                    "arm": r["arm"],
-                    "kind": r["kind"],
-                    "roc_auc": None if pd.isna(r["roc_auc"]) else float(r["roc_auc"]),
-                    "labelled": int(r.get("labelled", 0) or 0),
-                    "rows": int(r.get("rows", 0) or 0),
-                    "positives": None if pd.isna(r.get("positives")) else float(r["positives"]),
-                }
-                for r in overall.to_dict("records")
-            ],
-        },
-    )
+    overall = table.loc[table["period"].astype(str) == OVERALL]
+    publish_monitoring_section(settings.read_models_dir, "performance", {"auc": auc_rows(table)})
     context.log.info(f"live performance over {len(joined)} predictions as of {as_of}")
     yield dg.MaterializeResult(
         metadata={
