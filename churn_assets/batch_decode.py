@@ -14,7 +14,6 @@ number, NaN and infinities refused, categories stored canonically); a row the co
 refuses but the message model would take is still refused, with the column check's reason.
 """
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, NotRequired, TypedDict, cast
@@ -257,8 +256,8 @@ def decode_batch(topic: str, values: Sequence[bytes | None], contract: Contract)
     schema = message_schema(topic, contract)
     out_schema = row_schema(topic, contract)
     count = len(values)
-    binary = pa.array(values, pa.large_binary())  # 64-bit offsets: no 2 GiB limit
-    candidates = np.flatnonzero(_parsable(binary))
+    joined, parsable = _lines(values)
+    candidates = np.flatnonzero(parsable)
     tables: list[pa.Table] = []
     taken: list[np.ndarray] = []
     slow: list[np.ndarray] = [np.setdiff1d(np.arange(count), candidates, assume_unique=True)]
@@ -276,7 +275,7 @@ def decode_batch(topic: str, values: Sequence[bytes | None], contract: Contract)
         chunk = pending.pop()
         if not len(chunk):
             continue
-        table = _parse(values, chunk, schema)
+        table = _parse(values, chunk, schema, joined)
         if table is None:
             split(chunk)
             continue
@@ -316,36 +315,41 @@ def decode_batch(topic: str, values: Sequence[bytes | None], contract: Contract)
     return DecodedBatch(rows, positions, errors, len(slow_positions))
 
 
-def _parsable(binary: pa.Array) -> np.ndarray:
-    """Values that are one line holding (at most) one JSON object: a line per message lets the
-    parsed rows line up with the batch. Read off the array's buffers: a value is ``{...}`` when
-    its first and last bytes say so, and one line when no LF or CR falls inside it."""
-    count = len(binary)
+def _lines(values: Sequence[bytes | None]) -> tuple[bytes, np.ndarray]:
+    """The values newline-joined (the parser's input when every one is parsable), and which
+    values are one line holding (at most) one JSON object: a line per message lets the parsed
+    rows line up with the batch. Read off the joined bytes: a value is ``{...}`` when its first
+    and last bytes say so, and one line when no LF or CR falls inside it (a clean batch has
+    exactly its separators as line feeds and no CR, two scans in C)."""
+    count = len(values)
+    present = values if None not in values else [b"" if v is None else v for v in values]
+    joined = b"\n".join(present)  # type: ignore[arg-type]
     if not count:
-        return np.zeros(0, dtype=bool)
-    validity, offsets_buffer, data_buffer = binary.buffers()
-    offsets = np.frombuffer(offsets_buffer, np.int64)[binary.offset : binary.offset + count + 1]
-    data = (
-        np.frombuffer(data_buffer, np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
-    )
-    starts, ends = offsets[:-1], offsets[1:]
-    mask = ends > starts
-    if validity is not None:
-        mask &= binary.is_valid().to_numpy(zero_copy_only=False)
+        return joined, np.zeros(0, dtype=bool)
+    lengths = np.fromiter(map(len, present), np.int64, count)  # type: ignore[arg-type]
+    ends = np.cumsum(lengths + 1) - 1  # each value's end in ``joined``: its separator
+    starts = ends - lengths
+    data = np.frombuffer(joined, np.uint8)
+    mask = lengths > 0
     mask[mask] &= (data[starts[mask]] == ord("{")) & (data[ends[mask] - 1] == ord("}"))
-    breaks = np.flatnonzero((data == ord("\n")) | (data == ord("\r")))
-    if len(breaks):
-        mask[np.searchsorted(offsets, breaks, side="right") - 1] = False
-    return mask
+    if joined.count(b"\n") != count - 1 or b"\r" in joined:
+        breaks = np.flatnonzero((data == ord("\n")) | (data == ord("\r")))
+        inside = breaks[~np.isin(breaks, ends[:-1])]
+        mask[np.searchsorted(ends, inside, side="right")] = False
+    return joined, mask
 
 
-def _parse(values: Sequence[bytes | None], chunk: np.ndarray, schema: pa.Schema) -> pa.Table | None:
+def _parse(
+    values: Sequence[bytes | None], chunk: np.ndarray, schema: pa.Schema, joined: bytes
+) -> pa.Table | None:
     """The chunk's messages parsed by Arrow, or None when Arrow refuses one of them (or a line
-    held more than one object)."""
-    lines = values if len(chunk) == len(values) else [values[i] for i in chunk.tolist()]
+    held more than one object). ``joined`` is the whole batch joined, the input when the chunk is
+    the whole batch."""
+    if len(chunk) != len(values):
+        joined = b"\n".join([values[i] for i in chunk.tolist()])  # type: ignore[misc]
     try:
         table = pj.read_json(
-            io.BytesIO(b"\n".join(lines)),  # type: ignore[arg-type]
+            pa.BufferReader(joined),
             read_options=pj.ReadOptions(block_size=_PARSE_BLOCK),
             parse_options=pj.ParseOptions(
                 explicit_schema=schema, unexpected_field_behavior="error"
@@ -373,7 +377,7 @@ def _check(
             continue
         present = _true(pc.is_valid(column))
         if spec.rule == "id":
-            fine = _true(pc.match_substring_regex(column, _ID_PATTERN))
+            fine = _ids_fine(column)
         elif spec.rule == "text":
             length = pc.utf8_length(column)
             fine = _true(
@@ -396,6 +400,21 @@ def _check(
             columns[feature.name] = column
             ok &= fine
     return pa.table(columns, schema=out_schema), ok
+
+
+def _ids_fine(column: pa.Array) -> np.ndarray:
+    """The ids that match ``_ID_PATTERN``. When every byte in the column's data is printable
+    ASCII, that is the ids of 1 to 128 bytes (read off the buffers); otherwise the regex."""
+    length = pc.binary_length(column)
+    fine = _true(pc.and_(pc.greater_equal(length, 1), pc.less_equal(length, 128)))
+    _, offsets, data = column.buffers()
+    if data is None or column.type != pa.string():
+        return fine if data is None else _true(pc.match_substring_regex(column, _ID_PATTERN))
+    bounds = np.frombuffer(offsets, np.int32)[[column.offset, column.offset + len(column)]]
+    text = np.frombuffer(data, np.uint8)[bounds[0] : bounds[1]]
+    if np.all((text >= 0x20) & (text <= 0x7E)):
+        return fine
+    return _true(pc.match_substring_regex(column, _ID_PATTERN))
 
 
 def _true(mask: pa.Array) -> np.ndarray:

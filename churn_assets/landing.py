@@ -133,6 +133,8 @@ _LANDED_AT = pa.timestamp("us", tz="UTC")
 # How often, at most, landing commits its offsets to the Kafka consumer group (and after the last
 # batch of a run).
 KAFKA_COMMIT_INTERVAL_S = 1.0
+# The most messages one ``consume`` call returns (a batch takes one call or a few).
+CONSUME_MAX = 100_000
 
 
 @dataclass
@@ -144,6 +146,10 @@ class _Batch:
     partitions: np.ndarray
     offsets: np.ndarray
     decoded: DecodedBatch
+    # The valid rows with their Kafka coordinates (``landed_at`` is added when they land).
+    landed: pa.Table | None
+    # Each partition's first and last offset in the batch.
+    extents: dict[int, tuple[int, int]]
     checked: Future[TopicLog]
     # The drain's last batch (its end, its message budget or its time budget reached).
     last: bool
@@ -331,6 +337,21 @@ class _DeadLetterOutbox:
         self.producer.flush(0)
 
 
+@contextlib.contextmanager
+def _drain_settings(con: duckdb.DuckDBPyConnection):
+    saved = {
+        name: con.execute("SELECT current_setting(?)", [name]).fetchall()[0][0]
+        for name in ("checkpoint_threshold", "threads")
+    }
+    con.execute("SET checkpoint_threshold = '100GB'")
+    con.execute("SET threads = 1")
+    try:
+        yield
+    finally:
+        con.execute(f"SET checkpoint_threshold = '{saved['checkpoint_threshold']}'")
+        con.execute(f"SET threads = {saved['threads']}")
+
+
 def _parse_fault(spec: str | None) -> tuple[str, int] | None:
     if not spec:
         return None
@@ -391,6 +412,7 @@ class Lander:
             self._committed_at = time.monotonic()
             # Asks the broker for the topic's log while a batch is decoded.
             self._checker = ThreadPoolExecutor(1, thread_name_prefix=f"landing-log-{self.topic}")
+            self._decoder = ThreadPoolExecutor(1, thread_name_prefix=f"landing-decode-{self.topic}")
             try:
                 consumer.assign(
                     [
@@ -400,8 +422,10 @@ class Lander:
                 )
                 self._log_now, self._admin = log_now, admin
                 self._republish_dead_letters(con, outbox, report)
-                self._drain(con, consumer, outbox, set(partitions), report, started)
+                with _drain_settings(con):
+                    self._drain(con, consumer, outbox, set(partitions), report, started)
             finally:
+                self._decoder.shutdown(wait=True, cancel_futures=True)
                 self._checker.shutdown(wait=True, cancel_futures=True)
                 consumer.close()
                 self._settle_dead_letters(con, outbox, report)
@@ -646,7 +670,7 @@ class Lander:
     def _drain(self, con, consumer, outbox, partitions: set[int], report, started) -> None:
         """Land batches as the reader thread hands them over: while one batch is written to
         DuckDB, the next one is consumed and decoded."""
-        handover: queue.Queue[_Batch | _End | BaseException] = queue.Queue(maxsize=1)
+        handover: queue.Queue[Future[_Batch] | _End | BaseException] = queue.Queue(maxsize=1)
         stop = threading.Event()
         reader = threading.Thread(
             target=self._read,
@@ -663,7 +687,7 @@ class Lander:
                 if isinstance(item, _End):
                     report.reached_eof = item.reached_eof
                     return
-                self._land_batch(con, consumer, outbox, item, report)
+                self._land_batch(con, consumer, outbox, item.result(), report)
                 if self.on_batch is not None:
                     self.on_batch(report)
         finally:
@@ -703,7 +727,15 @@ class Lander:
                     and at_eof != partitions
                     and not stop.is_set()
                 ):
-                    for message in consumer.consume(min(budget - len(batch), 10_000), 0.1):
+                    messages = consumer.consume(min(budget - len(batch), CONSUME_MAX), 0.1)
+                    # Error events (partition EOF, mostly) come at the ends of partitions:
+                    # only a call that returned one is looked at message by message.
+                    if not any(map(Message.error, messages)):
+                        batch.extend(messages)
+                        if at_eof:
+                            at_eof.difference_update(map(Message.partition, messages))
+                        continue
+                    for message in messages:
                         error = message.error()
                         if error is None:
                             batch.append(message)
@@ -719,7 +751,13 @@ class Lander:
                         or (self.max_messages is not None and consumed >= self.max_messages)
                         or time.monotonic() - started > limits.drain_max_seconds
                     )
-                    if not hand_over(self._decode(batch, last)):
+                    # Asked now that the batch is consumed; answered while it is decoded.
+                    checked = self._checker.submit(
+                        topic_log, self.settings, self.topic, admin=self._admin
+                    )
+                    # Decoded on a thread of its own while the next batch is consumed.
+                    decoding = self._decoder.submit(self._decode, batch, checked, last)
+                    if not hand_over(decoding):
                         return
                 if at_eof == partitions:
                     hand_over(_End(reached_eof=True))
@@ -739,16 +777,31 @@ class Lander:
         except BaseException as exc:  # handed to the landing thread, which raises it
             hand_over(exc)
 
-    def _decode(self, batch: list[Message], last: bool) -> "_Batch":
+    def _decode(self, batch: list[Message], checked: Future[TopicLog], last: bool) -> "_Batch":
         count = len(batch)
-        # Asked now that the batch is consumed; answered while the batch is decoded.
-        checked = self._checker.submit(topic_log, self.settings, self.topic, admin=self._admin)
-        partitions = np.fromiter((m.partition() for m in batch), np.int32, count)
-        offsets = np.fromiter((m.offset() for m in batch), np.int64, count)
+        partitions = np.fromiter(map(Message.partition, batch), np.int32, count)
+        offsets = np.fromiter(map(Message.offset, batch), np.int64, count)
+        extents: dict[int, tuple[int, int]] = {}
+        for p in np.unique(partitions).tolist():
+            # A partition's messages arrive in offset order.
+            in_partition = offsets[partitions == p]
+            extents[p] = (int(in_partition[0]), int(in_partition[-1]))
         # Valid messages as one Arrow table (parsed and checked by column), invalid ones with
         # the row decoder's reason (:mod:`churn_assets.batch_decode`).
-        decoded = decode_batch(self.topic, [m.value() for m in batch], self.contract)
-        return _Batch(batch, partitions, offsets, decoded, checked, last)
+        decoded = decode_batch(self.topic, list(map(Message.value, batch)), self.contract)
+        valid = len(decoded.rows)
+        landed = None
+        if valid:
+            positions = pa.array(decoded.positions)
+            landed = (
+                decoded.rows.append_column(
+                    "kafka_epoch", pa.repeat(pa.scalar(self._log_now.epoch, pa.string()), valid)
+                )
+                .append_column("kafka_topic", pa.repeat(pa.scalar(self.topic), valid))
+                .append_column("kafka_partition", pa.array(partitions).take(positions))
+                .append_column("kafka_offset", pa.array(offsets).take(positions))
+            )
+        return _Batch(batch, partitions, offsets, decoded, landed, extents, checked, last)
 
     def _land_batch(self, con, consumer, outbox, batch: "_Batch", report) -> None:
         now = datetime.now(UTC)
@@ -757,10 +810,7 @@ class Lander:
         self._landed_floor = now
         partitions, offsets, decoded = batch.partitions, batch.offsets, batch.decoded
         next_offsets: dict[int, int] = {}
-        for p in np.unique(partitions).tolist():
-            # A partition's messages arrive in offset order.
-            in_partition = offsets[partitions == p]
-            first, last = int(in_partition[0]), int(in_partition[-1])
+        for p, (first, last) in batch.extents.items():
             lo, hi = report.offset_ranges.get(p, (first, last))
             report.offset_ranges[p] = (min(lo, first), max(hi, last))
             next_offsets[p] = last + 1
@@ -784,17 +834,10 @@ class Lander:
                 }
             )
         valid = len(decoded.rows)
-        landed = None
-        if valid:
-            positions = pa.array(decoded.positions)
-            landed = (
-                decoded.rows.append_column(
-                    "kafka_epoch", pa.repeat(pa.scalar(epoch, pa.string()), valid)
-                )
-                .append_column("kafka_topic", pa.repeat(pa.scalar(self.topic), valid))
-                .append_column("kafka_partition", pa.array(partitions).take(positions))
-                .append_column("kafka_offset", pa.array(offsets).take(positions))
-                .append_column("landed_at", pa.repeat(pa.scalar(now, _LANDED_AT), valid))
+        landed = batch.landed
+        if landed is not None:
+            landed = landed.append_column(
+                "landed_at", pa.repeat(pa.scalar(now, _LANDED_AT), valid)
             )
 
         self._check_same_log(batch.checked)
