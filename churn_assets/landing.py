@@ -142,7 +142,8 @@ class _Batch:
     """A consumed batch, decoded, with the broker's answer to a log query sent after it was
     consumed (see ``Lander._check_same_log``)."""
 
-    messages: list[Message]
+    # The messages that are dead-lettered (by position): the others are dropped once decoded.
+    refused: dict[int, Message]
     partitions: np.ndarray
     offsets: np.ndarray
     decoded: DecodedBatch
@@ -801,7 +802,8 @@ class Lander:
                 .append_column("kafka_partition", pa.array(partitions).take(positions))
                 .append_column("kafka_offset", pa.array(offsets).take(positions))
             )
-        return _Batch(batch, partitions, offsets, decoded, landed, extents, checked, last)
+        refused = {position: batch[position] for position in decoded.errors}
+        return _Batch(refused, partitions, offsets, decoded, landed, extents, checked, last)
 
     def _land_batch(self, con, consumer, outbox, batch: "_Batch", report) -> None:
         now = datetime.now(UTC)
@@ -817,7 +819,7 @@ class Lander:
         epoch = self._log_now.epoch
         dead: list[dict[str, Any]] = []
         for position, error in sorted(decoded.errors.items()):
-            message = batch.messages[position]
+            message = batch.refused[position]
             key, raw = message.key(), message.value()
             dead.append(
                 {
