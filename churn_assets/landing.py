@@ -395,11 +395,15 @@ class Lander:
         # gets as far as publishing.
         remove_stale_temp_files(self.settings.read_models_dir)
         admin = AdminClient(client_config(self.settings))
-        log_now = topic_log(self.settings, self.topic, admin=admin)
-        report = LandingReport(topic=self.topic, kafka_epoch=log_now.epoch)
-        partitions = log_now.partitions
+        # The broker is asked which log it serves while the warehouse opens.
+        asking = ThreadPoolExecutor(1, thread_name_prefix=f"landing-log-{self.topic}")
+        asked = asking.submit(topic_log, self.settings, self.topic, admin=admin)
+        asking.shutdown(wait=False)
         with connect(self.settings.warehouse_path) as con:
             ensure_schema(con, self.contract)
+            log_now = asked.result()
+            report = LandingReport(topic=self.topic, kafka_epoch=log_now.epoch)
+            partitions = log_now.partitions
             positions = self._positions(con, log_now)
             # Each batch lands later than every row before it, even if the clock stepped back:
             # the read model publishes the rows landed after its last published ``landed_at``.
@@ -838,9 +842,7 @@ class Lander:
         valid = len(decoded.rows)
         landed = batch.landed
         if landed is not None:
-            landed = landed.append_column(
-                "landed_at", pa.repeat(pa.scalar(now, _LANDED_AT), valid)
-            )
+            landed = landed.append_column("landed_at", pa.repeat(pa.scalar(now, _LANDED_AT), valid))
 
         self._check_same_log(batch.checked)
         batch_number = report.batches + 1
