@@ -129,7 +129,11 @@ def _reason(raw: bytes | None, contract: Contract, errors: list[RowError]) -> Me
 # accepts a message only where the message model would take it with the same values, and hands
 # every other message to the row decoders above (its row, or its exact dead-letter reason). A
 # parse error of a slice of the batch splits the slice in halves, so one poison message sends
-# only a small slice down the slow path.
+# only a small slice down the slow path. Each value must be one JSON object (``{...}``) for its
+# row to line up; line breaks inside one are only looked for once a parse is refused (a value
+# over several lines parses as one object unless a parse block boundary cuts it, and one holding
+# two objects gives an extra row), so a clean batch goes from the consumer's bytes to Arrow with
+# one join and no scan of its own.
 # ---------------------------------------------------------------------------------------------
 
 # A slice this small whose parse fails goes row by row.
@@ -256,12 +260,13 @@ def decode_batch(topic: str, values: Sequence[bytes | None], contract: Contract)
     schema = message_schema(topic, contract)
     out_schema = row_schema(topic, contract)
     count = len(values)
-    joined, parsable = _lines(values)
-    candidates = np.flatnonzero(parsable)
+    joined, ends, shaped = _lines(values)
+    candidates = np.flatnonzero(shaped)
     tables: list[pa.Table] = []
     taken: list[np.ndarray] = []
     slow: list[np.ndarray] = [np.setdiff1d(np.arange(count), candidates, assume_unique=True)]
     pending = [candidates]
+    lines_checked = False
 
     def split(chunk: np.ndarray) -> None:
         """A slice Arrow refuses: its halves are tried again, a small one goes row by row."""
@@ -276,6 +281,16 @@ def decode_batch(topic: str, values: Sequence[bytes | None], contract: Contract)
         if not len(chunk):
             continue
         table = _parse(values, chunk, schema, joined)
+        if table is None and not lines_checked:
+            # The first refusal is when values over several lines are looked for (a clean batch
+            # never pays for the scan): they go row by row, the rest is tried again.
+            lines_checked = True
+            inside = _broken(joined, ends)
+            if inside.any():
+                slow.append(chunk[inside[chunk]])
+                pending[:] = [c[~inside[c]] for c in pending]
+                pending.append(chunk[~inside[chunk]])
+                continue
         if table is None:
             split(chunk)
             continue
@@ -315,28 +330,33 @@ def decode_batch(topic: str, values: Sequence[bytes | None], contract: Contract)
     return DecodedBatch(rows, positions, errors, len(slow_positions))
 
 
-def _lines(values: Sequence[bytes | None]) -> tuple[bytes, np.ndarray]:
-    """The values newline-joined (the parser's input when every one is parsable), and which
-    values are one line holding (at most) one JSON object: a line per message lets the parsed
-    rows line up with the batch. Read off the joined bytes: a value is ``{...}`` when its first
-    and last bytes say so, and one line when no LF or CR falls inside it (a clean batch has
-    exactly its separators as line feeds and no CR, two scans in C)."""
+def _lines(values: Sequence[bytes | None]) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """The values newline-joined (the parser's input when the chunk is the whole batch), each
+    value's end in the joined bytes (where its separator is), and which values are shaped like
+    one JSON object: ``{...}`` by their first and last bytes. Arrow parses a line per message,
+    so the rows line up with the batch; a value over several lines makes its slice's parse fail
+    or give more rows, and :func:`_broken` finds it."""
     count = len(values)
     present = values if None not in values else [b"" if v is None else v for v in values]
     joined = b"\n".join(present)  # type: ignore[arg-type]
-    if not count:
-        return joined, np.zeros(0, dtype=bool)
     lengths = np.fromiter(map(len, present), np.int64, count)  # type: ignore[arg-type]
-    ends = np.cumsum(lengths + 1) - 1  # each value's end in ``joined``: its separator
+    ends = np.cumsum(lengths + 1) - 1
     starts = ends - lengths
     data = np.frombuffer(joined, np.uint8)
-    mask = lengths > 0
-    mask[mask] &= (data[starts[mask]] == ord("{")) & (data[ends[mask] - 1] == ord("}"))
-    if joined.count(b"\n") != count - 1 or b"\r" in joined:
-        breaks = np.flatnonzero((data == ord("\n")) | (data == ord("\r")))
-        inside = breaks[~np.isin(breaks, ends[:-1])]
-        mask[np.searchsorted(ends, inside, side="right")] = False
-    return joined, mask
+    shaped = lengths > 0
+    shaped[shaped] &= (data[starts[shaped]] == ord("{")) & (data[ends[shaped] - 1] == ord("}"))
+    return joined, ends, shaped
+
+
+def _broken(joined: bytes, ends: np.ndarray) -> np.ndarray:
+    """Which values hold a line feed or a carriage return: every one in ``joined`` that is not
+    a separator (at ``ends``) lies inside the value that ends after it."""
+    inside = np.zeros(len(ends), dtype=bool)
+    data = np.frombuffer(joined, np.uint8)
+    breaks = np.flatnonzero((data == ord("\n")) | (data == ord("\r")))
+    breaks = breaks[~np.isin(breaks, ends[:-1])]
+    inside[np.searchsorted(ends, breaks, side="right")] = True
+    return inside
 
 
 def _parse(
