@@ -366,7 +366,7 @@ def _parse(
     held more than one object). ``joined`` is the whole batch joined, the input when the chunk is
     the whole batch."""
     if len(chunk) != len(values):
-        joined = b"\n".join([values[i] for i in chunk.tolist()])  # type: ignore[misc]
+        joined = b"\n".join([values[i] for i in chunk.tolist()])
     try:
         table = pj.read_json(
             pa.BufferReader(joined),
