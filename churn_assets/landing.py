@@ -136,8 +136,13 @@ KAFKA_COMMIT_INTERVAL_S = 1.0
 # The WAL a drain lets grow before DuckDB checkpoints (see ``_drain_settings``); a million
 # customer events take about 210 MB.
 DRAIN_CHECKPOINT_THRESHOLD = "1GB"
-# The most messages one ``consume`` call returns (a batch takes one call or a few).
+# The most messages one ``consume`` call returns (a batch takes one call or a few), and how long
+# it waits for them: a call returns when it has them all or its wait is over, so the call that
+# meets the partitions' ends (their EOF events follow the last messages at once) waits it out;
+# a short one ends the drain soon after the last message. Batches stay bounded by
+# ``landing.batch_max_seconds``.
 CONSUME_MAX = 100_000
+CONSUME_WAIT_S = 0.01
 
 
 @dataclass
@@ -745,7 +750,9 @@ class Lander:
                     and at_eof != partitions
                     and not stop.is_set()
                 ):
-                    messages = consumer.consume(min(budget - len(batch), CONSUME_MAX), 0.1)
+                    messages = consumer.consume(
+                        min(budget - len(batch), CONSUME_MAX), CONSUME_WAIT_S
+                    )
                     # Error events (partition EOF, mostly) come at the ends of partitions:
                     # only a call that returned one is looked at message by message.
                     if not any(map(Message.error, messages)):
