@@ -110,14 +110,18 @@ def consume_batches(settings: Settings, batch: int) -> tuple[list[tuple], float]
     batches, pending, eof = [], [], set()
     started = time.perf_counter()
     while len(eof) < len(partitions):
-        for message in consumer.consume(batch, 0.1):
-            error = message.error()
-            if error is None:
-                pending.append(message)
-            elif error.code() == KafkaError._PARTITION_EOF:
-                eof.add(message.partition())
-            else:
-                raise RuntimeError(error)
+        messages = consumer.consume(batch, 0.01)
+        if not any(map(Message.error, messages)):
+            pending.extend(messages)
+        else:
+            for message in messages:
+                error = message.error()
+                if error is None:
+                    pending.append(message)
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    eof.add(message.partition())
+                else:
+                    raise RuntimeError(error)
         while len(pending) >= batch or (pending and len(eof) == len(partitions)):
             taken, pending = pending[:batch], pending[batch:]
             batches.append(
