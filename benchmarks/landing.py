@@ -101,13 +101,15 @@ def raw_consume(settings: Settings) -> tuple[int, float]:
     return count, elapsed
 
 
-def consume_batches(settings: Settings, batch: int) -> tuple[list[tuple], float]:
-    """Every message's value, partition and offset, in batches of ``batch``, as landing's reader
-    takes them; and the seconds it took."""
+def consume_batches(settings: Settings, batch: int, keep: bool) -> tuple[list[tuple], int, float]:
+    """Every message's value, partition and offset, in batches of ``batch``, as landing's
+    reader takes them; how many, and the seconds it took. Without ``keep`` each batch is dropped
+    once taken, as landing drops it once landed (a million values kept cost the allocator more
+    than taking them)."""
     partitions = topic_partitions(settings, Topics.CUSTOMERS)
     consumer = make_consumer(settings, group_id="bench-floor", **{"fetch.wait.max.ms": 100})
     consumer.assign([TopicPartition(Topics.CUSTOMERS, p, 0) for p in partitions])
-    batches, pending, eof = [], [], set()
+    batches, pending, eof, count = [], [], set(), 0
     started = time.perf_counter()
     while len(eof) < len(partitions):
         messages = consumer.consume(batch, 0.01)
@@ -124,22 +126,23 @@ def consume_batches(settings: Settings, batch: int) -> tuple[list[tuple], float]
                     raise RuntimeError(error)
         while len(pending) >= batch or (pending and len(eof) == len(partitions)):
             taken, pending = pending[:batch], pending[batch:]
-            batches.append(
-                (
-                    list(map(Message.value, taken)),
-                    np.fromiter(map(Message.partition, taken), np.int32, len(taken)),
-                    np.fromiter(map(Message.offset, taken), np.int64, len(taken)),
-                )
+            taken_batch = (
+                list(map(Message.value, taken)),
+                np.fromiter(map(Message.partition, taken), np.int32, len(taken)),
+                np.fromiter(map(Message.offset, taken), np.int64, len(taken)),
             )
+            count += len(taken)
+            if keep:
+                batches.append(taken_batch)
     elapsed = time.perf_counter() - started
     consumer.close()
-    return batches, elapsed
+    return batches, count, elapsed
 
 
 def floors(settings: Settings, batch: int, root: Path) -> list[tuple[str, int, float]]:
     """Each part of landing alone on the topic's messages: (part, messages, seconds)."""
-    batches, consume_s = consume_batches(settings, batch)
-    count = sum(len(values) for values, _, _ in batches)
+    _, count, consume_s = consume_batches(settings, batch, keep=False)
+    batches = consume_batches(settings, batch, keep=True)[0]
     started = time.perf_counter()
     decoded = [
         decode_batch(Topics.CUSTOMERS, values, settings.contract) for values, _, _ in batches
