@@ -9,7 +9,12 @@ seconds), then:
 1. times a bare consumer reading every message to partition EOF (the baseline) and the real
    Lander (decode, validate, Arrow, DuckDB transaction with offsets, read-model publish)
    draining the same topic into an empty warehouse; prints both rates and their ratio;
-2. produces 10,000 more events and times landing them (a) into a copy of that warehouse, which
+2. times each part of landing alone on the same messages (the floors): consuming them with
+   their values, partitions and offsets; decoding them (``decode_batch``); and DuckDB inserting
+   the decoded batches, a transaction each with checkpoints deferred as in a drain, into the
+   landed table (primary key and business-key index), into a copy with the business-key index
+   only and into an index-free copy, closing (checkpointing) included;
+3. produces 10,000 more events and times landing them (a) into a copy of that warehouse, which
    holds ``--messages`` rows, and (b) into an empty warehouse whose offsets start at the same
    place; both runs publish their read models. Repeated ``--repeats`` times, interleaved;
    prints the medians and their ratio.
@@ -21,16 +26,20 @@ import statistics
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from confluent_kafka import KafkaError, TopicPartition  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+from confluent_kafka import KafkaError, Message, TopicPartition  # noqa: E402
 
+from churn_assets.batch_decode import decode_batch  # noqa: E402
 from churn_assets.broker import EmbeddedBroker  # noqa: E402
 from churn_assets.config import Settings, load_settings  # noqa: E402
 from churn_assets.kafka import ensure_topics, make_consumer, make_producer, topic_partitions  # noqa: E402
-from churn_assets.landing import Lander  # noqa: E402
+from churn_assets.landing import Lander, _drain_settings  # noqa: E402
 from churn_assets.schemas import Topics, encode_message  # noqa: E402
 from churn_assets.simulator import SimulationConfig, Simulator  # noqa: E402
 from churn_assets.warehouse import connect, ensure_schema, read_model_rows  # noqa: E402
@@ -90,6 +99,88 @@ def raw_consume(settings: Settings) -> tuple[int, float]:
     elapsed = time.perf_counter() - started
     consumer.close()
     return count, elapsed
+
+
+def consume_batches(settings: Settings, batch: int, keep: bool) -> tuple[list[tuple], int, float]:
+    """Every message's value, partition and offset, in batches of ``batch``, as landing's
+    reader takes them; how many, and the seconds it took. Without ``keep`` each batch is dropped
+    once taken, as landing drops it once landed (a million values kept cost the allocator more
+    than taking them)."""
+    partitions = topic_partitions(settings, Topics.CUSTOMERS)
+    consumer = make_consumer(settings, group_id="bench-floor", **{"fetch.wait.max.ms": 100})
+    consumer.assign([TopicPartition(Topics.CUSTOMERS, p, 0) for p in partitions])
+    batches, pending, eof, count = [], [], set(), 0
+    started = time.perf_counter()
+    while len(eof) < len(partitions):
+        messages = consumer.consume(batch, 0.01)
+        if not any(map(Message.error, messages)):
+            pending.extend(messages)
+        else:
+            for message in messages:
+                error = message.error()
+                if error is None:
+                    pending.append(message)
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    eof.add(message.partition())
+                else:
+                    raise RuntimeError(error)
+        while len(pending) >= batch or (pending and len(eof) == len(partitions)):
+            taken, pending = pending[:batch], pending[batch:]
+            taken_batch = (
+                list(map(Message.value, taken)),
+                np.fromiter(map(Message.partition, taken), np.int32, len(taken)),
+                np.fromiter(map(Message.offset, taken), np.int64, len(taken)),
+            )
+            count += len(taken)
+            if keep:
+                batches.append(taken_batch)
+    elapsed = time.perf_counter() - started
+    consumer.close()
+    return batches, count, elapsed
+
+
+def floors(settings: Settings, batch: int, root: Path) -> list[tuple[str, int, float]]:
+    """Each part of landing alone on the topic's messages: (part, messages, seconds)."""
+    _, count, consume_s = consume_batches(settings, batch, keep=False)
+    batches = consume_batches(settings, batch, keep=True)[0]
+    started = time.perf_counter()
+    decoded = [
+        decode_batch(Topics.CUSTOMERS, values, settings.contract) for values, _, _ in batches
+    ]
+    decode_s = time.perf_counter() - started
+    landed_at = pa.scalar(datetime.now(UTC), pa.timestamp("us", tz="UTC"))
+    tables = []
+    for (_, partitions, offsets), batch_rows in zip(batches, decoded, strict=True):
+        rows, positions = batch_rows.rows, pa.array(batch_rows.positions)
+        tables.append(
+            rows.append_column("kafka_epoch", pa.repeat(pa.scalar("floor"), len(rows)))
+            .append_column("kafka_topic", pa.repeat(pa.scalar(Topics.CUSTOMERS), len(rows)))
+            .append_column("kafka_partition", pa.array(partitions).take(positions))
+            .append_column("kafka_offset", pa.array(offsets).take(positions))
+            .append_column("landed_at", pa.repeat(landed_at, len(rows)))
+        )
+    parts = [("consume + values", count, consume_s), ("decode", count, decode_s)]
+    for part, table in (
+        ("insert, landed table", "landed_customer_events"),
+        ("insert, id index only", "id_index_only"),
+        ("insert, no index", "no_index"),
+    ):
+        path = root / f"floor-{table}.duckdb"
+        with connect(path) as con:
+            ensure_schema(con, settings.contract)
+            # Copies of the landed table without its constraints; one gets the id's index back.
+            con.execute("CREATE TABLE no_index AS FROM landed_customer_events LIMIT 0")
+            con.execute("CREATE TABLE id_index_only AS FROM landed_customer_events LIMIT 0")
+            con.execute("CREATE UNIQUE INDEX id_index_only_event_id ON id_index_only (event_id)")
+            started = time.perf_counter()
+            with _drain_settings(con):
+                for landed in tables:  # noqa: B007 - read by DuckDB below
+                    con.begin()
+                    con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM landed")
+                    con.commit()
+        parts.append((part, count, time.perf_counter() - started))
+        path.unlink()
+    return parts
 
 
 def write_settings(root: Path, batch: int, bootstrap_from: Settings | None = None) -> Settings:
@@ -161,6 +252,7 @@ def main() -> None:
                     f"landed {report.rows_landed}"
                 )
             published = read_model_rows(settings.read_models_dir, "landed_customer_events")
+            parts = floors(settings, args.batch, root)
 
             produce(settings, pool, args.messages, INCREMENT)
             into_full: list[float] = []
@@ -185,6 +277,12 @@ def main() -> None:
         f"{report.batches} batches of <= {args.batch}, read model {published} rows)"
     )
     print(f"landing / raw       {land_rate / raw_rate:12.3f}")
+    print("floors: each part alone on the same messages (rate, seconds, share of the landing run)")
+    for part, count, seconds in parts:
+        print(
+            f"  {part:22s}{count / seconds:12,.0f} msg/s  ({seconds:.2f}s, "
+            f"{seconds / report.duration_s:.0%})"
+        )
     full_s, empty_s = statistics.median(into_full), statistics.median(into_empty)
     print(
         f"{INCREMENT} into {args.messages} rows  {full_s:8.3f}s  (runs: "

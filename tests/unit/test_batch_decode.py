@@ -248,6 +248,23 @@ def test_a_clean_batch_takes_the_fast_path_only():
     assert batch.slow == 0 and len(batch.rows) == 500
 
 
+@pytest.mark.parametrize("separator", [b"\n", b"\r", b"\r\n"])
+def test_values_over_several_lines_cost_no_split(separator):
+    """Values spread over lines: where one breaks the batch's parse (two objects, one a line),
+    the values holding line breaks are judged row by row and the rest of the batch is parsed
+    again at once, without halving it."""
+    raws = [
+        orjson.dumps({**PREDICTION, "request_id": f"r-{i}", "score": i / 1000}) for i in range(500)
+    ]
+    for position in (0, 499):
+        raws[position] = orjson.dumps(
+            {**PREDICTION, "request_id": f"r-{position}"}, option=orjson.OPT_INDENT_2
+        ).replace(b"\n", separator)
+    raws[250] = raws[250] + separator + raws[251]
+    batch = assert_one_batch_agrees(Topics.PREDICTIONS, raws, DEFAULT_CONTRACT)
+    assert batch.slow == 3 and len(batch.rows) == 499 and list(batch.errors) == [250]
+
+
 def test_contract_features_with_fills_and_booleans_agree_row_by_row():
     contract = extended_contract()
     raw = contract.as_dict()
