@@ -8,10 +8,11 @@ How a drain works (ARCHITECTURE.md §4):
    the source of truth). A new epoch (a restarted embedded broker, a recreated topic) starts at
    the beginning of its log; the rows landed from earlier logs stay as they are.
 2. Consume in batches bounded by count and time, until every partition reports EOF (or the drain's
-   time budget runs out). A reader thread consumes and decodes the next batch while the landing
-   thread writes the current one: a batch is parsed at once and checked by column
-   (:func:`churn_assets.batch_decode.decode_batch`); only messages the column checks do not take
-   are decoded row by row, which names a bad message's reason.
+   time budget runs out). A reader thread consumes the next batch and a decoder thread decodes it
+   while the landing thread writes the current one: a batch is parsed at once and checked by
+   column (:func:`churn_assets.batch_decode.decode_batch`); only messages the column checks do
+   not take are decoded row by row, which names a bad message's reason. While draining, DuckDB
+   checkpoints only at the end (see ``_drain_settings``).
 3. For each batch, check that the broker still serves the same log (the query is sent once the
    batch is consumed and answered while it is decoded), then in ONE DuckDB transaction: insert
    valid rows keyed by (epoch, topic, partition, offset), unique by their message's own id
@@ -353,10 +354,10 @@ def _drain_settings(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
     Checkpoints wait for the end of the drain (or ``DRAIN_CHECKPOINT_THRESHOLD`` of WAL). At the
     default 16 MiB one ran every two or three batches of 20,000 events, recompressing the newest
     row group and writing the indexes' changes each time: 1M events into the landed table took
-    8.5 s of inserts and commits, against 2.9 s (and 0.7 s for the one checkpoint at the end)
-    with them deferred. Every commit is still durable in the WAL. One DuckDB thread: a second
-    one costs more CPU than it saves time while the reader and decoder threads want the other
-    core.
+    8.5 s of inserts and commits on a busy machine, against 2.9 s (and 0.7 s for the one
+    checkpoint at the end) with them deferred. Every commit is still durable in the WAL. One
+    DuckDB thread: a second one costs more CPU than it saves time while the reader and decoder
+    threads want the other core.
     """
     saved = {
         name: con.execute("SELECT current_setting(?)", [name]).fetchall()[0][0]
