@@ -363,13 +363,20 @@ def _drain_settings(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
         name: con.execute("SELECT current_setting(?)", [name]).fetchall()[0][0]
         for name in ("checkpoint_threshold", "threads")
     }
+
+    def restore() -> None:
+        con.execute(f"SET checkpoint_threshold = '{saved['checkpoint_threshold']}'")
+        con.execute(f"SET threads = {int(saved['threads'])}")
+
     con.execute(f"SET checkpoint_threshold = '{DRAIN_CHECKPOINT_THRESHOLD}'")
     con.execute("SET threads = 1")
     try:
         yield
-    finally:
-        con.execute(f"SET checkpoint_threshold = '{saved['checkpoint_threshold']}'")
-        con.execute(f"SET threads = {int(saved['threads'])}")
+    except BaseException:
+        with contextlib.suppress(duckdb.Error):  # the drain's own error is the one to report
+            restore()
+        raise
+    restore()
 
 
 def _parse_fault(spec: str | None) -> tuple[str, int] | None:
