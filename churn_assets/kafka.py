@@ -91,6 +91,14 @@ def message_position(message: Message) -> tuple[int, int]:
     return partition, offset
 
 
+# How long a consumer waits before fetching a partition again once its prefetch queue went over
+# its threshold (``queued.min.messages``). librdkafka's default is 1 s: a consumer whose caller
+# pauses (landing's reader waits while the landing thread is a batch behind), or that the broker
+# outruns, sat idle for it; a 1M-message landing run spent 4.6 s in ``consume`` against 0.9 s
+# with 10 ms.
+FETCH_QUEUE_BACKOFF_MS = 10
+
+
 def make_consumer(settings: Settings, group_id: str | None = None, **overrides: Any) -> Consumer:
     """A consumer with auto-commit and auto offset store off; positions are the caller's job."""
     config = {
@@ -100,6 +108,7 @@ def make_consumer(settings: Settings, group_id: str | None = None, **overrides: 
         "enable.auto.offset.store": False,
         "enable.partition.eof": True,
         "auto.offset.reset": "earliest",
+        "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
         **overrides,
     }
     return Consumer(config)

@@ -8,10 +8,11 @@ How a drain works (ARCHITECTURE.md §4):
    the source of truth). A new epoch (a restarted embedded broker, a recreated topic) starts at
    the beginning of its log; the rows landed from earlier logs stay as they are.
 2. Consume in batches bounded by count and time, until every partition reports EOF (or the drain's
-   time budget runs out). A reader thread consumes and decodes the next batch while the landing
-   thread writes the current one: a batch is parsed at once and checked by column
-   (:func:`churn_assets.batch_decode.decode_batch`); only messages the column checks do not take
-   are decoded row by row, which names a bad message's reason.
+   time budget runs out). A reader thread consumes the next batch and a decoder thread decodes it
+   while the landing thread writes the current one: a batch is parsed at once and checked by
+   column (:func:`churn_assets.batch_decode.decode_batch`); only messages the column checks do
+   not take are decoded row by row, which names a bad message's reason. While draining, DuckDB
+   checkpoints only at the end (see ``_drain_settings``).
 3. For each batch, check that the broker still serves the same log (the query is sent once the
    batch is consumed and answered while it is decoded), then in ONE DuckDB transaction: insert
    valid rows keyed by (epoch, topic, partition, offset), unique by their message's own id
@@ -143,9 +144,6 @@ DRAIN_CHECKPOINT_THRESHOLD = "1GB"
 # ``landing.batch_max_seconds``.
 CONSUME_MAX = 100_000
 CONSUME_WAIT_S = 0.01
-# How long the consumer waits before fetching again once its prefetch queue went over its
-# threshold (librdkafka's ``fetch.queue.backoff.ms``, 1000 by default); see ``Lander.run``.
-FETCH_QUEUE_BACKOFF_MS = 10
 
 
 @dataclass
@@ -356,22 +354,29 @@ def _drain_settings(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
     Checkpoints wait for the end of the drain (or ``DRAIN_CHECKPOINT_THRESHOLD`` of WAL). At the
     default 16 MiB one ran every two or three batches of 20,000 events, recompressing the newest
     row group and writing the indexes' changes each time: 1M events into the landed table took
-    8.5 s of inserts and commits, against 2.9 s (and 0.7 s for the one checkpoint at the end)
-    with them deferred. Every commit is still durable in the WAL. One DuckDB thread: a second
-    one costs more CPU than it saves time while the reader and decoder threads want the other
-    core.
+    8.5 s of inserts and commits on a busy machine, against 2.9 s (and 0.7 s for the one
+    checkpoint at the end) with them deferred. Every commit is still durable in the WAL. One
+    DuckDB thread: a second one costs more CPU than it saves time while the reader and decoder
+    threads want the other core.
     """
     saved = {
         name: con.execute("SELECT current_setting(?)", [name]).fetchall()[0][0]
         for name in ("checkpoint_threshold", "threads")
     }
+
+    def restore() -> None:
+        con.execute(f"SET checkpoint_threshold = '{saved['checkpoint_threshold']}'")
+        con.execute(f"SET threads = {int(saved['threads'])}")
+
     con.execute(f"SET checkpoint_threshold = '{DRAIN_CHECKPOINT_THRESHOLD}'")
     con.execute("SET threads = 1")
     try:
         yield
-    finally:
-        con.execute(f"SET checkpoint_threshold = '{saved['checkpoint_threshold']}'")
-        con.execute(f"SET threads = {int(saved['threads'])}")
+    except BaseException:
+        with contextlib.suppress(duckdb.Error):  # the drain's own error is the one to report
+            restore()
+        raise
+    restore()
 
 
 def _parse_fault(spec: str | None) -> tuple[str, int] | None:
@@ -430,14 +435,7 @@ class Lander:
             # the read model publishes the rows landed after its last published ``landed_at``.
             newest = con.execute(f"SELECT max(landed_at) FROM {self.table}").fetchall()
             self._landed_floor: datetime | None = newest[0][0]
-            # The reader stops consuming while the landing thread is a batch behind, so the
-            # client's prefetch queue fills past its threshold (``queued.min.messages``); with
-            # librdkafka's default backoff of 1 s before fetching again, a 1M-message drain spent
-            # 4.6 s in ``consume`` against 0.9 s with 10 ms.
-            fetch: dict[str, Any] = {
-                "fetch.wait.max.ms": 100,
-                "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
-            }
+            fetch: dict[str, Any] = {"fetch.wait.max.ms": 100}
             consumer = make_consumer(self.settings, **fetch)
             outbox = _DeadLetterOutbox(make_producer(self.settings, **{"linger.ms": 5}))
             # Offsets landed but not committed to the consumer group yet, and when it last was.
