@@ -1,8 +1,10 @@
 """A real Prometheus server (Debian's ``prometheus`` binary) scraping local targets."""
 
+import json
 import shutil
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -73,3 +75,35 @@ class LocalPrometheus:
         if self.process is not None:
             stop_process(self.process)
         self.process = None
+
+    def wait_scraped(self, instances: list[str], after: float, timeout_s: float = 60) -> None:
+        """Wait until each of ``instances`` (host:port) was scraped successfully after the Unix
+        time ``after``: its counters as of then are in Prometheus, whatever the machine's load
+        did to the scrape schedule."""
+        query = urllib.parse.quote("timestamp(up == 1)")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with urllib.request.urlopen(f"{self.url}/api/v1/query?query={query}", timeout=5) as r:
+                result = json.load(r)["data"]["result"]
+            scraped = {s["metric"]["instance"]: float(s["value"][1]) for s in result}
+            late = [i for i in instances if scraped.get(i, 0.0) <= after]
+            if not late:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no successful scrape of {late} after {after} ({scraped})")
+            time.sleep(0.2)
+
+    def wait_counted(self, totals: dict[str, float], timeout_s: float = 60) -> None:
+        """Wait until Prometheus's latest ``predictions_total`` of each instance (host:port)
+        is the total that instance's own ``/metrics`` gave (``totals``)."""
+        query = urllib.parse.quote("sum by (instance) (predictions_total)")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with urllib.request.urlopen(f"{self.url}/api/v1/query?query={query}", timeout=5) as r:
+                result = json.load(r)["data"]["result"]
+            seen = {s["metric"]["instance"]: float(s["value"][1]) for s in result}
+            if all(seen.get(i) == total for i, total in totals.items()):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"Prometheus has {seen}, the pods say {totals}")
+            time.sleep(0.2)

@@ -64,7 +64,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SDEP = ("machinelearning.seldon.io", "seldondeployments", "churn")
 VERSIONS = ("v1", "v2", "v3", "v4")
 JOB = "churn-serving"
-SCRAPED_S = 2.5  # after traffic: two scrapes at the 1 s interval
 
 # The recording is the API server: module-wide, as a cluster is.
 RECORDED_API = RecordingApiClient()
@@ -178,11 +177,14 @@ class Loop:
         self.prometheus = prometheus
         self.customers = sample_customers(3000, seed=5)
         self.rounds = 0
-        self.instance = dg.DagsterInstance.ephemeral()
+        # Its artefacts in the test's folder: no temporary folder left to the garbage collector.
+        self.instance = dg.DagsterInstance.ephemeral(tempdir=str(cluster.root / "dagster"))
 
     def traffic(self, n: int = 200) -> None:
-        """Requests through the 'ingress', outcomes of the churned ones posted as feedback."""
+        """Requests through the 'ingress', outcomes of the churned ones posted as feedback.
+        Prometheus has scraped every pod before (a new pod's zero counts) and after them."""
         self.cluster.sync()
+        self.scraped()
         start = (self.rounds * n) % len(self.customers)
         self.rounds += 1
         batch = self.customers.iloc[start : start + n]
@@ -200,6 +202,20 @@ class Loop:
                     url = f"{self.cluster.pods[name].http}/feedback"
                     response = requests.post(url, json=feedback, timeout=30)
                     assert response.status_code == 200, response.text
+        self.scraped()
+
+    def scraped(self) -> None:
+        pods = [pod.http.removeprefix("http://") for pod in self.cluster.pods.values()]
+        self.prometheus.wait_scraped(pods, after=time.time())
+        totals = {}
+        for pod in self.cluster.pods.values():
+            text = requests.get(f"{pod.http}/metrics", timeout=10).text
+            totals[pod.http.removeprefix("http://")] = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("predictions_total{")
+            )
+        self.prometheus.wait_counted(totals)
 
     def land(self) -> None:
         time.sleep(1.0)  # the mirrors deliver in the background
@@ -221,7 +237,6 @@ class Loop:
     def round(self) -> dict[str, Any]:
         self.traffic()
         self.land()
-        time.sleep(SCRAPED_S)
         return self.decide()
 
     def drive(self, until: set[str], rounds: int = 6) -> dict[str, Any]:
@@ -292,7 +307,9 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
         # The overlay's initial state: the champion alone (kubectl apply of the single file).
         RecordedSeldonTarget().target(settings).apply(Deployment("single", "v1", None, 0.0, False))
         cluster.sync()
-        yield Loop(settings, config, cluster, prometheus)
+        loop = Loop(settings, config, cluster, prometheus)
+        yield loop
+        loop.instance.dispose()
     finally:
         cluster.stop()
         prometheus.stop()
@@ -383,14 +400,15 @@ def test_a_bad_challenger_is_rolled_back_at_the_shadow_gate(loop):
     assert loop.decide()["action"] == "start_shadow"
     # Answered but not landed yet (Kafka or landing behind): no judgement on counts alone.
     loop.traffic()
-    time.sleep(SCRAPED_S)
     waiting = loop.decide()
     assert waiting["action"] == "wait" and waiting["phase_to"] == "shadow"
     behind = re.compile(
         r"no data yet: no shadow pairs landed in the window \(ml\.predictions\) although "
         r"Prometheus counted (\d+) v3 shadow answers"
     )
-    [counted] = [int(m[1]) for r in waiting["reasons"] if (m := behind.match(r))]
+    counts = [int(m[1]) for r in waiting["reasons"] if (m := behind.match(r))]
+    assert len(counts) == 1, waiting["reasons"]
+    [counted] = counts
     assert counted >= 150, waiting["reasons"]  # 200 sent; increase() extrapolates a little
     state = loop.drive(until={"rolled_back", "canary", "promoted"})
     assert state["phase"] == "rolled_back"
