@@ -76,26 +76,10 @@ class LocalPrometheus:
             stop_process(self.process)
         self.process = None
 
-    def wait_scraped(self, instances: list[str], after: float, timeout_s: float = 60) -> None:
-        """Wait until each of ``instances`` (host:port) was scraped successfully after the Unix
-        time ``after``: its counters as of then are in Prometheus, whatever the machine's load
-        did to the scrape schedule."""
-        query = urllib.parse.quote("timestamp(up == 1)")
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with urllib.request.urlopen(f"{self.url}/api/v1/query?query={query}", timeout=5) as r:
-                result = json.load(r)["data"]["result"]
-            scraped = {s["metric"]["instance"]: float(s["value"][1]) for s in result}
-            late = [i for i in instances if scraped.get(i, 0.0) <= after]
-            if not late:
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no successful scrape of {late} after {after} ({scraped})")
-            time.sleep(0.2)
-
     def wait_counted(self, totals: dict[str, float], timeout_s: float = 60) -> None:
         """Wait until Prometheus's latest ``predictions_total`` of each instance (host:port)
-        is the total that instance's own ``/metrics`` gave (``totals``)."""
+        is the total that instance's own ``/metrics`` gave (``totals``): its counters as of
+        then are in Prometheus, whatever the machine's load did to the scrape schedule."""
         query = urllib.parse.quote("sum by (instance) (predictions_total)")
         deadline = time.monotonic() + timeout_s
         while True:
