@@ -243,6 +243,20 @@ def _batch[T](
     return validate_columns(columns, contract)
 
 
+def _router_outputs(predictions: list[Prediction]) -> list[tuple[str, str, list[Any]]]:
+    """The router's outputs ``(name, datatype, values)``: probability, version, arm, request id,
+    and the outlier score when every record has one."""
+    outputs: list[tuple[str, str, list[Any]]] = [
+        ("probability", "FP64", [p.probability for p in predictions]),
+        ("model_version", "BYTES", [p.model_version for p in predictions]),
+        ("arm", "BYTES", [p.arm for p in predictions]),
+        ("request_id", "BYTES", [p.request_id for p in predictions]),
+    ]
+    if all(p.outlier_score is not None for p in predictions):
+        outputs.append(("outlier_score", "FP64", [p.outlier_score for p in predictions]))
+    return outputs
+
+
 _CONTENTS = {"FP64": "fp64_contents", "BYTES": "bytes_contents"}
 _CONTENT_TYPES = {"FP64": "np", "BYTES": "str"}
 
@@ -251,12 +265,14 @@ def response_message(
     request_id: str, model: str, version: str, outputs: Sequence[tuple[str, str, Sequence[Any]]]
 ) -> pb.ModelInferResponse:
     """The gRPC response MLServer's converter makes of a response whose outputs were encoded by
-    ``NumpyCodec`` (FP64) and ``StringCodec`` (BYTES): each output ``(name, datatype, values)``
-    of shape ``[n, 1]`` with its codec's content type."""
+    ``NumpyCodec`` (FP64) and ``StringCodec`` (BYTES, text encoded as UTF-8): each output
+    ``(name, datatype, values)`` of shape ``[n, 1]`` with its codec's content type."""
     response = pb.ModelInferResponse(model_name=model, model_version=version, id=request_id)
     for name, datatype, values in outputs:
         tensor = response.outputs.add(name=name, datatype=datatype, shape=(len(values), 1))
         tensor.parameters["content_type"].string_param = _CONTENT_TYPES[datatype]
+        if datatype == "BYTES":
+            values = [v.encode() for v in values]
         getattr(tensor.contents, _CONTENTS[datatype]).extend(values)
     return response
 
@@ -289,19 +305,11 @@ class RouterRuntime(_PlaneRuntime):
         plane = self.served
         predictions = await self._routed(lambda: batch_from_request(payload, plane.contract))
         outputs = [
-            NumpyCodec.encode_output(
-                "probability", np.array([p.probability for p in predictions], dtype=np.float64)
-            ),
-            StringCodec.encode_output("model_version", [p.model_version for p in predictions]),
-            StringCodec.encode_output("arm", [p.arm for p in predictions]),
-            StringCodec.encode_output("request_id", [p.request_id for p in predictions]),
+            NumpyCodec.encode_output(name, np.array(values, dtype=np.float64))
+            if datatype == "FP64"
+            else StringCodec.encode_output(name, values)
+            for name, datatype, values in _router_outputs(predictions)
         ]
-        if all(p.outlier_score is not None for p in predictions):
-            outputs.append(
-                NumpyCodec.encode_output(
-                    "outlier_score", np.array([p.outlier_score for p in predictions])
-                )
-            )
         return InferenceResponse(id=payload.id, model_name=self.name, outputs=outputs)
 
     async def infer_message(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
@@ -310,15 +318,7 @@ class RouterRuntime(_PlaneRuntime):
         request and response models in between."""
         plane = self.served
         predictions = await self._routed(lambda: batch_from_message(request, plane.contract))
-        outputs: list[tuple[str, str, Sequence[Any]]] = [
-            ("probability", "FP64", [p.probability for p in predictions]),
-            ("model_version", "BYTES", [p.model_version.encode() for p in predictions]),
-            ("arm", "BYTES", [p.arm.encode() for p in predictions]),
-            ("request_id", "BYTES", [p.request_id.encode() for p in predictions]),
-        ]
-        if all(p.outlier_score is not None for p in predictions):
-            outputs.append(("outlier_score", "FP64", [p.outlier_score for p in predictions]))
-        return response_message(request.id, self.name, "", outputs)
+        return response_message(request.id, self.name, "", _router_outputs(predictions))
 
     async def _routed(self, batch: Callable[[], Batch]) -> list[Prediction]:
         plane = self.served
