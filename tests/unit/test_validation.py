@@ -109,3 +109,36 @@ def test_a_contract_may_fill_missing_values_and_take_booleans():
     imported = check_columns(contract, given, text_booleans=True)
     assert imported.ok and list(imported.columns["senior_citizen"]) == [True, True]
     assert list(imported.columns["tech_support"]) == [None, "no"]
+
+
+@pytest.mark.parametrize("length", [1, 3, 16, 17, 40])
+def test_short_and_long_json_columns_agree_with_arrays(length):
+    """A request's few JSON numbers are checked in Python, longer columns as arrays: both
+    give what the array path gives, value for value, on edge values of every bound."""
+    rng = np.random.default_rng(length)
+    edges = [
+        0,
+        600,
+        600.0,
+        -0.0,
+        1e-9,
+        -1e-9,
+        600.5,
+        12.0,
+        12.5,
+        2**53,
+        float("nan"),
+        float("inf"),
+        -float("inf"),
+        1e308,
+    ]
+    for feature in ("customer_tenure", "monthly_charges", "support_tickets", "login_frequency"):
+        for _ in range(30):
+            values = [edges[i] for i in rng.integers(0, len(edges), length)]
+            rows = {name: [column[0]] * length for name, column in columns().items()}
+            as_list = check_columns(DEFAULT, rows | {feature: values})
+            as_array = check_columns(DEFAULT, rows | {feature: np.array(values, dtype=np.float64)})
+            assert as_list.errors == as_array.errors, (feature, values)
+            np.testing.assert_array_equal(
+                as_list.columns[feature], as_array.columns[feature], err_msg=str(values)
+            )
