@@ -1,7 +1,7 @@
 """Serving overhead: plain MLServer XGBoost runtime vs our router path, over REST and gRPC.
 
     .venv/bin/python benchmarks/serving.py [--concurrency 4] [--seconds 8] [--warmup 2]
-        [--rate 300] [--rate-seconds 30] [--transport both|REST|gRPC]
+        [--rate 300] [--rate-seconds 30] [--rounds 3] [--transport both|REST|gRPC]
 
 One run trains a small registry (v1 champion, v2 challenger) in a temp dir, starts an embedded
 Kafka broker, and serves the SAME v1 booster three ways on this machine:
@@ -16,15 +16,20 @@ Kafka broker, and serves the SAME v1 booster three ways on this machine:
 - ours, with shadow: the same with v2 as challenger under the default strategy (shadow: v1
   answers, v2 is scored off the request path and mirrored too).
 
-Closed loop: six cases run one after another (plain, ours alone, ours with shadow; REST then
-gRPC). Each uses ``--concurrency`` client threads (one keep-alive ``requests.Session`` or one
-gRPC channel per thread) sending single-record requests for ``--warmup`` seconds (discarded) and
-then ``--seconds`` seconds (measured). Fixed rate (open loop): plain and ours alone, REST and
-gRPC, get ``--rate`` requests per second for ``--rate-seconds`` each, sent on schedule whatever
-the answers do; a latency runs from the moment its request was due. It prints requests, errors
-(non-200 / RpcError), req/s, p50 and p99 per case, then the ours/plain ratios. The client threads
-share the machine's cores with the servers, so compare ratios, not absolute numbers across
-machines.
+Closed loop: six cases (plain, ours alone, ours with shadow; REST then gRPC), each with
+``--concurrency`` client threads (one keep-alive ``requests.Session`` or one gRPC channel per
+thread) sending single-record requests for ``--warmup`` seconds (discarded) and then
+``--seconds`` seconds (measured). Fixed rate (open loop): plain and ours alone, REST and gRPC,
+get ``--rate`` requests per second for ``--rate-seconds`` each, sent on schedule whatever the
+answers do; a latency runs from the moment its request was due.
+
+Both phases run in ``--rounds`` interleaved rounds: every case once per round (a fixed-rate case
+``--rate-seconds / --rounds`` at a time), so a slow spell of the machine falls on plain and ours
+alike rather than on whichever case ran then. Each case's figures pool its rounds: requests,
+errors (non-200 / RpcError), req/s, p50 and p99, and the server's CPU per request; then the
+ours/plain ratios, with the lowest and highest ratio of a single round beside the pooled one. The
+client threads share the machine's cores with the servers, so compare ratios, not absolute
+numbers across machines.
 """
 
 import argparse
@@ -203,6 +208,15 @@ class CaseResult:
     elapsed_s: float = 0.0
     sent: int = 0  # every request, warm-up included
     server_cpu_s: float = 0.0  # the server process's CPU time over the whole case
+
+    def add(self, other: "CaseResult") -> None:
+        """Pool another round of the same case into this one."""
+        self.latencies_s += other.latencies_s
+        self.errors += other.errors
+        self.first_error = self.first_error or other.first_error
+        self.elapsed_s += other.elapsed_s
+        self.sent += other.sent
+        self.server_cpu_s += other.server_cpu_s
 
     @property
     def cpu_ms_per_request(self) -> float:
@@ -429,8 +443,39 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:>10.2f}" if b and np.isfinite(a) and np.isfinite(b) else f"{'n/a':>10}"
 
 
+def run_rounds(
+    cases: dict[str, Callable[[], CaseResult]], rounds: int
+) -> tuple[dict[str, CaseResult], dict[str, list[CaseResult]]]:
+    """Every case once per round, rounds one after another: each case's pooled result and its
+    rounds' results."""
+    pooled = {name: CaseResult(name) for name in cases}
+    each: dict[str, list[CaseResult]] = {name: [] for name in cases}
+    for number in range(rounds):
+        for name, case in cases.items():
+            result = case()
+            pooled[name].add(result)
+            each[name].append(result)
+            print(
+                f"  round {number + 1}/{rounds} {name}: {result.throughput:.0f} req/s, "
+                f"p99 {result.percentile_ms(99):.2f} ms",
+                flush=True,
+            )
+    return pooled, each
+
+
+def _round_ratios(
+    ours: list[CaseResult], plain: list[CaseResult], figure: Callable[[CaseResult], float]
+) -> str:
+    """The lowest and highest ours/plain ratio of one round, as ``low-high``."""
+    ratios = [figure(o) / figure(p) for o, p in zip(ours, plain, strict=True) if figure(p)]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "n/a"
+
+
 def print_report(
-    results: dict[str, CaseResult], fixed: dict[str, CaseResult], transports: list[str]
+    results: dict[str, CaseResult],
+    fixed: dict[str, CaseResult],
+    transports: list[str],
+    rounds: dict[str, list[CaseResult]],
 ) -> None:
     width = max(len(name) for name in (*results, *fixed)) + 2
     header = (
@@ -444,16 +489,20 @@ def print_report(
             f"{result.throughput:>10.1f}{result.percentile_ms(50):>10.2f}"
             f"{result.percentile_ms(99):>10.2f}{result.cpu_ms_per_request:>19.3f}"
         )
-    print(f"\n{'ours/plain':<{width}}{'req/s':>10}{'p50':>10}{'p99':>10}{'CPU/req':>10}")
+    print(
+        f"\n{'ours/plain':<{width}}{'req/s':>10}{'p50':>10}{'p99':>10}{'CPU/req':>10}"
+        f"{'req/s by round':>16}"
+    )
     for transport in transports:
         plain = results[f"plain {transport}"]
         for arm in ("champion alone", "with shadow"):
             ours = results[f"ours {transport} {arm}"]
+            spread = _round_ratios(rounds[ours.name], rounds[plain.name], lambda r: r.throughput)
             print(
                 f"{transport + ' ' + arm:<{width}}{_ratio(ours.throughput, plain.throughput)}"
                 f"{_ratio(ours.percentile_ms(50), plain.percentile_ms(50))}"
                 f"{_ratio(ours.percentile_ms(99), plain.percentile_ms(99))}"
-                f"{_ratio(ours.cpu_ms_per_request, plain.cpu_ms_per_request)}"
+                f"{_ratio(ours.cpu_ms_per_request, plain.cpu_ms_per_request)}{spread:>16}"
             )
     if fixed:
         print(f"\nfixed rate (open loop)\n{'case':<{width}}{header}")
@@ -463,12 +512,15 @@ def print_report(
                 f"{result.throughput:>10.1f}{result.percentile_ms(50):>10.2f}"
                 f"{result.percentile_ms(99):>10.2f}{result.cpu_ms_per_request:>19.3f}"
             )
-        print(f"\n{'ours/plain':<{width}}{'p50':>10}{'p99':>10}")
+        print(f"\n{'ours/plain':<{width}}{'p50':>10}{'p99':>10}{'p99 by round':>16}")
         for transport in transports:
             plain, ours = fixed[f"plain {transport} fixed"], fixed[f"ours {transport} fixed"]
+            spread = _round_ratios(
+                rounds[ours.name], rounds[plain.name], lambda r: r.percentile_ms(99)
+            )
             print(
                 f"{transport:<{width}}{_ratio(ours.percentile_ms(50), plain.percentile_ms(50))}"
-                f"{_ratio(ours.percentile_ms(99), plain.percentile_ms(99))}"
+                f"{_ratio(ours.percentile_ms(99), plain.percentile_ms(99))}{spread:>16}"
             )
     for result in (*results.values(), *fixed.values()):
         if result.errors:
@@ -493,12 +545,21 @@ def main() -> None:
         default="both",
         help="measure REST, gRPC or both (default both)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="interleaved rounds of every case (default 3); a fixed-rate case runs "
+        "--rate-seconds / --rounds per round",
+    )
     args = parser.parse_args()
     transports = ["REST", "gRPC"] if args.transport == "both" else [args.transport]
     if args.concurrency < 1 or args.seconds <= 0 or args.warmup < 0 or args.rows < 1:
         parser.error("--concurrency and --rows must be >= 1, --seconds > 0, --warmup >= 0")
     if args.rate <= 0 or args.rate_seconds < 0:
         parser.error("--rate must be > 0 and --rate-seconds >= 0")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         root = Path(tmp)
@@ -566,11 +627,9 @@ def main() -> None:
                 "ours gRPC champion alone": (alone, grpc_sender(alone.grpc, ours_messages)),
                 "ours gRPC with shadow": (shadow, grpc_sender(shadow.grpc, ours_messages)),
             }
-            results = {}
-            for name, (server, make_sender) in cases.items():
-                if name.split()[1] not in transports:
-                    continue
-                results[name] = measured(
+            closed_loop = {
+                name: partial(
+                    measured,
                     server,
                     partial(
                         run_case,
@@ -582,6 +641,11 @@ def main() -> None:
                         args.seconds,
                     ),
                 )
+                for name, (server, make_sender) in cases.items()
+                if name.split()[1] in transports
+            }
+            print(f"closed loop: {args.rounds} rounds of {args.warmup:g} + {args.seconds:g} s")
+            results, rounds = run_rounds(closed_loop, args.rounds)
             fixed = {}
             if args.rate_seconds:
                 open_loop = {
@@ -590,21 +654,24 @@ def main() -> None:
                     "plain gRPC fixed": cases["plain gRPC"],
                     "ours gRPC fixed": cases["ours gRPC champion alone"],
                 }
-                open_loop = {k: v for k, v in open_loop.items() if k.split()[1] in transports}
-                print(f"fixed rate: {args.rate:g} req/s for {args.rate_seconds:g} s per case")
-                for name, (server, make_sender) in open_loop.items():
-                    fixed[name] = measured(
+                slice_s = args.rate_seconds / args.rounds
+                fixed_rate = {
+                    name: partial(
+                        measured,
                         server,
-                        partial(
-                            run_fixed_rate,
-                            name,
-                            make_sender,
-                            len(rows),
-                            args.rate,
-                            args.rate_seconds,
-                        ),
+                        partial(run_fixed_rate, name, make_sender, len(rows), args.rate, slice_s),
                     )
-            print_report(results, fixed, transports)
+                    for name, (server, make_sender) in open_loop.items()
+                    if name.split()[1] in transports
+                }
+                print(
+                    f"fixed rate: {args.rate:g} req/s for {args.rate_seconds:g} s per case, "
+                    f"in {args.rounds} rounds of {slice_s:g} s"
+                )
+                fixed, fixed_rounds = run_rounds(fixed_rate, args.rounds)
+                rounds |= fixed_rounds
+            print(flush=True)
+            print_report(results, fixed, transports, rounds)
             for name, server in servers.items():
                 if server.process.poll() is not None:
                     print(f"WARNING: {name} server exited during the run; log: {server.log}")
