@@ -29,10 +29,12 @@ alike rather than on whichever case ran then. Each case's figures pool its round
 errors (non-200 / RpcError), req/s, p50 and p99, and the server's CPU per request; then the
 ours/plain ratios, with the lowest and highest ratio of a single round beside the pooled one. The
 client threads share the machine's cores with the servers, so compare ratios, not absolute
-numbers across machines.
+numbers across machines. The client freezes its heap out of the garbage collector before the
+cases, so a collection of its own objects never pauses its threads.
 """
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -627,6 +629,11 @@ def main() -> None:
                 "ours gRPC champion alone": (alone, grpc_sender(alone.grpc, ours_messages)),
                 "ours gRPC with shadow": (shadow, grpc_sender(shadow.grpc, ours_messages)),
             }
+            # The client's own heap (the trained registry, payloads, libraries) is frozen out
+            # of the garbage collector: a full collection of it paused every client thread for
+            # about 125 ms, which an open loop counts against whichever server it fell on.
+            gc.collect()
+            gc.freeze()
             closed_loop = {
                 name: partial(
                     measured,
