@@ -44,6 +44,7 @@ log (a restarted broker) or produced twice is a replay: counted, never a second 
 
 import contextlib
 import functools
+import gc
 import logging
 import os
 import queue
@@ -379,6 +380,24 @@ def _drain_settings(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
     restore()
 
 
+@contextlib.contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """The cyclic garbage collector paused for a drain, then resumed as it was.
+
+    A drain allocates a few objects per message (the consumer's messages, their values) that
+    live for a batch, long enough to be promoted; the collector then walked the process's whole
+    heap again and again. Reference counting still frees every one of them at once; cycles made
+    meanwhile wait for the collector to resume at the drain's end.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _parse_fault(spec: str | None) -> tuple[str, int] | None:
     if not spec:
         return None
@@ -453,7 +472,7 @@ class Lander:
                 )
                 self._log_now, self._admin = log_now, admin
                 self._republish_dead_letters(con, outbox, report)
-                with _drain_settings(con):
+                with _drain_settings(con), _no_cyclic_gc():
                     self._drain(con, consumer, outbox, set(partitions), report, started)
             finally:
                 self._decoder.shutdown(wait=True, cancel_futures=True)
