@@ -3,7 +3,9 @@ its OpenAPI document, the request body limit and its error handlers.
 
 The V2 routes are MLServer's own endpoints (``mlserver.rest.endpoints.Endpoints`` on MLServer's
 data plane, with MLServer's route class and response class), listed here route by route:
-models' readiness, inference, metadata, the server's health and metadata. The model repository
+models' readiness, inference, metadata, the server's health and metadata. ``churn-router``'s
+inference comes first, from its JSON (:mod:`serving.rest_message`), with MLServer's route behind
+it for the requests it does not take. The model repository
 (admin work: gRPC only, behind the admin token), streaming and ``generate`` (the LLM extension)
 are not offered, and MLServer's docs pages (they load Swagger from a CDN) are replaced by
 ``/docs`` and ``/redoc`` served offline. :class:`ServingRESTServer` is MLServer's REST server
@@ -26,6 +28,7 @@ from mlserver.rest.errors import handle_mlserver_error
 from mlserver.rest.responses import Response
 from mlserver.rest.server import RESTServer
 from mlserver.settings import Settings as MLServerSettings
+from starlette.routing import Route
 
 from churn_assets.config import Settings
 from serving.api import (
@@ -39,6 +42,7 @@ from serving.errors import ServingError, field_errors, log_rejected
 from serving.feedback import FeedbackPublisher
 from serving.openapi import publish_openapi
 from serving.plane import ServingPlane
+from serving.rest_message import ROUTER_MODEL, RouterInferRoute
 
 __all__ = ["V2_ROUTES", "ServingRESTServer", "create_app"]
 
@@ -78,14 +82,22 @@ def create_app(
     """The serving REST app for ``plane``: V2 on MLServer's ``data_plane`` and the product's
     endpoints; ``models`` and ``versions`` are the V2 models the OpenAPI document names."""
     endpoints = Endpoints(data_plane)
+    v2 = {
+        path: APIRoute(path, getattr(endpoints, endpoint), methods=list(methods))
+        for path, endpoint, methods in V2_ROUTES
+    }
+    # The router's inference first: answered from its JSON, MLServer's route for the rest.
+    router_infer = Route(
+        f"/v2/models/{ROUTER_MODEL}/infer",
+        RouterInferRoute(data_plane, v2["/v2/models/{model_name}/infer"]),
+        methods=["POST"],
+        include_in_schema=False,
+    )
     app = FastAPI(
         title=TITLE,
         description=DESCRIPTION,
         debug=False,
-        routes=[
-            APIRoute(path, getattr(endpoints, endpoint), methods=list(methods))
-            for path, endpoint, methods in V2_ROUTES
-        ],
+        routes=[router_infer, *v2.values()],
         default_response_class=Response,
         docs_url=None,
         redoc_url=None,

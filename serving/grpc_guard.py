@@ -40,9 +40,9 @@ from mlserver.handlers import DataPlane, ModelRepositoryHandlers
 from mlserver.raw import _DatatypeToCtype as RAW_FORMATS  # the formats MLServer unpacks with
 from mlserver.repository import ModelRepository
 from mlserver.settings import ModelSettings, Settings
-from mlserver.types import Datatype, InferenceResponse, RepositoryIndexResponse
-from mlserver.utils import extract_headers
+from mlserver.types import Datatype, RepositoryIndexResponse
 
+from serving.cloudevents import ResponseHeaders
 from serving.errors import bearer_matches, log_rejected
 from serving.runtime import RouterRuntime, VersionRuntime, invalid_input
 
@@ -63,7 +63,6 @@ NO_STREAMING = (
     "streaming inference is not offered by this server: send each request with ModelInfer"
 )
 _DATATYPES = {datatype.value for datatype in Datatype}
-_ID_MARK = "\x00response-id"  # stands for a response's id in the CloudEvents headers made once
 _STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
@@ -281,7 +280,7 @@ class GuardedInferenceServicer(_GuardedRepository, InferenceServicer):
         super().__init__(data_plane, handlers)
         self._served = served
         self._handlers, self._token, self._messages, self._service = handlers, token, pb, ""
-        self._cloudevents: dict[tuple[str, str | None], tuple[tuple[str, str], ...]] = {}
+        self._response_headers = ResponseHeaders(data_plane)
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
         async def infer() -> pb.ModelInferResponse:
@@ -314,19 +313,8 @@ class GuardedInferenceServicer(_GuardedRepository, InferenceServicer):
 
     def _trailing(self, model: MLModel, response_id: str) -> tuple[tuple[str, str], ...]:
         """The trailing metadata MLServer's data plane gives a response of ``model``: its
-        CloudEvents headers, made once per model by MLServer's middleware and given each
-        response's id (MLServer leaves the id headers out when the id is empty)."""
-        key = (model.name, model.version)
-        template = self._cloudevents.get(key)
-        if template is None:
-            made = InferenceResponse(id=_ID_MARK, model_name=model.name, outputs=[])
-            self._data_plane._inference_middleware.response_middleware(made, model.settings)
-            template = self._cloudevents[key] = to_metadata(extract_headers(made) or {})
-        return tuple(
-            (name, response_id if value == _ID_MARK else value)
-            for name, value in template
-            if response_id or value != _ID_MARK
-        )
+        CloudEvents headers."""
+        return to_metadata(dict(self._response_headers.headers(model, response_id)))
 
     async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> None:  # noqa: N802
         log_rejected("gRPC ModelStreamInfer", "UNIMPLEMENTED", "streaming is not offered")

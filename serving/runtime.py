@@ -49,6 +49,7 @@ __all__ = [
     "RouterRuntime",
     "VersionRuntime",
     "BoundModelSettings",
+    "batch_from_json",
     "batch_from_message",
     "batch_from_request",
     "input_metadata",
@@ -151,9 +152,21 @@ def _check_input(item: RequestInput) -> list[Any]:
         raise invalid_input(
             f"input {item.name!r}: data must be an array, not {type(data).__name__}"
         )
+    return _checked(item.name, datatype, list(item.shape), _flat(data))
+
+
+def _json_input(item: dict[str, Any]) -> list[Any]:
+    """:func:`_check_input` for one input of a REST request's JSON in the plain form
+    :func:`serving.rest_message.plain_inputs` takes (MLServer's request model would hold the
+    same name, shape, datatype and data)."""
+    return _checked(item["name"], item["datatype"], list(item["shape"]), _flat(item["data"]))
+
+
+def _flat(data: list[Any]) -> list[Any]:
+    """Flat or nested arrays, flattened in row-major order without recursion."""
     values: list[Any] = []
     nested = [iter(data)]
-    while nested:  # flat or nested arrays, flattened in row-major order without recursion
+    while nested:
         for value in nested[-1]:
             if isinstance(value, list):
                 nested.append(iter(value))
@@ -161,7 +174,7 @@ def _check_input(item: RequestInput) -> list[Any]:
             values.append(value)
         else:
             nested.pop()
-    return _checked(item.name, datatype, list(item.shape), values)
+    return values
 
 
 def _checked(name: str, datatype: str, shape: list[int], values: list[Any]) -> list[Any]:
@@ -207,6 +220,15 @@ def batch_from_request(payload: InferenceRequest, contract: Contract) -> Batch:
     if not payload.inputs:
         raise invalid_input("the request has no inputs: send one per feature, or 'records'")
     return _batch([item.name for item in payload.inputs], payload.inputs, _check_input, contract)
+
+
+def batch_from_json(inputs: list[dict[str, Any]], contract: Contract) -> Batch:
+    """:func:`batch_from_request` straight from a REST request's ``inputs`` as parsed JSON, in
+    the plain form :func:`serving.rest_message.plain_inputs` takes: the same checks and errors,
+    without building MLServer's request model first."""
+    if not inputs:
+        raise invalid_input("the request has no inputs: send one per feature, or 'records'")
+    return _batch([item["name"] for item in inputs], inputs, _json_input, contract)
 
 
 def batch_from_message(request: pb.ModelInferRequest, contract: Contract) -> Batch:
@@ -319,6 +341,19 @@ class RouterRuntime(_PlaneRuntime):
         plane = self.served
         predictions = await self._routed(lambda: batch_from_message(request, plane.contract))
         return response_message(request.id, self.name, "", _router_outputs(predictions))
+
+    async def infer_json(self, inputs: list[dict[str, Any]]) -> list[tuple[str, str, list[Any]]]:
+        """:meth:`predict` for a REST request's ``inputs`` as parsed JSON (the plain form
+        :func:`serving.rest_message.plain_inputs` takes): the same checks and routing, and the
+        outputs ``(name, datatype, values)`` :meth:`predict` encodes, FP64 values as float64."""
+        plane = self.served
+        predictions = await self._routed(lambda: batch_from_json(inputs, plane.contract))
+        return [
+            (name, datatype, np.asarray(values, dtype=np.float64).tolist())
+            if datatype == "FP64"
+            else (name, datatype, values)
+            for name, datatype, values in _router_outputs(predictions)
+        ]
 
     async def _routed(self, batch: Callable[[], Batch]) -> list[Prediction]:
         plane = self.served
