@@ -25,7 +25,7 @@ from mlserver.handlers import DataPlane
 from mlserver.types import Datatype
 from mlserver.utils import generate_uuid
 from starlette.datastructures import Headers
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
@@ -109,7 +109,10 @@ class RouterInferRoute:
         self._headers = ResponseHeaders(data_plane)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await Request(scope, receive).body()
+        try:
+            body = await Request(scope, receive).body()
+        except ClientDisconnect:
+            return  # the caller hung up before its body was in: nobody to answer
         plain = plain_inputs(Headers(scope=scope), body)
         model = await self._router() if plain is not None else None
         if plain is None or model is None:

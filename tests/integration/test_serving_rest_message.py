@@ -8,6 +8,8 @@ import gzip
 import http.client
 import json
 import re
+import socket
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -200,6 +202,21 @@ def test_a_body_that_is_no_request_is_refused_alike(server, name):
     direct, encoded = both(server, RAW[name])
     assert direct[0] == 422, direct
     assert normalized(direct, None) == normalized(encoded, None)
+
+
+def test_a_caller_that_hangs_up_mid_body_leaves_no_error_behind(server):
+    before = server.log.read_text()
+    address = urlsplit(server.http)
+    with socket.create_connection((address.hostname, address.port)) as sock:
+        sock.sendall(
+            b"POST /v2/models/churn-router/infer HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: 1000\r\n\r\n" + json.dumps(body(ONE))[:100].encode()
+        )
+    time.sleep(1.0)
+    written = server.log.read_text()[len(before) :]
+    assert "Traceback" not in written and "Exception in ASGI" not in written, written
+    direct, _ = both(server, json.dumps(body(ONE, id="after")).encode())
+    assert direct[0] == 200 and direct[1]["id"] == "after"
 
 
 def test_another_content_type_goes_to_mlservers_route(server):
