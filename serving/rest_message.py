@@ -113,7 +113,8 @@ class RouterInferRoute:
             body = await Request(scope, receive).body()
         except ClientDisconnect:
             return  # the caller hung up before its body was in: nobody to answer
-        plain = plain_inputs(Headers(scope=scope), body)
+        # A query (MLServer's route reads ``model_version`` from it) is left to MLServer's route.
+        plain = None if scope.get("query_string") else plain_inputs(Headers(scope=scope), body)
         model = await self._router() if plain is not None else None
         if plain is None or model is None:
             await self._fall_back(scope, body, receive, send)

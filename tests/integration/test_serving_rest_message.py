@@ -117,11 +117,13 @@ ODD = {
 RAW = {"not JSON": b'{"inputs": [', "a JSON array": b"[]", "NaN": b'{"inputs": [NaN]}'}
 
 
-def post(server, payload: bytes, headers: dict[str, str]) -> tuple[int, dict, dict[str, str]]:
+def post(
+    server, payload: bytes, headers: dict[str, str], query: str = ""
+) -> tuple[int, dict, dict[str, str]]:
     """(status, JSON body, headers); only ``headers`` are sent (no default Content-Type)."""
     connection = http.client.HTTPConnection(urlsplit(server.http).netloc, timeout=30)
     try:
-        connection.request("POST", "/v2/models/churn-router/infer", payload, headers)
+        connection.request("POST", "/v2/models/churn-router/infer" + query, payload, headers)
         response = connection.getresponse()
         status, raw, got = response.status, response.read(), response.getheaders()
     finally:
@@ -217,6 +219,16 @@ def test_a_caller_that_hangs_up_mid_body_leaves_no_error_behind(server):
     assert "Traceback" not in written and "Exception in ASGI" not in written, written
     direct, _ = both(server, json.dumps(body(ONE, id="after")).encode())
     assert direct[0] == 200 and direct[1]["id"] == "after"
+
+
+def test_a_model_version_in_the_query_is_judged_by_mlservers_route(server):
+    payload = json.dumps(body(ONE, id="q")).encode()
+    direct = post(server, payload, {}, "?model_version=v9")
+    encoded = post(
+        server, gzip.compress(payload), {"Content-Encoding": "gzip"}, "?model_version=v9"
+    )
+    assert direct[0] == 404 and "v9" in direct[1]["error"], direct
+    assert normalized(direct, None) == normalized(encoded, None)
 
 
 def test_another_content_type_goes_to_mlservers_route(server):
