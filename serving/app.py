@@ -42,7 +42,8 @@ from serving.errors import ServingError, field_errors, log_rejected
 from serving.feedback import FeedbackPublisher
 from serving.openapi import publish_openapi
 from serving.plane import ServingPlane
-from serving.rest_message import ROUTER_MODEL, RouterInferRoute
+from serving.rest_message import RouterInferRoute
+from serving.runtime import ROUTER_MODEL
 
 __all__ = ["V2_ROUTES", "ServingRESTServer", "create_app"]
 

@@ -9,11 +9,11 @@ more than scoring the record. This route takes a request in its plain form (:fun
 a JSON body whose fields MLServer's request model would hold exactly as sent) straight to the
 router's columns (:meth:`~serving.runtime.RouterRuntime.infer_json`: the same checks, routing
 and outputs), and writes the JSON MLServer would write, with the same status, headers
-(CloudEvents included) and MLServer's inference metrics. Anything else (a gzip-encoded body,
-another content type, a field MLServer's model would coerce or refuse, a model not ready) goes
-to MLServer's route untouched, which answers as it always did; errors raised here are MLServer
-errors, handled by the app's handlers as that route's are. ``tests/integration/
-test_serving_rest_message.py`` compares the two routes request by request.
+(CloudEvents included) and MLServer's inference metrics. Anything else (a query string, a
+gzip-encoded body, another content type, a field MLServer's model would coerce or refuse, a model
+not ready) goes to MLServer's route untouched, which answers as it always did; errors raised
+here are MLServer errors, handled by the app's handlers as that route's are.
+``tests/integration/test_serving_rest_message.py`` compares the two routes request by request.
 """
 
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -30,11 +30,9 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from serving.cloudevents import ResponseHeaders
-from serving.runtime import RouterRuntime
+from serving.runtime import OUTPUT_CONTENT_TYPES, ROUTER_MODEL, RouterRuntime
 
-__all__ = ["ROUTER_MODEL", "RouterInferRoute", "plain_inputs"]
-
-ROUTER_MODEL = "churn-router"
+__all__ = ["RouterInferRoute", "plain_inputs"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -45,20 +43,22 @@ _REQUEST_KEYS = frozenset({"id", "parameters", "inputs"})
 _INPUT_KEYS = frozenset({"name", "shape", "datatype", "data", "parameters"})
 _INPUT_REQUIRED = frozenset({"name", "shape", "datatype", "data"})
 _DATATYPES = frozenset(datatype.value for datatype in Datatype)
-_CONTENT_TYPES = {"FP64": "np", "BYTES": "str"}
 
 
-def plain_inputs(headers: Headers, body: bytes) -> tuple[str | None, list[dict[str, Any]]] | None:
+def plain_inputs(
+    headers: Headers, body: bytes, query: bytes = b""
+) -> tuple[str | None, list[dict[str, Any]]] | None:
     """``(id, inputs)`` of a request in the plain form this route answers, None for any other.
 
-    Plain: no ``Content-Encoding``, no ``Content-Type`` or ``application/json``, a body that is
+    Plain: no query string (MLServer's route reads ``model_version`` from it), no
+    ``Content-Encoding``, no ``Content-Type`` or ``application/json``, a body that is
     one JSON object with at most ``id`` (text, not empty, or null), ``parameters`` and a
     non-empty ``inputs`` array; each input an object with ``name`` (text), ``shape`` (an array
     of integers), ``datatype`` (one of V2's), ``data`` (an array) and at most ``parameters``;
     every ``parameters`` null or at most a text ``content_type``. MLServer's request model holds
     such a request's values as they are, so both routes check the same values.
     """
-    if "content-encoding" in headers:
+    if query or "content-encoding" in headers:
         return None
     content_type = headers.get("content-type")
     if content_type is not None and content_type.strip().lower() != "application/json":
@@ -113,8 +113,7 @@ class RouterInferRoute:
             body = await Request(scope, receive).body()
         except ClientDisconnect:
             return  # the caller hung up before its body was in: nobody to answer
-        # A query (MLServer's route reads ``model_version`` from it) is left to MLServer's route.
-        plain = None if scope.get("query_string") else plain_inputs(Headers(scope=scope), body)
+        plain = plain_inputs(Headers(scope=scope), body, scope.get("query_string", b""))
         model = await self._router() if plain is not None else None
         if plain is None or model is None:
             await self._fall_back(scope, body, receive, send)
@@ -134,7 +133,7 @@ class RouterInferRoute:
                 "name": name,
                 "shape": [len(values), 1],
                 "datatype": datatype,
-                "parameters": {"content_type": _CONTENT_TYPES[datatype]},
+                "parameters": {"content_type": OUTPUT_CONTENT_TYPES[datatype]},
                 "data": values,
             }
             for name, datatype, values in outputs

@@ -45,6 +45,8 @@ from serving.plane import Prediction, ServingPlane
 from serving.requests import ID_FIELDS, Batch, validate_columns, validate_records
 
 __all__ = [
+    "OUTPUT_CONTENT_TYPES",
+    "ROUTER_MODEL",
     "ExplainerRuntime",
     "RouterRuntime",
     "VersionRuntime",
@@ -102,6 +104,8 @@ def runtimes_for(plane: ServingPlane) -> "Runtimes":
 
     return Runtimes(bound(RouterRuntime), bound(VersionRuntime), bound(ExplainerRuntime))
 
+
+ROUTER_MODEL = "churn-router"  # the V2 model name of the router runtime
 
 DATATYPES = {"integer": "INT64", "number": "FP64", "boolean": "BOOL", "category": "BYTES"}
 
@@ -280,7 +284,8 @@ def _router_outputs(predictions: list[Prediction]) -> list[tuple[str, str, list[
 
 
 _CONTENTS = {"FP64": "fp64_contents", "BYTES": "bytes_contents"}
-_CONTENT_TYPES = {"FP64": "np", "BYTES": "str"}
+# The content type MLServer's codecs give an output: NumpyCodec (FP64), StringCodec (BYTES).
+OUTPUT_CONTENT_TYPES = {"FP64": "np", "BYTES": "str"}
 
 
 def response_message(
@@ -292,7 +297,7 @@ def response_message(
     response = pb.ModelInferResponse(model_name=model, model_version=version, id=request_id)
     for name, datatype, values in outputs:
         tensor = response.outputs.add(name=name, datatype=datatype, shape=(len(values), 1))
-        tensor.parameters["content_type"].string_param = _CONTENT_TYPES[datatype]
+        tensor.parameters["content_type"].string_param = OUTPUT_CONTENT_TYPES[datatype]
         if datatype == "BYTES":
             values = [v.encode() for v in values]
         getattr(tensor.contents, _CONTENTS[datatype]).extend(values)
@@ -345,15 +350,10 @@ class RouterRuntime(_PlaneRuntime):
     async def infer_json(self, inputs: list[dict[str, Any]]) -> list[tuple[str, str, list[Any]]]:
         """:meth:`predict` for a REST request's ``inputs`` as parsed JSON (the plain form
         :func:`serving.rest_message.plain_inputs` takes): the same checks and routing, and the
-        outputs ``(name, datatype, values)`` :meth:`predict` encodes, FP64 values as float64."""
+        outputs ``(name, datatype, values)`` :meth:`predict` encodes (its FP64 values are
+        already Python floats)."""
         plane = self.served
-        predictions = await self._routed(lambda: batch_from_json(inputs, plane.contract))
-        return [
-            (name, datatype, np.asarray(values, dtype=np.float64).tolist())
-            if datatype == "FP64"
-            else (name, datatype, values)
-            for name, datatype, values in _router_outputs(predictions)
-        ]
+        return _router_outputs(await self._routed(lambda: batch_from_json(inputs, plane.contract)))
 
     async def _routed(self, batch: Callable[[], Batch]) -> list[Prediction]:
         plane = self.served

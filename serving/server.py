@@ -34,7 +34,7 @@ from serving.grpc_guard import GuardedGRPCServer, ServedModels
 from serving.metrics import ServingMetrics
 from serving.mirror import PredictionMirror
 from serving.plane import ServingPlane
-from serving.runtime import BoundModelSettings, input_metadata, runtimes_for
+from serving.runtime import ROUTER_MODEL, BoundModelSettings, input_metadata, runtimes_for
 
 __all__ = ["ADMIN_TOKEN_ENV", "ServingProcess", "create_server", "run"]
 
@@ -110,7 +110,7 @@ def _model_settings(plane: ServingPlane) -> list[ModelSettings]:
     served = input_metadata(plane.contract)
     runtimes = runtimes_for(plane)
     models = [
-        BoundModelSettings.of(runtimes.router, name="churn-router", inputs=served),
+        BoundModelSettings.of(runtimes.router, name=ROUTER_MODEL, inputs=served),
         BoundModelSettings.of(runtimes.explainer, name="churn-explainer", inputs=served),
     ]
     models += [
@@ -222,7 +222,7 @@ def _ready_only_with_the_routed_models(
     loaded_models_ready = data_plane.ready
 
     async def ready() -> bool:
-        required: list[tuple[str, str | None]] = [("churn-router", None)]
+        required: list[tuple[str, str | None]] = [(ROUTER_MODEL, None)]
         champion = plane.state.champion
         if champion in versions:  # a version registered after the start is not served by V2
             required.append(("churn", champion))

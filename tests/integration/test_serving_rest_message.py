@@ -223,6 +223,7 @@ def test_a_caller_that_hangs_up_mid_body_leaves_no_error_behind(server):
 
 def test_a_model_version_in_the_query_is_judged_by_mlservers_route(server):
     payload = json.dumps(body(ONE, id="q")).encode()
+    assert plain_inputs(Headers({}), payload, b"model_version=v9") is None
     direct = post(server, payload, {}, "?model_version=v9")
     encoded = post(
         server, gzip.compress(payload), {"Content-Encoding": "gzip"}, "?model_version=v9"
